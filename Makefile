@@ -1,0 +1,29 @@
+# `make demo` and `make test` both install into .venv first; the install step
+# is skipped when requirements.txt has not changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean-runs
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python Demo-2-TinyConv-TinyData.py
+
+test: install
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+clean-runs:
+	rm -rf mlflow.db mlruns mlartifacts results

@@ -1,0 +1,160 @@
+"""Metrics (per-class AUROC, average precision, accuracy) and the plots made from them.
+
+All functions take plain NumPy arrays: `labels` [N, K] of 0/1 and `probs` [N, K] of
+probabilities (sigmoid outputs for multi-label problems, softmax outputs for multi-class).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+
+def metric_name(label: str) -> str:
+    """A label made safe for an MLflow metric key (letters, digits, _ - . space /)."""
+    return re.sub(r"[^A-Za-z0-9_\-. ]", "_", label)
+
+
+def _defined(labels_k: np.ndarray) -> bool:
+    # AUROC and AP need both a positive and a negative example of the class.
+    return 0 < labels_k.sum() < len(labels_k)
+
+
+def compute_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    label_meanings: list[str],
+    problem: str = "multilabel",
+) -> dict[str, float]:
+    """Per-class and mean metrics.
+
+    Returns keys `auroc/<label>`, `ap/<label>`, `accuracy/<label>` (at threshold 0.5),
+    `auroc_mean`, `ap_mean`, `accuracy_mean`, and for multi-class problems `accuracy`
+    (top-1). A class whose labels are all one value gets NaN AUROC and AP; the means are
+    over the classes where they are defined (NaN when none is).
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if labels.shape != probs.shape or labels.ndim != 2:
+        raise ValueError(f"labels {labels.shape} and probs {probs.shape} must both be [N, K]")
+    out: dict[str, float] = {}
+    aurocs, aps, accs = [], [], []
+    for k, meaning in enumerate(label_meanings):
+        y, p = labels[:, k], probs[:, k]
+        name = metric_name(meaning)
+        if _defined(y):
+            auroc = float(roc_auc_score(y, p))
+            ap = float(average_precision_score(y, p))
+            aurocs.append(auroc)
+            aps.append(ap)
+        else:
+            auroc = ap = math.nan
+        acc = float(np.mean((p >= 0.5) == (y >= 0.5))) if len(y) else math.nan
+        accs.append(acc)
+        out[f"auroc/{name}"] = auroc
+        out[f"ap/{name}"] = ap
+        out[f"accuracy/{name}"] = acc
+    out["auroc_mean"] = float(np.mean(aurocs)) if aurocs else math.nan
+    out["ap_mean"] = float(np.mean(aps)) if aps else math.nan
+    out["accuracy_mean"] = float(np.nanmean(accs)) if accs else math.nan
+    if problem == "multiclass" and len(labels):
+        out["accuracy"] = float(np.mean(labels.argmax(1) == probs.argmax(1)))
+    return out
+
+
+def per_class_table(metrics: dict[str, float], labels: np.ndarray, label_meanings: list[str]):
+    """A pandas DataFrame with one row per class: label, positives, auroc, ap, accuracy."""
+    import pandas as pd
+
+    rows = []
+    for k, meaning in enumerate(label_meanings):
+        name = metric_name(meaning)
+        rows.append(
+            {
+                "label": meaning,
+                "positives": int(np.asarray(labels)[:, k].sum()),
+                "auroc": metrics[f"auroc/{name}"],
+                "ap": metrics[f"ap/{name}"],
+                "accuracy": metrics[f"accuracy/{name}"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc_pr(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    label_meanings: list[str],
+    out_dir: Path,
+    title: str,
+) -> list[Path]:
+    """ROC and precision-recall curves, one line per class, saved as roc.png and pr.png."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind in ("roc", "pr"):
+        fig, ax = plt.subplots(figsize=(7, 6))
+        for k, meaning in enumerate(label_meanings):
+            y, p = labels[:, k], probs[:, k]
+            if not _defined(y):
+                continue
+            if kind == "roc":
+                x_, y_, _ = roc_curve(y, p)
+                score = roc_auc_score(y, p)
+            else:
+                y_, x_, _ = precision_recall_curve(y, p)
+                score = average_precision_score(y, p)
+            ax.plot(x_, y_, lw=1, label=f"{meaning} ({score:.3f})")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], "k--", lw=0.5)
+            ax.set(xlabel="false positive rate", ylabel="true positive rate")
+        else:
+            ax.set(xlabel="recall", ylabel="precision")
+        ax.set(title=f"{title}: {'ROC' if kind == 'roc' else 'precision-recall'}")
+        ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "lower left")
+        fig.tight_layout()
+        path = out_dir / f"{kind}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_learning_curves(history: list[dict[str, float]], out_path: Path) -> Path:
+    """Loss and mean AUROC/AP per epoch from the loop's history (one dict per epoch)."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("train_loss", "val_loss"):
+        ax1.plot(epochs, [h.get(key, math.nan) for h in history], marker=".", label=key)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend()
+    for key in ("val_auroc_mean", "val_ap_mean"):
+        ax2.plot(epochs, [h.get(key, math.nan) for h in history], marker=".", label=key)
+    ax2.set(xlabel="epoch", title="validation", ylim=(0, 1.02))
+    ax2.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,335 @@
+"""Everything MLflow: where runs go, starting and resuming a run, params, tags, metrics, artifacts.
+
+The tracking URI is `MLFLOW_TRACKING_URI` (or the config's `run.tracking_uri`) when set, else
+`sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns`, so `mlflow ui` started in
+the repository root shows every run. Only rank 0 of a distributed launch tracks anything:
+the other ranks get a `NullTracker` with the same methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from src.config import REPO_ROOT, ExperimentConfig, to_toml
+
+DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be reached or a run cannot be resumed; the message says what to do."""
+
+
+def tracking_uri(config: ExperimentConfig | None = None) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else the repository's SQLite store."""
+    if config is not None and config.run.tracking_uri:
+        return config.run.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, in one sentence, when an http(s) tracking server does not answer.
+
+    The MLflow client would otherwise retry for minutes before the first metric is logged.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            r.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"The MLflow tracking server {uri} does not answer ({reason}); start it "
+            "(see README.md, 'A team MLflow server') or pass another --tracking-uri."
+        ) from None
+
+
+def _sqlite_dir(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent
+    return None
+
+
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """The command that opens the MLflow UI on this store, and the link to the runs table."""
+    sqlite_dir = _sqlite_dir(uri)
+    if sqlite_dir is None:
+        base = uri.rstrip("/")
+        return f"Runs: {base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}"
+    try:
+        shown = os.path.relpath(uri[len("sqlite:///") :], REPO_ROOT)
+        if shown.startswith(".."):
+            raise ValueError
+        store = f"sqlite:///{shown}"
+    except ValueError:
+        store = uri
+    mlflow_bin = os.path.relpath(Path(sys.executable).parent / "mlflow", REPO_ROOT)
+    if mlflow_bin.startswith(".."):
+        mlflow_bin = "mlflow"
+    return (
+        f"Open the MLflow UI (from {REPO_ROOT}): {mlflow_bin} ui --backend-store-uri {store}\n"
+        f"then http://127.0.0.1:5000/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}"
+    )
+
+
+# ------------------------------------------------------------------ run records
+
+
+def git_state() -> dict[str, str]:
+    """Commit, dirty flag and diff of the repository (empty values outside a git checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=no")
+        diff = git("diff", "HEAD") if status.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": "unknown", "diff": ""}
+    return {"commit": commit, "dirty": str(bool(status.strip())).lower(), "diff": diff}
+
+
+def package_versions() -> dict[str, str]:
+    import torch
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "mlflow", "numpy", "pillow", "scikit-learn"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    out["cuda"] = torch.version.cuda or "none"
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    out["cudnn"] = str(cudnn) if cudnn else "none"
+    return out
+
+
+def pip_freeze() -> str:
+    dists = {
+        f"{d.metadata['Name']}=={d.version}"
+        for d in importlib.metadata.distributions()
+        if d.metadata["Name"]
+    }
+    return "\n".join(sorted(dists, key=str.lower)) + "\n"
+
+
+def data_fingerprint(dataset: Any) -> dict[str, Any]:
+    """A hash of the ordered image ids and their labels, and the count.
+
+    Two runs whose datasets differ in any id, order or label get different fingerprints.
+    """
+    h = hashlib.sha256()
+    ids = list(dataset.image_ids)
+    labels = np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.float32))
+    h.update("\n".join(ids).encode())
+    h.update(str(labels.shape).encode())
+    h.update(labels.tobytes())
+    return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "experiment"
+
+
+# ------------------------------------------------------------------ trackers
+
+
+class NullTracker:
+    """What ranks other than 0 get: every call does nothing."""
+
+    run_id = ""
+    experiment_id = ""
+    uri = ""
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
+
+    def log_text(self, text: str, name: str) -> None: ...
+
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+    def logged_steps(self, key: str) -> list[int]:
+        return []
+
+
+class Tracker(NullTracker):
+    """One MLflow run, driven through `MlflowClient` (no global 'active run' state)."""
+
+    def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
+        self.client = client
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        """All of an epoch's metrics in one call, at step=epoch (NaN values are skipped)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(v), now, epoch)
+            for key, v in metrics.items()
+            if v is not None and not math.isnan(float(v))
+        ]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def logged_steps(self, key: str) -> list[int]:
+        return sorted(m.step for m in self.client.get_metric_history(self.run_id, key))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    sqlite_dir = _sqlite_dir(uri)
+    if sqlite_dir is not None:
+        sqlite_dir.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"MLflow experiment '{name}' is deleted; restore it in the UI or pick another "
+                "--experiment-name."
+            )
+        return exp.experiment_id
+    sqlite_dir = _sqlite_dir(uri)
+    location = (sqlite_dir / "mlruns" / _slug(name)).as_uri() if sqlite_dir else None
+    # The UI opens on its GenAI views unless the experiment says it is for model training.
+    return client.create_experiment(
+        name,
+        artifact_location=location,
+        tags={"mlflow.experimentKind": "custom_model_development"},
+    )
+
+
+def start(
+    config: ExperimentConfig,
+    enabled: bool = True,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, Any] | None = None,
+) -> NullTracker:
+    """Create the run of `config` and record what makes it reproducible.
+
+    Records: params = the flattened config; tags = git commit and dirty flag, package
+    versions, seed, device; artifacts = the resolved config TOML, `pip freeze`, and the git
+    diff when the checkout is dirty.
+    """
+    if not enabled:
+        return NullTracker()
+    uri = tracking_uri(config)
+    check_server(uri)
+    client = _client(uri)
+    experiment_id = get_or_create_experiment(client, uri, config.run.experiment_name)
+    tags: dict[str, Any] = {
+        "seed": config.run.seed,
+        "deterministic": config.run.deterministic,
+    }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    git = git_state()
+    tags.update({"git.commit": git["commit"], "git.dirty": git["dirty"]})
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    tags.update(extra_tags or {})
+    run = client.create_run(
+        experiment_id,
+        run_name=config.run.run_name,
+        tags={k: str(v) for k, v in tags.items()},
+    )
+    tracker = Tracker(client, uri, experiment_id, run.info.run_id)
+    try:
+        tracker.log_params(config.flat())
+        tracker.log_text(to_toml(config), "config/config.toml")
+        tracker.log_text(pip_freeze(), "environment/pip_freeze.txt")
+        if git["diff"]:
+            tracker.log_text(git["diff"], "environment/git_diff.patch")
+    except Exception:
+        tracker.end("FAILED")
+        raise
+    return tracker
+
+
+def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullTracker:
+    """Reopen the run `run_id` for a resumed training; its params must equal the config's."""
+    if not enabled:
+        return NullTracker()
+    uri = tracking_uri(config)
+    check_server(uri)
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # MlflowException for an unknown id
+        raise TrackingError(
+            f"MLflow run {run_id} (from the checkpoint) is not in the store {uri}: {e}; "
+            "resume with the same --tracking-uri as the original run."
+        ) from None
+    logged = run.data.params
+    for key, value in config.flat().items():
+        if key in logged and logged[key] != str(value):
+            raise TrackingError(
+                f"Config key {key} is {value!r} but the run being resumed used "
+                f"{logged[key]!r}; resume with the original config (params cannot change)."
+            )
+    client.update_run(run_id, status="RUNNING")
+    return Tracker(client, uri, run.info.experiment_id, run_id)
+
+
+def start_parent(config: ExperimentConfig, run_name: str, tags: dict[str, Any]) -> Tracker:
+    """A parent run that groups child runs (a grid or a set of seeds)."""
+    uri = tracking_uri(config)
+    check_server(uri)
+    client = _client(uri)
+    experiment_id = get_or_create_experiment(client, uri, config.run.experiment_name)
+    git = git_state()
+    all_tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
+    run = client.create_run(
+        experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+    )
+    return Tracker(client, uri, experiment_id, run.info.run_id)

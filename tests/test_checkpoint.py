@@ -1,0 +1,56 @@
+"""src.checkpoint: atomic writes, safe loads, RNG states that restore exactly."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from src import checkpoint as ck
+
+
+def test_round_trip_with_rng_state(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = ck.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.save_atomic({"model": {"w": torch.ones(2)}, "rng": state}, tmp_path / "last.pt")
+    loaded = ck.load_checkpoint(tmp_path)  # a folder means its last.pt
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    ck.set_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert torch.equal(loaded["model"]["w"], torch.ones(2))
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    ck.save_atomic({"model": {"v": torch.tensor(1)}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        ck.save_atomic({"model": Unpicklable()}, path)
+    assert ck.load_checkpoint(path)["model"]["v"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_missing_truncated_and_foreign_files(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="No checkpoint at"):
+        ck.load_checkpoint(tmp_path / "nothing")
+    good = tmp_path / "good.pt"
+    ck.save_atomic({"model": {"w": torch.zeros(1000)}}, good)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(ck.CheckpointError, match="bad.pt is not a readable checkpoint"):
+        ck.load_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(ck.CheckpointError, match="not a checkpoint written by this repository"):
+        ck.load_checkpoint(other)

@@ -1,0 +1,92 @@
+"""src.tracking against a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from src import tracking
+from src.config import ExperimentConfig, RunConfig
+
+
+def _config(**run) -> ExperimentConfig:
+    return ExperimentConfig(run=RunConfig(experiment_name="exp-a", run_name="r", **run))
+
+
+def test_default_uri_is_the_repo_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tracking.REPO_ROOT / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://h:1")
+    assert tracking.tracking_uri() == "http://h:1"
+    assert tracking.tracking_uri(_config(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_start_records_config_tags_and_artifacts(mlflow_uri, tmp_path):
+    tracker = tracking.start(_config(seed=7))
+    tracker.log_epoch({"train_loss": 0.5, "val_auroc/red": 0.75, "skipped": float("nan")}, 0)
+    tracker.log_epoch({"train_loss": 0.25}, 1)
+    tracker.end()
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["run.seed"] == "7" and run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.tags["seed"] == "7"
+    assert len(run.data.tags["git.commit"]) in (40, 7)  # a sha, or 'unknown' outside git
+    assert run.data.tags["version.torch"]
+    assert "skipped" not in run.data.metrics
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "train_loss")] == [0, 1]
+    names = {a.path for a in client.list_artifacts(tracker.run_id, "config")}
+    assert names == {"config/config.toml"}
+    env = {a.path for a in client.list_artifacts(tracker.run_id, "environment")}
+    assert "environment/pip_freeze.txt" in env
+    exp = client.get_experiment(tracker.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # artifacts live beside the store, not in the current directory
+    assert exp.artifact_location.startswith((tmp_path / "store" / "mlruns").as_uri())
+
+
+def test_resume_refuses_changed_params(mlflow_uri):
+    tracker = tracking.start(_config(seed=1))
+    tracker.end("KILLED")
+    again = tracking.resume(_config(seed=1), tracker.run_id)
+    assert MlflowClient(mlflow_uri).get_run(tracker.run_id).info.status == "RUNNING"
+    again.end()
+    with pytest.raises(tracking.TrackingError, match="run.seed"):
+        tracking.resume(_config(seed=2), tracker.run_id)
+    with pytest.raises(tracking.TrackingError, match="not in the store"):
+        tracking.resume(_config(seed=1), "0" * 32)
+
+
+def test_fingerprint_changes_with_a_label():
+    ds = SimpleNamespace(image_ids=["a.png", "b.png"], labels=np.array([[1, 0], [0, 1]]))
+    fp = tracking.data_fingerprint(ds)
+    assert fp["count"] == 2 and len(fp["fingerprint"]) == 16
+    assert tracking.data_fingerprint(ds) == fp
+    ds.labels = np.array([[1, 0], [1, 1]])
+    assert tracking.data_fingerprint(ds)["fingerprint"] != fp["fingerprint"]
+    ds.image_ids = ["b.png", "a.png"]
+    assert tracking.data_fingerprint(ds)["fingerprint"] != fp["fingerprint"]
+
+
+def test_server_that_does_not_answer_fails_fast():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match=f"127.0.0.1:{port} does not answer"):
+        tracking.check_server(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 10
+
+
+def test_ui_hint_names_store_and_runs_table():
+    hint = tracking.ui_hint(f"sqlite:///{tracking.REPO_ROOT / 'mlflow.db'}", "3")
+    assert "ui --backend-store-uri sqlite:///mlflow.db" in hint
+    assert "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning" in hint
+    assert tracking.ui_hint("http://srv:5000", "4") == (
+        "Runs: http://srv:5000/#/experiments/4/runs?workflowType=machine_learning"
+    )
