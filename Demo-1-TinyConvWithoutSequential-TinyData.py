@@ -13,6 +13,12 @@ from pathlib import Path
 
 from src.run_experiment import main
 
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+
 if __name__ == "__main__":
-    config = Path(__file__).resolve().parent / "experiments" / "demo1_tinyconvwithoutsequential_tinydata.toml"
+    config = (
+        Path(__file__).resolve().parent
+        / "experiments"
+        / "demo1_tinyconvwithoutsequential_tinydata.toml"
+    )
     sys.exit(main(default_config=str(config), description=__doc__.splitlines()[0]))

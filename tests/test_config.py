@@ -97,8 +97,22 @@ def test_missing_and_invalid_toml(tmp_path):
 def test_flags_override_and_resolve_against_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = _parse(
-        ["--epochs", "7", "--lr", "0.5", "--num-workers", "2", "--data-dir", "mydata",
-         "--results-dir", "out", "--set", "model.args.n_outputs=4", "--set", "run.run_name=x y"]
+        [
+            "--epochs",
+            "7",
+            "--lr",
+            "0.5",
+            "--num-workers",
+            "2",
+            "--data-dir",
+            "mydata",
+            "--results-dir",
+            "out",
+            "--set",
+            "model.args.n_outputs=4",
+            "--set",
+            "run.run_name=x y",
+        ]
     )
     c = cfg.load_from_args(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", args)
     assert c.train.epochs == 7 and c.optimizer.lr == 0.5 and c.data.num_workers == 2

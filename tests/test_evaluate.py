@@ -57,8 +57,16 @@ def test_plots_written(tmp_path):
     probs = rng.random((20, 3))
     paths = evaluate.plot_roc_pr(labels, probs, ["r", "g", "b"], tmp_path, "val")
     assert [p.name for p in paths] == ["roc.png", "pr.png"]
-    history = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.0, "val_auroc_mean": 0.5,
-                "val_ap_mean": 0.5} for e in range(3)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / (e + 1),
+            "val_loss": 1.0,
+            "val_auroc_mean": 0.5,
+            "val_ap_mean": 0.5,
+        }
+        for e in range(3)
+    ]
     curve = evaluate.plot_learning_curves(history, tmp_path / "curves.png")
     for p in [*paths, curve]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,183 @@
+"""TinyData: a folder of small images with one CSV of multi-hot labels (the tutorial's format).
+
+<data_dir>/
+    tiny_labels.csv     Filename,LabelRed,LabelBlue,LabelYellow   (any label columns, 0/1)
+    train/*.png         file names as in the CSV's first column
+    val/*.png
+    test/*.png
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from load_dataset.errors import DataError
+from load_dataset.utils import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    compute_mean_std,
+    to_tensor_and_normalize,
+)
+
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "tiny_data"
+LABELS_FILE = "tiny_labels.csv"
+MEAN_STD_CACHE_FILE = "mean_std_cache.json"
+SETNAMES = ("train", "val", "test")
+NORMALIZATIONS = ("imagenet", "train_split")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of `folder`, sorted by name; other and hidden files are skipped."""
+    return sorted(
+        (p for p in folder.iterdir() if _is_image_file(p)),
+        key=lambda p: p.name,
+    )
+
+
+def _is_image_file(path: Path) -> bool:
+    # Hidden files include macOS "._001.png" resource forks, which are not images.
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
+def read_label_csv(csv_path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Label names (every column after the first) and {file name: float32 [K] 0/1 vector}.
+
+    File names are kept as text, so "001.png" and "0010.png" stay what they are.
+    """
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+            numbered = [(n, row) for n, row in enumerate(csv.reader(f), start=1) if any(row)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path} is not a readable CSV file ({err}).") from err
+    if not numbered or len(numbered[0][1]) < 2:
+        raise DataError(
+            f"{csv_path} needs a header row 'Filename,<label 1>,<label 2>,...' and one row "
+            "per image."
+        )
+    header = [cell.strip() for cell in numbered[0][1]]
+    label_meanings = header[1:]
+    labels: dict[str, np.ndarray] = {}
+    for line, row in numbered[1:]:
+        if len(row) != len(header):
+            raise DataError(
+                f"Line {line} of {csv_path} has {len(row)} fields but the header has "
+                f"{len(header)}; give every image one 0/1 value per label column."
+            )
+        name = row[0].strip()
+        if name in labels:
+            raise DataError(f"{name} appears twice in {csv_path}; keep one row per image.")
+        values = []
+        for column, cell in zip(label_meanings, row[1:]):
+            try:
+                value = float(cell)
+            except ValueError:
+                value = None
+            if value not in (0.0, 1.0):
+                raise DataError(
+                    f"The label {column} of {name} in {csv_path} is {cell.strip()!r}; "
+                    "labels must be 0 or 1."
+                )
+            values.append(value)
+        labels[name] = np.array(values, dtype=np.float32)
+    return label_meanings, labels
+
+
+class TinyData(Dataset):
+    """One split of a TinyData-format folder (by default the shipped `load_dataset/tiny_data`).
+
+    Args:
+        setname: 'train', 'val' or 'test'.
+        data_dir: the folder holding `tiny_labels.csv` and `train/`, `val/`, `test/`;
+            None means the shipped data next to this module.
+        normalization: 'imagenet' (the tutorial's ImageNet mean/std) or 'train_split'
+            (mean/std of this folder's training images, whatever `setname` is, so that
+            validation and test images are normalized as the training images are).
+
+    Attributes:
+        label_meanings: the CSV's label column names, e.g. ['LabelRed', 'LabelBlue', ...].
+        image_ids: the split's image file names, sorted; sample i is image_ids[i].
+        labels: float32 [N, K] 0/1, row i belongs to image_ids[i].
+        mean_std: None, because samples are already normalized float tensors.
+
+    A sample is {'data': float32 [3, H, W] normalized (H = W = 32 for the shipped data),
+    'label': float32 [K], 'img_idx': int}.
+    """
+
+    def __init__(
+        self, setname: str, data_dir: str | Path | None = None, normalization: str = "imagenet"
+    ) -> None:
+        if setname not in SETNAMES:
+            raise DataError(f"Unknown setname {setname!r} for TinyData; use one of {SETNAMES}.")
+        if normalization not in NORMALIZATIONS:
+            raise DataError(
+                f"Unknown normalization {normalization!r} for TinyData; use one of "
+                f"{NORMALIZATIONS}."
+            )
+        self.setname = setname
+        self.data_dir = SHIPPED_DATA_DIR if data_dir is None else Path(data_dir).expanduser()
+        self.split_dir = self.data_dir / setname
+        csv_path = self.data_dir / LABELS_FILE
+        if not self.data_dir.is_dir():
+            raise DataError(
+                f"The TinyData folder {self.data_dir} does not exist; pass data_dir= a folder "
+                f"holding {LABELS_FILE} and train/, val/, test/."
+            )
+        if not csv_path.is_file():
+            raise DataError(f"{csv_path} is missing; TinyData needs one label CSV per folder.")
+        if not self.split_dir.is_dir():
+            raise DataError(f"The split folder {self.split_dir} is missing; add it with images.")
+
+        self.image_paths = list_images(self.split_dir)
+        if not self.image_paths:
+            raise DataError(f"{self.split_dir} holds no images; add the {setname} images there.")
+        self.label_meanings, labels_by_name = read_label_csv(csv_path)
+        self.image_ids = [p.name for p in self.image_paths]
+        missing = [name for name in self.image_ids if name not in labels_by_name]
+        if missing:
+            raise DataError(
+                f"{self.split_dir / missing[0]} has no row in {csv_path} ({len(missing)} "
+                "image(s) without one); add a row per image or remove the image."
+            )
+        self.labels = np.stack([labels_by_name[name] for name in self.image_ids])
+        self.mean_std = None  # samples leave here normalized, as float32
+
+        self.normalization = normalization
+        if normalization == "imagenet":
+            self.norm_mean, self.norm_std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            train_dir = self.data_dir / "train"
+            if not train_dir.is_dir():
+                raise DataError(f"normalization='train_split' needs the folder {train_dir}.")
+            self.norm_mean, self.norm_std = compute_mean_std(
+                list_images(train_dir), cache_path=self.data_dir / MEAN_STD_CACHE_FILE
+            )
+            if min(self.norm_std) == 0:  # dividing by it would turn every image into inf/nan
+                raise DataError(
+                    f"A colour channel is constant over the images in {train_dir}; use "
+                    "normalization='imagenet'."
+                )
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, idx: int) -> dict:
+        path = self.image_paths[idx]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")  # convert() also forces the lazy decode
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"Cannot read image {path} ({err}); replace or remove it.") from err
+        return {
+            "data": to_tensor_and_normalize(image, self.norm_mean, self.norm_std),
+            "label": torch.tensor(self.labels[idx]),
+            "img_idx": idx,
+        }

@@ -1,0 +1,193 @@
+"""The tutorial's networks: two tiny CNNs for 32 x 32 TinyData, and VGG-16 variants for PASCAL.
+
+Every model maps a float batch [B, 3, H, W] (normalized as its dataset's `mean_std` says)
+to {'out': logits [B, n_outputs]}; the loss (sigmoid or softmax) is the training loop's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from models.components import check_conv_type, check_image_size, flattened_size, make_head
+
+# VGG-16 ("configuration D"): five blocks of 3x3 convs (these widths), each block followed
+# by a 2x2 max pool. Built here layer by layer so that module indices, and thus state-dict
+# keys, match torchvision's `vgg16().features` ("0.weight" .. "28.bias"), without building
+# its 120M-parameter classifier that these models do not use.
+VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+VGGINITS = ("random", "pretrained")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """The ImageNet weights for VGG-16 can be neither found on disk nor downloaded."""
+
+
+class TinyConvWithoutSequential(nn.Module):
+    """Two strided 3x3 convs and a linear layer, each layer an attribute called in turn.
+
+    [B, 3, 32, 32] -> conv 3->8, k3 s3 -> [B, 8, 10, 10] -> conv 8->16, k3 s3 -> [B, 16, 3, 3]
+    -> flatten 144 -> linear -> {'out': [B, n_outputs]}. The same network as TinyConv.
+    """
+
+    def __init__(self, n_outputs: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, stride=3, padding=0)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, kernel_size=3, stride=3, padding=0)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(16 * 3 * 3, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        return {"out": self.fc(torch.flatten(x, 1))}
+
+
+class TinyConv(nn.Module):
+    """TinyConvWithoutSequential written with nn.Sequential: [B, 3, 32, 32] -> [B, n_outputs]."""
+
+    def __init__(self, n_outputs: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, 8, kernel_size=3, stride=3, padding=0),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, kernel_size=3, stride=3, padding=0),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(16 * 3 * 3, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.fc(torch.flatten(self.conv(x), 1))}
+
+
+def vgg16_features() -> nn.Sequential:
+    """VGG-16's convolutional part, randomly initialized as torchvision initializes it.
+
+    [B, 3, H, W] -> [B, 512, H // 32, W // 32]; state-dict keys as torchvision's.
+    """
+    layers: list[nn.Module] = []
+    channels = 3
+    for block in VGG16_BLOCKS:
+        for width in block:
+            conv = nn.Conv2d(channels, width, kernel_size=3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
+            channels = width
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision keeps VGG-16's ImageNet weights: <torch.hub.get_dir()>/checkpoints/."""
+    from torchvision.models import VGG16_Weights
+
+    name = os.path.basename(urlparse(VGG16_Weights.IMAGENET1K_V1.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def load_imagenet_features(features: nn.Sequential) -> None:
+    """Loads torchvision's ImageNet VGG-16 weights (`VGG16_Weights.IMAGENET1K_V1`) into
+    `features`, downloading the file once through torch.hub when it is not on disk.
+
+    Raises PretrainedWeightsError (one sentence: file, folder, what to do) when the file is
+    neither on disk nor downloadable, or cannot be read.
+    """
+    from torchvision.models import VGG16_Weights
+
+    weights = VGG16_Weights.IMAGENET1K_V1
+    path = imagenet_weights_path()
+    on_disk = path.is_file()
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            weights.url,
+            model_dir=str(path.parent),
+            map_location="cpu",
+            progress=True,
+            check_hash=True,
+            weights_only=True,
+        )
+    except Exception as e:  # network, hash or unpickling failures all end in the same advice
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if on_disk:
+            message = (
+                f"The VGG-16 ImageNet weights {path.name} in {path.parent} cannot be read "
+                f"({reason}); delete the file to download it again, or use vgginit='random'."
+            )
+        else:
+            message = (
+                f"The VGG-16 ImageNet weights {path.name} are not in {path.parent} and could "
+                f"not be downloaded from {weights.url} ({reason}); put the file there, or use "
+                "vgginit='random'."
+            )
+        raise PretrainedWeightsError(message) from None
+    prefix = "features."
+    feature_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        features.load_state_dict(feature_state)
+    except RuntimeError as e:
+        raise PretrainedWeightsError(
+            f"{path} does not hold torchvision's VGG-16 feature weights "
+            f"({' '.join(str(e).split())[:200]}); delete it, or use vgginit='random'."
+        ) from None
+
+
+class VGG16Customizable(nn.Module):
+    """VGG-16 features, a `conv_type` head (models.components) and one linear layer.
+
+    [B, 3, S, S] (ImageNet-normalized, S >= 96) -> features [B, 512, S//32, S//32] -> head
+    -> flatten (6400 at S = 320 for the 1x1 heads, 4608 for '512to512_3x3')
+    -> {'out': [B, n_outputs]}. `vgginit` 'pretrained' loads torchvision's ImageNet weights
+    into the features; 'random' initializes them as torchvision does. The head and the
+    linear layer always start random. `image_size` must be the size of the images fed.
+    """
+
+    def __init__(
+        self,
+        n_outputs: int = 20,
+        conv_type: str = "512to256to64_1x1",
+        vgginit: str = "pretrained",
+        image_size: int = 320,
+    ) -> None:
+        super().__init__()
+        check_conv_type(conv_type)
+        if vgginit not in VGGINITS:
+            raise ValueError(f"vgginit={vgginit!r} is not known; use 'random' or 'pretrained'.")
+        self.image_size = check_image_size(image_size)
+        self.conv_type, self.vgginit = conv_type, vgginit
+        self.features = vgg16_features()
+        if vgginit == "pretrained":
+            load_imagenet_features(self.features)
+        self.conv2d = make_head(conv_type)
+        self.fc = nn.Linear(flattened_size(conv_type, self.image_size), n_outputs)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.image_size}x{self.image_size} "
+                f"images but got {x.shape[-2]}x{x.shape[-1]}; make the model's image_size "
+                "equal the dataset's."
+            )
+        x = self.conv2d(self.features(x))
+        return {"out": self.fc(torch.flatten(x, 1))}
+
+
+class VGG16(VGG16Customizable):
+    """The tutorial's VGG16: ImageNet VGG-16 features, the 1x1 head '512to64_1x1', linear.
+
+    [B, 3, S, S] -> {'out': [B, n_outputs]}; 6400 features into the linear layer at S = 320.
+    `pretrained=False` starts the features random (no download).
+    """
+
+    def __init__(self, n_outputs: int = 20, image_size: int = 320, pretrained: bool = True) -> None:
+        super().__init__(
+            n_outputs=n_outputs,
+            conv_type="512to64_1x1",
+            vgginit="pretrained" if pretrained else "random",
+            image_size=image_size,
+        )

@@ -1,0 +1,132 @@
+"""src.run_experiment end to end on the shipped TinyData with a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from src import config as cfg
+from src.run_experiment import run
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
+LABELS = ["LabelRed", "LabelBlue", "LabelYellow"]
+
+
+def tiny_config(tmp_path: Path, **overrides) -> cfg.ExperimentConfig:
+    base = {
+        "train.epochs": 3,
+        "train.patience": 0,
+        "run.results_dir": str(tmp_path / "results"),
+        "run.experiment_name": "tiny-test",
+        "run.device": "cpu",
+    }
+    return cfg.load(DEMO2, {**base, **overrides})
+
+
+def metric_series(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def all_series(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    keys = client.get_run(run_id).data.metrics
+    wall = ("train_images_per_s", "data_wait_fraction")  # wall-clock figures differ per run
+    return {k: metric_series(client, run_id, k) for k in keys if k not in wall}
+
+
+def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
+    result = run(tiny_config(tmp_path))
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([result.experiment_id])
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    assert runs[0].info.status == "FINISHED"
+    keys = [
+        "train_loss",
+        "val_loss",
+        "val_auroc_mean",
+        "val_ap_mean",
+        "train_images_per_s",
+        "data_wait_fraction",
+    ]
+    keys += [f"val_auroc/{label}" for label in LABELS] + [f"val_ap/{label}" for label in LABELS]
+    for key in keys:
+        assert [s for s, _ in metric_series(client, result.run_id, key)] == [0, 1, 2], key
+    params = runs[0].data.params
+    assert params["model.model"] == "models.custom_models_base:TinyConv"
+    assert params["train.epochs"] == "3"
+    assert runs[0].data.tags["data.train.count"] == "150"
+
+    def listing(path=None):
+        out = []
+        for a in client.list_artifacts(result.run_id, path):
+            out += listing(a.path) if a.is_dir else [a.path]
+        return out
+
+    assert set(listing()) >= {
+        "config/config.toml",
+        "plots/learning_curves.png",
+        "plots/val/roc.png",
+        "plots/val/pr.png",
+        "tables/val_predictions.csv",
+        "tables/val_per_class_metrics.csv",
+        "model/best.pt",
+    }
+    assert (result.results_dir / "best.pt").is_file() and (result.results_dir / "last.pt").is_file()
+    with open(result.results_dir / "tables" / "val_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 50
+    assert set(rows[0]) == {"name"} | {f"prob_{x}" for x in LABELS} | {f"label_{x}" for x in LABELS}
+    assert rows == sorted(rows, key=lambda r: r["name"])
+
+
+def test_early_stopping_stops_after_patience(mlflow_uri, tmp_path):
+    # lr = 0: the weights never change, so val_loss improves only at epoch 0.
+    result = run(
+        tiny_config(tmp_path, **{"optimizer.lr": 0.0, "train.epochs": 10, "train.patience": 2})
+    )
+    client = MlflowClient(mlflow_uri)
+    assert [s for s, _ in metric_series(client, result.run_id, "val_loss")] == [0, 1, 2]
+    assert result.stopped_early and result.best_epoch == 0 and result.epochs_run == 3
+
+
+def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    first = run(tiny_config(tmp_path, **{"run.run_name": "a"}))
+    second = run(tiny_config(tmp_path, **{"run.run_name": "b", "data.num_workers": 2}))
+    a, b = all_series(client, first.run_id), all_series(client, second.run_id)
+    assert a == b  # bit for bit
+    other = run(tiny_config(tmp_path, **{"run.run_name": "c", "run.seed": 1}))
+    assert all_series(client, other.run_id)["train_loss"] != a["train_loss"]
+
+
+@pytest.mark.parametrize(
+    "demo", ["Demo-1-TinyConvWithoutSequential-TinyData.py", "Demo-2-TinyConv-TinyData.py"]
+)
+def test_demo_scripts_run(mlflow_uri, tmp_path, demo):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / demo),
+            "--epochs",
+            "2",
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--experiment-name",
+            "demo-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "val_auroc_mean" in out.stdout and "ui --backend-store-uri" in out.stdout
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("demo-test").experiment_id]
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
