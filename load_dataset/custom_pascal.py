@@ -1,0 +1,306 @@
+"""PascalVOC2012: PASCAL VOC 2012 (+ SBD) images with multi-hot class labels from their masks.
+
+The segmentation masks say which of the 20 classes appear in an image, which turns the
+segmentation data into a 20-label multi-label classification data set (the tutorial's idea).
+Labels are computed once per image from the full-resolution mask (resizing first can erase
+small objects) and kept in memory, optionally also in a small .npz file in `cache_dir`.
+
+Per sample the work is: decode the JPEG with Pillow, resize it while still uint8
+(antialiased), and, only when a mask is needed (seglabel or cropping), decode and resize
+the mask. `data` is uint8; the training loop scales and normalizes whole batches on the
+device with `mean_std`.
+
+Data layout and downloads: data_README.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from load_dataset.errors import DataError
+from load_dataset.pascal_augment import AUGMENTATIONS, PascalAugment, check_augment
+from load_dataset.pascal_labels import (
+    VOC_CLASSES,
+    get_all_labels_string,
+    get_label_vector,
+    label_vector_from_mask,
+    return_label_names,
+    voc_colormap,
+)
+from load_dataset.pascal_layout import (
+    README,
+    Entry,
+    find_sbd_root,
+    find_voc_root,
+    sbd_entries,
+    voc_entries,
+)
+from load_dataset.pascal_visualize import build_augmentation_gallery, save_visualization
+
+# Per-channel ImageNet statistics for images scaled to [0, 1]: what the pretrained VGG-16
+# expects.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "AUGMENTATIONS",
+    "VOC_CLASSES",
+    "PascalVOC2012",
+    "build_augmentation_gallery",
+    "get_all_labels_string",
+    "get_label_vector",
+    "read_image",
+    "read_mask",
+    "return_label_names",
+    "save_visualization",
+    "voc_colormap",
+]
+
+SETNAMES = ("train", "val")
+
+
+class PascalVOC2012(Dataset):
+    """PASCAL VOC 2012 segmentation images as a 20-class multi-label data set.
+
+    setname 'train': VOC 2012 segmentation train plus, when `sbd_dataset_dir` is given, SBD
+    `train_noval`, de-duplicated by image id (an id in both keeps VOC's annotation).
+    setname 'val': VOC 2012 segmentation val. Validation samples are never augmented:
+    `augment` is ignored for 'val', so train and val can share one set of arguments.
+
+    Sample i: {'data': uint8 [3, S, S] (RGB, not normalized: see `mean_std`),
+    'label': float32 [20] multi-hot, 'seglabel': int64 [S, S] class indices 0..20 and 255
+    (only when `return_seglabel`), 'img_idx': i}, with S = `image_size`.
+
+    Args:
+        setname: 'train' or 'val'.
+        voc_dataset_dir: the folder holding VOCdevkit/VOC2012 (also accepted: the VOCdevkit
+            folder, or the VOC2012 folder inside VOCdevkit).
+        sbd_dataset_dir: the SBD folder holding img/, cls/ and train_noval.txt, or None.
+        image_size: side S of the square images, in pixels.
+        augment: one of AUGMENTATIONS ('none', 'flip', 'flip_scale_crop', 'full').
+        download: fetch VOC 2012 / SBD with torchvision when they are not on disk yet.
+        return_seglabel: add the resized mask to each sample. Without it (and without
+            cropping) no mask is decoded per sample.
+        cache_dir: folder for the per-image label table (a small .npz keyed by the mask
+            files' names, sizes and modification times), or None to keep it in memory only.
+    """
+
+    def __init__(
+        self,
+        setname: str,
+        voc_dataset_dir: str | os.PathLike,
+        sbd_dataset_dir: str | os.PathLike | None = None,
+        image_size: int = 320,
+        augment: str = "none",
+        download: bool = False,
+        return_seglabel: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if setname not in SETNAMES:
+            raise ValueError(
+                f"setname={setname!r} is not a PASCAL VOC 2012 split; use 'train' or 'val' "
+                "(the test annotations are not public)."
+            )
+        check_augment(augment)
+        self.setname = setname
+        self.image_size = int(image_size)
+        self.augment = augment if setname == "train" else "none"
+        self.return_seglabel = bool(return_seglabel)
+        self.transform = PascalAugment(self.augment, self.image_size)
+        self.label_meanings: list[str] = return_label_names()
+        self.mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+
+        voc_root = find_voc_root(voc_dataset_dir, download=download)
+        voc_train = voc_entries(voc_root, "train")
+        voc_val = voc_entries(voc_root, "val")
+        sbd = []
+        if sbd_dataset_dir is not None:
+            sbd = sbd_entries(find_sbd_root(sbd_dataset_dir, download=download))
+        train, dropped = merge_by_id(voc_train, sbd)
+        check_disjoint(train, voc_val)
+
+        chosen = train if setname == "train" else {e.image_id: e for e in voc_val}
+        self.entries: list[Entry] = [chosen[k] for k in sorted(chosen)]
+        self.image_ids: list[str] = [e.image_id for e in self.entries]
+        n_voc = sum(e.source == "voc" for e in self.entries)
+        self.source_counts = {
+            "voc": n_voc,
+            "sbd": len(self.entries) - n_voc,
+            "duplicates_dropped": dropped if setname == "train" else 0,
+        }
+        self.labels: np.ndarray = label_table(self.entries, setname, cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        entry = self.entries[i]
+        image = read_image(entry.image_path)
+        mask = None
+        if self.return_seglabel or self.transform.crops:
+            mask = torch.from_numpy(read_mask(entry.mask_path))
+            _check_same_size(image, mask, entry)
+        image, mask, label = self.transform(image, mask)
+        if label is None:  # no crop: the stored full-resolution label holds
+            label = self.labels[i]
+        sample: dict[str, torch.Tensor | int] = {
+            "data": image,
+            "label": torch.tensor(label, dtype=torch.float32),
+            "img_idx": i,
+        }
+        if self.return_seglabel:
+            sample["seglabel"] = mask.long()
+        return sample
+
+    def full_resolution(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        """Image i as a PIL RGB image and its mask as uint8 [H, W], both unresized."""
+        entry = self.entries[i]
+        image = Image.fromarray(read_image(entry.image_path).permute(1, 2, 0).numpy())
+        return image, read_mask(entry.mask_path)
+
+
+def merge_by_id(voc: list[Entry], sbd: list[Entry]) -> tuple[dict[str, Entry], int]:
+    """VOC entries plus the SBD entries of other ids; and how many SBD entries were dropped."""
+    merged = {e.image_id: e for e in voc}
+    dropped = 0
+    for e in sbd:
+        if e.image_id in merged:
+            dropped += 1  # same photo, VOC's finer annotation (with void borders) wins
+        else:
+            merged[e.image_id] = e
+    return merged, dropped
+
+
+def check_disjoint(train: dict[str, Entry], val: list[Entry]) -> None:
+    """DataError when a validation image id is also a training image id."""
+    shared = sorted(set(train) & {e.image_id for e in val})
+    if shared:
+        sources = sorted({train[k].source for k in shared})
+        raise DataError(
+            f"{len(shared)} image ids (e.g. {shared[0]}) are in both the training set "
+            f"(from {'+'.join(sources)}) and VOC 2012 val; use SBD's train_noval.txt, not its "
+            f"train.txt, see {README}."
+        )
+
+
+def read_image(path: str) -> torch.Tensor:
+    """An image file as RGB uint8 [3, H, W] (channels-last strides: the fast resize path)."""
+    try:
+        with Image.open(path) as im:
+            array = np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            f"Image {path} cannot be decoded ({e}); the file is corrupt or truncated: "
+            f"restore it from the original archive ({README})."
+        ) from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A VOC palette PNG or an SBD cls/*.mat as uint8 [H, W] class indices."""
+    try:
+        if path.endswith(".mat"):
+            from scipy.io import loadmat
+
+            mat = loadmat(path, variable_names=["GTcls"])
+            # torchvision's SBDataset reads the same field the same way.
+            mask = np.asarray(mat["GTcls"][0]["Segmentation"][0])
+        else:
+            with Image.open(path) as im:
+                if im.mode not in ("P", "L"):
+                    raise DataError(
+                        f"Mask {path} is a {im.mode!r} image; VOC masks are palette ('P') "
+                        f"PNGs of class indices: restore it from the original archive ({README})."
+                    )
+                mask = np.array(im)
+    except DataError:
+        raise
+    except Exception as e:  # a corrupt file can fail in many ways inside a decoder
+        raise DataError(
+            f"Mask {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt or "
+            f"not a VOC/SBD annotation: restore it from the original archive ({README})."
+        ) from None
+    if mask.ndim != 2:
+        raise DataError(f"Mask {path} has shape {mask.shape}; expected [H, W] class indices.")
+    return mask.astype(np.uint8, copy=False)
+
+
+def _check_same_size(image: torch.Tensor, mask: torch.Tensor, entry: Entry) -> None:
+    if tuple(image.shape[1:]) != tuple(mask.shape):
+        raise DataError(
+            f"Mask {entry.mask_path} is {tuple(mask.shape)} but image {entry.image_path} is "
+            f"{tuple(image.shape[1:])} (H, W); the two must match."
+        )
+
+
+def _mask_label(path: str) -> np.ndarray:
+    return label_vector_from_mask(read_mask(path), source=path)
+
+
+def label_table(
+    entries: list[Entry], setname: str, cache_dir: str | os.PathLike | None = None
+) -> np.ndarray:
+    """float32 [N, 20]: row n is the multi-hot label of entries[n], from its full-res mask.
+
+    With `cache_dir`, the table is read from / written to an .npz whose name holds a hash
+    of every mask file's name, size and modification time, so a changed mask is noticed.
+    """
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"pascal_{setname}_labels_{_fingerprint(entries)}.npz"
+        cached = _read_cache(cache, entries)
+        if cached is not None:
+            return cached
+    paths = [e.mask_path for e in entries]
+    # Decoders release the GIL for most of their work, so threads overlap well here.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        rows = list(pool.map(_mask_label, paths, chunksize=64))
+    labels = np.stack(rows) if rows else np.zeros((0, len(VOC_CLASSES)), np.float32)
+    if cache is not None:
+        _write_cache(cache, entries, labels)
+    return labels
+
+
+def _fingerprint(entries: list[Entry]) -> str:
+    h = hashlib.sha256()
+    for e in entries:
+        st = os.stat(e.mask_path)
+        h.update(f"{e.image_id}\t{os.path.basename(e.mask_path)}\t{st.st_size}\t".encode())
+        h.update(f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _read_cache(path: Path, entries: list[Entry]) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids, labels = data["image_ids"].tolist(), data["labels"].astype(np.float32)
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable cache: recompute it
+    if ids != [e.image_id for e in entries] or labels.shape != (len(entries), len(VOC_CLASSES)):
+        return None
+    return labels
+
+
+def _write_cache(path: Path, entries: list[Entry], labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # temp file + rename: several processes (torchrun ranks) may write the same cache at once.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            ids = np.array([e.image_id for e in entries])
+            np.savez(f, image_ids=ids, labels=labels.astype(np.uint8))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
