@@ -761,6 +761,13 @@ def make_parser(default_config: str | None, description: str) -> argparse.Argume
         parser.add_argument("--config", default=default_config, help="experiment TOML file")
     add_config_flags(parser)
     parser.add_argument("--resume", metavar="PATH", help="a run's results folder or its last.pt")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="run once per seed, as child runs of one parent run with mean and std",
+    )
     return parser
 
 
@@ -773,6 +780,13 @@ def main(
     args = make_parser(default_config, description).parse_args(argv)
     try:
         config = load_from_args(args.config, args)
+        if args.seeds:
+            from src.multirun import run_seeds
+
+            if args.resume:
+                raise ConfigError("--seeds and --resume cannot be combined; resume one child run.")
+            run_seeds(config, args.seeds)
+            return 0
         result = run(config, resume=args.resume)
     except user_errors() as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
@@ -788,7 +802,8 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
     m = result.best_metrics
     auroc = m.get("best_val_auroc_mean", math.nan)
     print(
-        f"\nBest epoch {result.best_epoch} of {result.epochs_run}: "
+        f"\nBest at epoch {result.best_epoch + 1} of {result.epochs_run} "
+        f"(MLflow step {result.best_epoch}): "
         f"val_auroc_mean {auroc:.4f}, val_ap_mean {m.get('best_val_ap_mean', math.nan):.4f}"
         + (" (stopped early)" if result.stopped_early else "")
     )

@@ -28,6 +28,8 @@ from src.config import REPO_ROOT, ExperimentConfig, to_toml
 
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
+# Config keys a resumed run may change (params are immutable, so the new value becomes a tag).
+RESUME_MAY_CHANGE = ("train.epochs", "train.patience")
 
 
 class TrackingError(RuntimeError):
@@ -311,14 +313,19 @@ def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullT
             "resume with the same --tracking-uri as the original run."
         ) from None
     logged = run.data.params
+    changed = {}
     for key, value in config.flat().items():
-        if key in logged and logged[key] != str(value):
+        if key in RESUME_MAY_CHANGE and logged.get(key) != str(value):
+            changed[f"resumed.{key}"] = value  # "train longer": params stay, a tag says so
+        elif key in logged and logged[key] != str(value):
             raise TrackingError(
                 f"Config key {key} is {value!r} but the run being resumed used "
                 f"{logged[key]!r}; resume with the original config (params cannot change)."
             )
     client.update_run(run_id, status="RUNNING")
-    return Tracker(client, uri, run.info.experiment_id, run_id)
+    tracker = Tracker(client, uri, run.info.experiment_id, run_id)
+    tracker.set_tags(changed)
+    return tracker
 
 
 def start_parent(config: ExperimentConfig, run_name: str, tags: dict[str, Any]) -> Tracker:

@@ -1,0 +1,356 @@
+"""Compare runs without leaving the terminal: an experiment's runs as a table, CSV and plot.
+
+    python -m src.compare_runs --experiment Demo-2-TinyConv-TinyData
+    python -m src.compare_runs --experiment Demo-2-TinyConv-TinyData \\
+        --filter "params.optimizer.lr = '0.01'" --out results/lr-sweep
+
+One row per run: its name and id, status, the params whose values differ between the runs
+shown (the rest are equal, so they say nothing), and the best epoch with its metrics
+(`best_val_auroc_mean`, `best_val_ap_mean`, `best_val_loss`, ...); like every epoch in MLflow,
+`best_epoch` is the step, counted from 0. The table is printed and
+written as `runs.csv`, and `val_auroc_mean.png` shows each run's curve over the epochs, in
+`results/compare/<experiment>/` unless --out says otherwise. `--filter` takes MLflow's search
+syntax (`params.<key>`, `metrics.<key>`, `tags.<key>`, `attributes.status`). Parent runs (of a
+set of seeds or a grid) hold no params and are left out; their children are shown.
+
+This module also compares two runs metric by metric and epoch by epoch (`compare_metrics`),
+which `src.reproduce` uses to prove a reproduction.
+
+Exit codes: 0 done, 1 no run matches, 2 a user error (unknown experiment, bad filter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from src import tracking
+from src.config import REPO_ROOT
+
+# Throughput figures depend on the machine's load, not on the computation; never compared.
+WALL_CLOCK_METRICS = ("train_images_per_s", "data_wait_fraction")
+# Best-epoch summaries, logged once at the end (at the best epoch's step).
+SUMMARY_PREFIX = "best_"
+# Shown first, in this order; any other best-epoch metric (e.g. of the test set) follows.
+BEST_METRICS = ("best_epoch", "best_val_auroc_mean", "best_val_ap_mean", "best_val_loss")
+# The run name has its own column; it differs between runs by design.
+NOT_COMPARED_PARAMS = ("run.run_name",)
+
+
+class CompareError(ValueError):
+    """A store, experiment, run or filter named by the user does not exist or is invalid."""
+
+
+# ------------------------------------------------------------------ reading the store
+
+
+def open_client(uri: str | None = None) -> Any:
+    """An MlflowClient on `uri` (default: as for training), refusing a store that is absent."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        # MlflowClient would silently create an empty store here.
+        raise CompareError(
+            f"The MLflow store {uri} does not exist; run an experiment first or pass "
+            "--tracking-uri."
+        )
+    tracking.check_server(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_run(client: Any, run_id: str) -> Any:
+    """The MLflow run `run_id`, or a CompareError that names the store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise CompareError(
+            f"MLflow run {run_id!r} is not in the store {client.tracking_uri}; copy the run id "
+            "from the MLflow UI or from `python -m src.compare_runs`, or pass --tracking-uri."
+        ) from None
+
+
+def search_runs(client: Any, experiment_name: str, filter_string: str = "") -> list[Any]:
+    """All active runs of the experiment that match the filter, oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        raise CompareError(
+            f"There is no MLflow experiment named {experiment_name!r} in {client.tracking_uri}; "
+            f"the experiments there are: {', '.join(names) or 'none'}."
+        )
+    runs, token = [], None
+    while True:
+        try:
+            page = client.search_runs(
+                [experiment.experiment_id],
+                filter_string,
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
+            )
+        except MlflowException as e:
+            if e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            first = str(e.message).strip().splitlines()[0]
+            raise CompareError(
+                f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
+                "\"params.optimizer.lr = '0.01'\"."
+            ) from None
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def metric_history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    """step -> value of one metric; a step logged twice (a resumed run) keeps its last value."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in history}
+
+
+# ------------------------------------------------------------------ two runs, step by step
+
+
+@dataclass(frozen=True)
+class MetricDiff:
+    """One metric at one epoch (MLflow step) in run A (the original) and run B (the new one).
+
+    A value is None when that run did not log the metric at that step.
+    """
+
+    key: str
+    step: int
+    original: float | None
+    new: float | None
+
+    @property
+    def abs_diff(self) -> float:
+        """|original - new|; infinite when one side is missing."""
+        if self.original is None or self.new is None:
+            return math.inf
+        return abs(self.original - self.new)
+
+
+def _last_logged(client: Any, run_id: str, key: str) -> tuple[int, float] | None:
+    history = client.get_metric_history(run_id, key)
+    if not history:
+        return None
+    last = max(history, key=lambda m: m.timestamp)
+    return last.step, last.value
+
+
+def compare_metrics(client: Any, original_run_id: str, new_run_id: str) -> list[MetricDiff]:
+    """Every metric of both runs, step by step, sorted by key then step.
+
+    Wall-clock metrics and MLflow system metrics are left out. A metric or step that only one
+    run logged appears with None on the other side. The best-epoch summaries (`best_*`) count
+    with their last value only: a finished run that is resumed to train longer logs them
+    again at a later step.
+    """
+    keys = set(client.get_run(original_run_id).data.metrics)
+    keys |= set(client.get_run(new_run_id).data.metrics)
+    keys = {k for k in keys if k not in WALL_CLOCK_METRICS and not k.startswith("system/")}
+    diffs = []
+    for key in sorted(keys):
+        if key.startswith(SUMMARY_PREFIX):
+            a, b = (_last_logged(client, r, key) for r in (original_run_id, new_run_id))
+            step = a[0] if a else b[0]  # the key exists in at least one of the runs
+            diffs.append(MetricDiff(key, step, a and a[1], b and b[1]))
+            continue
+        a = metric_history(client, original_run_id, key)
+        b = metric_history(client, new_run_id, key)
+        diffs += [MetricDiff(key, s, a.get(s), b.get(s)) for s in sorted(set(a) | set(b))]
+    return diffs
+
+
+# ------------------------------------------------------------------ an experiment's runs
+
+
+def differing_params(params: list[dict[str, str]]) -> list[str]:
+    """The param keys whose values are not the same in every run (absent counts as a value)."""
+    keys = sorted({k for p in params for k in p} - set(NOT_COMPARED_PARAMS))
+    return [k for k in keys if len({p.get(k) for p in params}) > 1]
+
+
+def _run_name(client: Any, run_id: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.run_name
+    except MlflowException:  # a parent removed from the store: its id still tells them apart
+        return run_id
+
+
+def runs_table(client: Any, runs: list[Any]) -> Any:
+    """A pandas DataFrame with one row per run (see the module docstring for the columns)."""
+    import pandas as pd
+
+    params = [r.data.params for r in runs]
+    varying = differing_params(params)
+    best = [k for k in BEST_METRICS if any(k in r.data.metrics for r in runs)]
+    best += sorted(
+        {k for r in runs for k in r.data.metrics if k.startswith(SUMMARY_PREFIX) and "/" not in k}
+        - set(best)
+    )
+    parents = {
+        r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags
+    }
+    parent_names = {pid: _run_name(client, pid) for pid in sorted(parents)}
+    rows = []
+    for run in runs:
+        row = {"run_name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status}
+        if parents:
+            row["parent"] = parent_names.get(run.data.tags.get("mlflow.parentRunId"), "")
+        row.update({k: run.data.params.get(k, "") for k in varying})
+        row.update({k: run.data.metrics.get(k, math.nan) for k in best})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "best_epoch" in table:
+        table["best_epoch"] = table["best_epoch"].astype("Int64")  # an epoch, not a float
+    return table
+
+
+def _legend_label(run: Any, varying: list[str], names: list[str]) -> str:
+    label = run.info.run_name
+    if names.count(label) > 1:
+        label += f" ({run.info.run_id[:8]})"
+    shown = [f"{k.rsplit('.', 1)[-1]}={run.data.params.get(k, '-')}" for k in varying[:3]]
+    return label + (f"  {', '.join(shown)}" if shown else "")
+
+
+def plot_curves(client: Any, runs: list[Any], metric: str, out_path: Path) -> Path | None:
+    """One line per run: `metric` over the epochs. None when no run logged the metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    varying = differing_params([r.data.params for r in runs])
+    names = [r.info.run_name for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = 0
+    for run in runs:
+        history = metric_history(client, run.info.run_id, metric)
+        if not history:
+            continue
+        steps = sorted(history)
+        ax.plot(
+            steps, [history[s] for s in steps], marker=".", label=_legend_label(run, varying, names)
+        )
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="MLflow step (epoch - 1)", ylabel=metric, title=f"{metric} per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+@dataclass
+class CompareOutputs:
+    table: Any  # pandas.DataFrame, one row per run
+    csv_path: Path
+    plot_path: Path | None
+    parents_left_out: int
+
+
+def compare_experiment(
+    experiment_name: str,
+    filter_string: str = "",
+    out_dir: str | Path | None = None,
+    metric: str = "val_auroc_mean",
+    tracking_uri: str | None = None,
+) -> CompareOutputs | None:
+    """Table, CSV and curve plot of the experiment's runs; None when no run matches."""
+    client = open_client(tracking_uri)
+    found = search_runs(client, experiment_name, filter_string)
+    # Parent runs of seeds or grids log no params: their rows would be empty.
+    runs = [r for r in found if r.data.params]
+    if not runs:
+        return None
+    out = Path(out_dir) if out_dir else REPO_ROOT / "results" / "compare"
+    if not out_dir:
+        out = out / tracking._slug(experiment_name)
+    out.mkdir(parents=True, exist_ok=True)
+    table = runs_table(client, runs)
+    csv_path = out / "runs.csv"
+    table.to_csv(csv_path, index=False)
+    plot_path = plot_curves(client, runs, metric, out / f"{tracking._slug(metric)}.png")
+    return CompareOutputs(table, csv_path, plot_path, len(found) - len(runs))
+
+
+# ------------------------------------------------------------------ command line
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.compare_runs",
+        description="Print, save as CSV and plot the runs of one MLflow experiment.",
+    )
+    parser.add_argument("--experiment", required=True, help="the MLflow experiment name")
+    parser.add_argument(
+        "--filter",
+        default="",
+        help='MLflow search filter, e.g. "params.model.model = '
+        '\'models.custom_models_base:TinyConv\'" or "metrics.best_val_auroc_mean > 0.8"',
+    )
+    parser.add_argument(
+        "--out", help="folder for runs.csv and the plot (default: results/compare/<experiment>)"
+    )
+    parser.add_argument("--metric", default="val_auroc_mean", help="the per-epoch metric to plot")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: as for training)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table and where the CSV and plot went; 1 if no run matches, 2 user errors."""
+    import pandas as pd
+
+    from src.run_experiment import USER_ERRORS, one_line
+
+    args = make_parser().parse_args(argv)
+    try:
+        outputs = compare_experiment(
+            args.experiment, args.filter, args.out, args.metric, args.tracking_uri
+        )
+    except (CompareError, *USER_ERRORS) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if outputs is None:
+        what = f" match the filter {args.filter!r}" if args.filter else ""
+        print(f"No runs of experiment {args.experiment!r}{what}.", file=sys.stderr)
+        return 1
+    with pd.option_context("display.width", None, "display.max_columns", None):
+        print(outputs.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if outputs.parents_left_out:
+        n = outputs.parents_left_out
+        print(f"({n} parent run{'s' if n > 1 else ''} of seeds or grids left out)")
+    print(f"\nTable: {outputs.csv_path}")
+    if outputs.plot_path is not None:
+        print(f"Plot:  {outputs.plot_path}")
+    else:
+        print(f"Plot:  none (no run logged {args.metric!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Reproduce a tracked run and prove it: the same config as a new run, every metric compared.
+
+    python -m src.reproduce RUN_ID                     # exit 0 only if every metric is identical
+    python -m src.reproduce RUN_ID --tolerance 1e-6    # accept differences up to 1e-6
+    python -m src.reproduce RUN_ID --set optimizer.lr=0.01   # see what one change does
+
+The config is the run's stored `config/config.toml` (the fully resolved config, so defaults
+that change later do not change the reproduction). The new run lands in the same experiment,
+named `<run name>-reproduce` and tagged `reproduces = RUN_ID`. Warnings (stderr) say when the
+code (commit or uncommitted diff), the package versions, the device or a data split's
+fingerprint differ from the original's, because each of these can explain a difference.
+Wall-clock metrics (images/s, data-wait share) are not compared.
+
+Exit codes: 0 identical (or within --tolerance), 1 different, 2 a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from src import config as cfg
+from src import tracking
+from src.compare_runs import CompareError, MetricDiff, compare_metrics, get_run, open_client
+
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+class ReproduceError(ValueError):
+    """The run cannot be reproduced as asked (no stored config, a bad tolerance)."""
+
+
+@dataclass
+class ComparisonResult:
+    """The per-epoch comparison of every metric of two runs."""
+
+    original_run_id: str
+    new_run_id: str
+    diffs: list[MetricDiff]
+    tolerance: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        """The largest |difference| over all metrics and epochs (inf if a value is missing)."""
+        return max((d.abs_diff for d in self.diffs), default=0.0)
+
+    @property
+    def worst(self) -> MetricDiff | None:
+        return max(self.diffs, key=lambda d: d.abs_diff, default=None)
+
+    @property
+    def missing(self) -> list[MetricDiff]:
+        return [d for d in self.diffs if d.original is None or d.new is None]
+
+    @property
+    def identical(self) -> bool:
+        """Every metric at every epoch bit-for-bit equal (and at least one was compared)."""
+        return bool(self.diffs) and self.max_abs_diff == 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Identical, or every difference within the tolerance."""
+        return bool(self.diffs) and self.max_abs_diff <= self.tolerance
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+# ------------------------------------------------------------------ reading the original
+
+
+def _download_text(client: Any, run_id: str, path: str) -> str | None:
+    folder, _, name = path.rpartition("/")
+    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}:
+        return None
+    # MLflow draws a progress bar per download; for one small text file it is only noise.
+    saved = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, path, tmp)
+            return Path(local).read_text()
+    finally:
+        if saved is None:
+            os.environ.pop(_PROGRESS_BAR, None)
+        else:
+            os.environ[_PROGRESS_BAR] = saved
+
+
+def load_run_config(
+    client: Any, run_id: str, overrides: dict[str, Any] | None = None
+) -> cfg.ExperimentConfig:
+    """The run's stored resolved config (`config/config.toml`), with dotted-key overrides."""
+    text = _download_text(client, run_id, "config/config.toml")
+    if text is None:
+        children = client.search_runs(
+            [client.get_run(run_id).info.experiment_id],
+            f"tags.mlflow.parentRunId = '{run_id}'",
+            max_results=5,
+        )
+        hint = (
+            f"; it is a parent run: reproduce one of its child runs, e.g. {children[0].info.run_id}"
+            if children
+            else "; only runs made by src.run_experiment can be reproduced"
+        )
+        raise ReproduceError(f"MLflow run {run_id} has no config/config.toml artifact{hint}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(text)
+        return cfg.load(path, overrides)
+
+
+def resumed_overrides(tags: dict[str, str]) -> dict[str, Any]:
+    """Config keys a resume changed (tags `resumed.<key>`, e.g. more epochs) -> new values."""
+    items = [f"{k[len('resumed.') :]}={v}" for k, v in tags.items() if k.startswith("resumed.")]
+    # The shared flag parser turns KEY=VALUE items into typed dotted-key overrides.
+    return cfg.overrides_from_args(argparse.Namespace(set=items), "")
+
+
+# ------------------------------------------------------------------ what may differ, and why
+
+
+def code_warnings(client: Any, original: Any) -> list[str]:
+    """Differences between the code and packages of the original run and of this checkout."""
+    tags = original.data.tags
+    out: list[str] = []
+    now = tracking.git_state()
+    then_commit = tags.get("git.commit", "unknown")
+    if "unknown" in (then_commit, now["commit"]):
+        out.append(
+            f"cannot compare the code: the original commit is {then_commit!r}, "
+            f"this checkout's is {now['commit']!r}."
+        )
+    elif then_commit != now["commit"]:
+        out.append(
+            f"the original run was made at commit {then_commit[:12]}, this checkout is at "
+            f"{now['commit'][:12]} (see `git diff {then_commit[:12]} {now['commit'][:12]}`)."
+        )
+    else:
+        then_diff = ""
+        if tags.get("git.dirty") == "true":
+            then_diff = _download_text(client, original.info.run_id, "environment/git_diff.patch")
+        if (then_diff or "") != now["diff"]:
+            out.append(
+                "the uncommitted changes differ from the original run's (its diff is the "
+                "artifact environment/git_diff.patch; this checkout's is `git diff HEAD`)."
+            )
+    now_versions = tracking.package_versions()
+    changed = [
+        f"{name} {tags[f'version.{name}']} -> {version}"
+        for name, version in now_versions.items()
+        if f"version.{name}" in tags and tags[f"version.{name}"] != version
+    ]
+    if changed:
+        out.append(f"package versions differ from the original run's: {', '.join(changed)}.")
+    if original.info.status != "FINISHED":
+        out.append(
+            f"the original run's status is {original.info.status}: it may have logged fewer "
+            "epochs than the reproduction runs."
+        )
+    return out
+
+
+def run_warnings(original_tags: dict[str, str], new_tags: dict[str, str]) -> list[str]:
+    """Differences in data fingerprints and device between the original run and the new one."""
+    out: list[str] = []
+    for key in sorted(original_tags):
+        if not (key.startswith("data.") and key.endswith(".fingerprint")):
+            continue
+        split = key[len("data.") : -len(".fingerprint")]
+        if new_tags.get(key) != original_tags[key]:
+            out.append(
+                f"the {split} data differ from the original run's: fingerprint "
+                f"{original_tags[key]} then, {new_tags.get(key, 'none')} now "
+                f"(images {original_tags.get(f'data.{split}.count', '?')} then, "
+                f"{new_tags.get(f'data.{split}.count', '?')} now); an image, its order or a "
+                "label changed."
+            )
+    if original_tags.get("device") and original_tags.get("device") != new_tags.get("device"):
+        out.append(
+            f"the original run ran on {original_tags['device']}, the reproduction on "
+            f"{new_tags.get('device', '?')}; different kernels round differently."
+        )
+    return out
+
+
+# ------------------------------------------------------------------ printing
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "missing"
+    return f"{value:.6g}" if value != 0 else "0"
+
+
+def _at(d: MetricDiff) -> str:
+    return f"epoch {d.step + 1} (step {d.step})"
+
+
+def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
+    """The comparison as text: per epoch, per metric, and the verdict.
+
+    Epochs count from 1 as in the training output; `step` is the MLflow step (epoch - 1).
+    """
+    lines = [f"\nOriginal run {result.original_run_id} vs reproduction {result.new_run_id}"]
+    if not result.diffs:
+        lines.append("Neither run logged a metric: nothing to compare.")
+        return "\n".join(lines)
+    by_step: dict[int, list[MetricDiff]] = {}
+    by_key: dict[str, list[MetricDiff]] = {}
+    for d in result.diffs:
+        by_step.setdefault(d.step, []).append(d)
+        by_key.setdefault(d.key, []).append(d)
+
+    lines.append("\nPer epoch (the largest |difference| over its metrics):")
+    lines.append(
+        f"{'epoch':>5}  {'step':>4}  {'val_loss original':>17}  {'val_loss reproduced':>19}  "
+        f"{'metrics':>7}  {'max |diff|':>10}  worst metric"
+    )
+    for step, ds in sorted(by_step.items()):
+        val = next((d for d in ds if d.key == "val_loss"), None)
+        worst = max(ds, key=lambda d: d.abs_diff)
+        lines.append(
+            f"{step + 1:>5}  {step:>4}  {_fmt(val.original if val else None):>17}  "
+            f"{_fmt(val.new if val else None):>19}  {len(ds):>7}  {_fmt(worst.abs_diff):>10}  "
+            f"{worst.key if worst.abs_diff > 0 else '-'}"
+        )
+
+    width = max(len(k) for k in by_key)
+    lines.append("\nPer metric (the largest |difference| over its epochs):")
+    lines.append(f"{'metric':<{width}}  {'epochs':>6}  {'max |diff|':>10}  at")
+    for key, ds in by_key.items():
+        worst = max(ds, key=lambda d: d.abs_diff)
+        at = _at(worst) if worst.abs_diff > 0 else "-"
+        lines.append(f"{key:<{width}}  {len(ds):>6}  {_fmt(worst.abs_diff):>10}  {at}")
+
+    if every_row:
+        lines.append("\nEvery metric at every epoch:")
+        lines.append(
+            f"{'metric':<{width}}  {'epoch':>5}  {'step':>4}  {'original':>12}  {'reproduced':>12}"
+        )
+        for d in result.diffs:
+            lines.append(
+                f"{d.key:<{width}}  {d.step + 1:>5}  {d.step:>4}  {_fmt(d.original):>12}  "
+                f"{_fmt(d.new):>12}"
+            )
+
+    worst = result.worst
+    lines.append(
+        f"\nLargest absolute difference: {_fmt(result.max_abs_diff)}"
+        + (f" ({worst.key} at {_at(worst)})" if worst and worst.abs_diff > 0 else "")
+        + f", over {len(by_key)} metrics and {len(by_step)} epochs."
+    )
+    if result.missing:
+        d = result.missing[0]
+        side = "the reproduction" if d.new is None else "the original"
+        lines.append(
+            f"{len(result.missing)} values were logged by one run only "
+            f"(first: {d.key} at {_at(d)}, missing in {side})."
+        )
+    if result.identical:
+        lines.append("IDENTICAL: the run is reproduced bit for bit.")
+    elif result.ok:
+        lines.append(f"REPRODUCED within the tolerance {result.tolerance:g}.")
+    else:
+        lines.append(
+            f"DIFFERENT: the largest difference {_fmt(result.max_abs_diff)} exceeds the "
+            f"tolerance {result.tolerance:g}."
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ reproducing
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def reproduce(
+    run_id: str,
+    tolerance: float = 0.0,
+    tracking_uri: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ComparisonResult:
+    """Run the config of MLflow run `run_id` again as a new run and compare every metric.
+
+    `tolerance` is the largest absolute difference per metric value that still counts as
+    reproduced. `overrides` (dotted config keys) deliberately change the reproduction, e.g.
+    `{'optimizer.lr': 0.01}`; they are reported as a warning. Warnings are printed to stderr
+    as they are found and returned in the result.
+    """
+    from src.run_experiment import run
+
+    if tolerance < 0 or math.isnan(tolerance):
+        raise ReproduceError(f"--tolerance must be 0 or more, got {tolerance}.")
+    uri = tracking_uri or tracking.tracking_uri()
+    client = open_client(uri)
+    original = get_run(client, run_id)
+    resumed = resumed_overrides(original.data.tags)
+    config = load_run_config(client, run_id, {**resumed, **(overrides or {})})
+    if "run.run_name" not in (overrides or {}):
+        config = config.replace(**{"run.run_name": f"{config.run.run_name}-reproduce"})
+    if tracking.tracking_uri(config) != uri:
+        config = config.replace(**{"run.tracking_uri": uri})
+
+    warnings: list[str] = []
+    if resumed:
+        changed = ", ".join(f"{k} = {v!r}" for k, v in resumed.items())
+        warnings.append(
+            f"the original run was resumed with {changed}; the reproduction runs straight "
+            "through with the new value(s)."
+        )
+    if overrides:
+        changed = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
+        warnings.append(f"the reproduction changes the original config: {changed}.")
+    warnings += code_warnings(client, original)
+    for w in warnings:
+        _warn(w)
+
+    result = run(config, extra_tags={"reproduces": run_id})
+    new_tags = client.get_run(result.run_id).data.tags
+    if "reproduces" not in new_tags:  # tasks that only predict may not pass extra tags on
+        client.set_tag(result.run_id, "reproduces", run_id)
+    later = run_warnings(original.data.tags, new_tags)
+    for w in later:
+        _warn(w)
+    comparison = ComparisonResult(
+        run_id,
+        result.run_id,
+        compare_metrics(client, run_id, result.run_id),
+        tolerance,
+        warnings + later,
+    )
+    on_gpu = new_tags.get("device", "cpu") != "cpu"
+    if not comparison.ok and on_gpu and new_tags.get("deterministic") != "True":
+        comparison.warnings.append(
+            f"the runs were not deterministic on {new_tags['device']}: GPU kernels may differ "
+            "from run to run; rerun the original with --deterministic, or pass --tolerance."
+        )
+        _warn(comparison.warnings[-1])
+    return comparison
+
+
+# ------------------------------------------------------------------ command line
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.reproduce",
+        description="Run a tracked MLflow run again as a new run and compare every metric.",
+    )
+    parser.add_argument("run_id", help="the MLflow run id of the original run")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="largest absolute difference per metric value that counts as reproduced "
+        "(default 0: bit for bit)",
+    )
+    parser.add_argument(
+        "--tracking-uri", help="the MLflow store of the original run (default: as for training)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a config key in the reproduction, e.g. --set optimizer.lr=0.01 "
+        "(the comparison then shows the effect of the change)",
+    )
+    parser.add_argument(
+        "--every-row", action="store_true", help="also print every metric at every epoch"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Reproduce, print the comparison; 0 reproduced, 1 different, 2 a user error."""
+    from src.run_experiment import one_line, user_errors
+
+    args = make_parser().parse_args(argv)
+    try:
+        overrides = cfg.overrides_from_args(argparse.Namespace(set=args.set), "")
+        result = reproduce(args.run_id, args.tolerance, args.tracking_uri, overrides or None)
+    except (ReproduceError, CompareError, *user_errors()) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(format_comparison(result, args.every_row))
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""src.compare_runs: an experiment's runs as a table, CSV and plot; two runs step by step."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from src import tracking
+from src.compare_runs import compare_metrics, differing_params, main
+from src.config import ExperimentConfig, RunConfig
+from src.run_experiment import run
+from tests.test_run_experiment import tiny_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_csv_and_plot_of_two_runs_with_different_lr(mlflow_uri, tmp_path, capsys):
+    lrs = {"lr-small": 1e-3, "lr-large": 1e-2}
+    results = {
+        name: run(
+            tiny_config(
+                tmp_path,
+                **{
+                    "train.epochs": 2,
+                    "run.run_name": name,
+                    "run.experiment_name": "lr-pair",
+                    "optimizer.lr": lr,
+                },
+            )
+        )
+        for name, lr in lrs.items()
+    }
+    out = tmp_path / "compare"
+    assert main(["--experiment", "lr-pair", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lr-small" in printed and "lr-large" in printed and "optimizer.lr" in printed
+
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run_name"] for r in rows] == ["lr-small", "lr-large"]  # oldest first
+    columns = list(rows[0])
+    assert columns[:3] == ["run_name", "run_id", "status"]
+    # optimizer.lr is the only param that differs (the run name has its own column); the
+    # best-epoch metrics follow, the usual ones first.
+    assert columns[3:8] == [
+        "optimizer.lr",
+        "best_epoch",
+        "best_val_auroc_mean",
+        "best_val_ap_mean",
+        "best_val_loss",
+    ]
+    assert all(c.startswith("best_val_") for c in columns[8:])
+    client = MlflowClient(mlflow_uri)
+    for row in rows:
+        logged = client.get_run(results[row["run_name"]].run_id).data
+        assert row["run_id"] == results[row["run_name"]].run_id and row["status"] == "FINISHED"
+        assert float(row["optimizer.lr"]) == lrs[row["run_name"]]
+        assert int(row["best_epoch"]) == results[row["run_name"]].best_epoch
+        for key in ("best_val_auroc_mean", "best_val_ap_mean", "best_val_loss"):
+            assert float(row[key]) == pytest.approx(logged.metrics[key], rel=1e-12)
+    plot = out / "val_auroc_mean.png"
+    assert plot.read_bytes()[:8] == PNG_MAGIC and plot.stat().st_size > 5000
+
+    # An MLflow filter picks one run; the default folder is results/compare/<experiment>.
+    assert main(["--experiment", "lr-pair", "--filter", "params.optimizer.lr = '0.01'",
+                 "--out", str(tmp_path / "one")]) == 0  # fmt: skip
+    with open(tmp_path / "one" / "runs.csv") as f:
+        (only,) = list(csv.DictReader(f))
+    assert only["run_name"] == "lr-large" and "optimizer.lr" not in only  # nothing differs
+    assert main(["--experiment", "lr-pair", "--filter", "params.optimizer.lr = '5'"]) == 1
+
+
+def test_unknown_experiment_or_bad_filter_is_one_line_and_exit_2(mlflow_uri, capsys):
+    tracking.start(ExperimentConfig(run=RunConfig(experiment_name="exists"))).end()
+    assert main(["--experiment", "no-such-experiment"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: There is no MLflow experiment named 'no-such-experiment'")
+    assert "exists" in err and "\n" not in err
+    assert main(["--experiment", "exists", "--filter", "params.x ==== 3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --filter 'params.x ==== 3' is not a valid") and "\n" not in err
+
+
+def test_differing_params_keeps_only_keys_that_vary():
+    params = [
+        {"optimizer.lr": "0.001", "run.seed": "0", "run.run_name": "a", "data.args.x": "1"},
+        {"optimizer.lr": "0.01", "run.seed": "0", "run.run_name": "b"},
+    ]
+    assert differing_params(params) == ["data.args.x", "optimizer.lr"]
+    assert differing_params(params[:1]) == []
+
+
+def test_compare_metrics_step_by_step(mlflow_uri):
+    def logged(values: dict[str, list[float | None]]) -> str:
+        tracker = tracking.start(ExperimentConfig(run=RunConfig(experiment_name="diff")))
+        for step in range(3):
+            tracker.log_epoch({k: v[step] for k, v in values.items() if v[step] is not None}, step)
+        tracker.end()
+        return tracker.run_id
+
+    # The original logged its best-epoch summary twice (finished, then resumed for longer).
+    a = logged(
+        {
+            "val_loss": [0.5, 0.4, 0.3],
+            "train_images_per_s": [10, 20, 30],
+            "x": [1.0, None, None],
+            "best_val_loss": [None, 0.4, 0.3],
+        }
+    )
+    b = logged(
+        {
+            "val_loss": [0.5, 0.45, 0.3],
+            "train_images_per_s": [11, 21, 31],
+            "x": [None, None, None],
+            "best_val_loss": [None, None, 0.3],
+        }
+    )
+    diffs = compare_metrics(MlflowClient(mlflow_uri), a, b)
+    # Wall-clock throughput is left out; x exists in the original only; the summary counts
+    # with its last value.
+    assert [(d.key, d.step) for d in diffs] == [
+        ("best_val_loss", 2),
+        ("val_loss", 0),
+        ("val_loss", 1),
+        ("val_loss", 2),
+        ("x", 0),
+    ]
+    assert [d.abs_diff for d in diffs[:4]] == [0.0, 0.0, pytest.approx(0.05), 0.0]
+    assert diffs[4].original == 1.0 and diffs[4].new is None and math.isinf(diffs[4].abs_diff)

@@ -1,0 +1,68 @@
+"""A real `torchrun` with two CPU processes (gloo) against a single-process run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+from tests.test_run_experiment import REPO, all_series
+
+DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
+
+
+def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(mlflow_uri, tmp_path):
+    common = ["--epochs", "2", "--device", "cpu", "--results-dir", str(tmp_path / "r")]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            DEMO,
+            *common,
+            "--batch-size",
+            "8",
+            "--experiment-name",
+            "ddp",
+            "--run-name",
+            "two",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [
+            sys.executable,
+            DEMO,
+            *common,
+            "--batch-size",
+            "16",
+            "--experiment-name",
+            "single",
+            "--run-name",
+            "one",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    client = MlflowClient(mlflow_uri)
+    (ddp_run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    (single,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
+    assert ddp_run.data.tags["world_size"] == "2" and single.data.tags["world_size"] == "1"
+    a, b = all_series(client, ddp_run.info.run_id), all_series(client, single.info.run_id)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert [s for s, _ in a[key]] == [s for s, _ in b[key]], key
+        for (_, x), (_, y) in zip(a[key], b[key]):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(y)), (key, x, y)
+    # only rank 0 saved checkpoints: one run folder
+    assert len(list((tmp_path / "r").glob("ddp/*/last.pt"))) == 1

@@ -1,0 +1,101 @@
+"""src.multirun: a set of seeds as child runs of one parent with the mean and std."""
+
+from __future__ import annotations
+
+import csv
+import runpy
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from src.multirun import run_children, run_seeds
+from tests.test_run_experiment import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def children_of(client: MlflowClient, parent) -> list:
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return list(runs)
+
+
+def test_seeds_parent_holds_mean_and_std_of_the_children(mlflow_uri, tmp_path):
+    config = tiny_config(tmp_path, **{"train.epochs": 1, "run.run_name": "tiny"})
+    parent_id, results = run_seeds(config, [0, 1])
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(parent_id)
+    children = children_of(client, parent)
+    assert [c.info.run_id for c in children] == [r.run_id for r in results]
+    assert [c.info.run_name for c in children] == ["tiny-seed0", "tiny-seed1"]
+    assert [c.data.params["run.seed"] for c in children] == ["0", "1"]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
+    assert parent.info.run_name == "tiny-seeds" and parent.info.status == "FINISHED"
+    assert parent.data.tags["seeds"] == "0 1"
+
+    values = [c.data.metrics["best_val_auroc_mean"] for c in children]
+    assert values[0] != values[1]  # different seeds, different runs: the std means something
+    metrics = parent.data.metrics
+    assert metrics["best_val_auroc_mean.mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+    assert metrics["best_val_auroc_mean.std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    ap = [c.data.metrics["best_val_ap_mean"] for c in children]
+    assert metrics["best_val_ap_mean.mean"] == pytest.approx(statistics.fmean(ap), abs=1e-12)
+
+    table = client.download_artifacts(parent_id, "summary/children.csv", str(tmp_path))
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run_id"] for r in rows] == [r.run_id for r in results]
+    assert [float(r["best_val_auroc_mean"]) for r in rows] == pytest.approx(values)
+
+
+def test_demo_cli_with_seeds(mlflow_uri, tmp_path, monkeypatch, capsys):
+    argv = [
+        "Demo-2-TinyConv-TinyData.py",
+        "--seeds", "0", "1",
+        "--epochs", "1",
+        "--results-dir", str(tmp_path / "r"),
+        "--experiment-name", "seeds-cli",
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "Demo-2-TinyConv-TinyData.py"), run_name="__main__")
+    assert stop.value.code == 0
+    assert "best_val_auroc_mean.std" in capsys.readouterr().out
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("seeds-cli").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(runs) == 3 and len(parents) == 1
+    children = children_of(client, parents[0])
+    assert sorted(c.data.params["run.seed"] for c in children) == ["0", "1"]
+    assert set(parents[0].data.metrics) >= {"best_val_auroc_mean.mean", "best_val_auroc_mean.std"}
+
+
+def test_seeds_and_resume_cannot_be_combined(mlflow_uri, tmp_path, capsys):
+    from src.run_experiment import main
+
+    argv = ["--seeds", "0", "1", "--resume", str(tmp_path), "--results-dir", str(tmp_path)]
+    assert (
+        main(argv, default_config=str(REPO / "experiments" / "demo2_tinyconv_tinydata.toml")) == 2
+    )
+    assert "--seeds and --resume cannot be combined" in capsys.readouterr().err
+
+
+def test_a_failing_child_fails_the_parent(mlflow_uri, tmp_path):
+    from load_dataset.errors import DataError
+
+    config = tiny_config(tmp_path, **{"run.run_name": "broken"})
+    missing = str(tmp_path / "no-such-folder")
+    with pytest.raises(DataError):
+        run_children(config, [("broken-0", {"data.args.data_dir": missing})], "broken-grid")
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name(config.run.experiment_name)
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'broken-grid'"
+    )
+    assert parent.info.status == "FAILED"

@@ -1,0 +1,256 @@
+"""Runs that survive: resume, SIGKILL, Ctrl-C, and bad input that fails in one clear line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from src.run_experiment import run
+from tests.test_run_experiment import DEMO2, REPO, all_series, tiny_config
+
+DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
+TINY = REPO / "load_dataset" / "tiny_data"
+
+
+def demo(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, DEMO, "--results-dir", str(tmp_path / "results"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        **kw,
+    )
+
+
+def start_demo(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, DEMO, "--results-dir", str(tmp_path / "results"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def wait_for_epoch(results: Path, epoch: int, proc: subprocess.Popen, limit_s: float = 120):
+    """Wait until some run's last.pt has reached `epoch`; return that run's folder."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for last in results.glob("*/*/last.pt"):
+            try:
+                if torch.load(last, weights_only=True)["epoch"] >= epoch:
+                    return last.parent
+            except Exception:  # being replaced right now
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {limit_s} s")
+
+
+def test_resumed_run_equals_uninterrupted_run(mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    full = run(tiny_config(tmp_path, **{"train.epochs": 4, "run.run_name": "full"}))
+    # Two epochs, then "train longer": resume the same run up to epoch 4.
+    part = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.run_name": "part"}))
+    assert torch.load(part.results_dir / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = run(
+        tiny_config(tmp_path, **{"train.epochs": 4, "run.run_name": "part"}),
+        resume=part.results_dir,
+    )
+    assert resumed.run_id == part.run_id
+    full_series, resumed_series = (
+        all_series(client, full.run_id),
+        all_series(client, resumed.run_id),
+    )
+    assert full_series.keys() == resumed_series.keys()
+    for key, series in full_series.items():
+        if key.startswith("best_"):
+            # The best-epoch summary is logged each time the run finishes: the part run
+            # logged one at its end (step 1), the resumed run the final one (step 3).
+            assert resumed_series[key][-1] == series[-1], key
+        else:
+            assert resumed_series[key] == series, key
+    assert [s for s, _ in all_series(client, resumed.run_id)["val_loss"]] == [0, 1, 2, 3]
+    assert client.get_run(part.run_id).data.tags["resumed.train.epochs"] == "4"
+
+
+def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path):
+    args = [
+        "--epochs",
+        "4",
+        "--experiment-name",
+        "kill",
+        "--set",
+        'data.dataset="tests.faulty_data:SlowTinyData"',
+        "--set",
+        "data.args.delay_s=0.004",
+    ]
+    proc = start_demo(args, tmp_path)
+    folder = wait_for_epoch(tmp_path / "results", 1, proc)
+    time.sleep(0.3)  # into epoch 2 (an epoch takes ~0.8 s here)
+    proc.kill()
+    proc.wait()
+    (run_before,) = runs_of(mlflow_uri, "kill")
+    assert run_before.info.status == "RUNNING"  # what SIGKILL leaves; resume takes it over
+    done = demo([*args, "--resume", str(folder)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run_after,) = runs_of(mlflow_uri, "kill")
+    assert run_after.info.status == "FINISHED"
+    steps = [
+        m.step
+        for m in MlflowClient(mlflow_uri).get_metric_history(run_after.info.run_id, "val_loss")
+    ]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path):
+    args = [
+        "--epochs",
+        "3",
+        "--experiment-name",
+        "intr",
+        "--set",
+        'data.dataset="tests.faulty_data:SlowTinyData"',
+        "--set",
+        "data.args.delay_s=0.004",
+    ]
+    proc = start_demo(args, tmp_path)
+    folder = wait_for_epoch(tmp_path / "results", 0, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"--resume {folder}" in err
+    (r,) = runs_of(mlflow_uri, "intr")
+    assert r.info.status == "KILLED"
+    done = demo([*args, "--resume", str(folder)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    (r,) = runs_of(mlflow_uri, "intr")
+    assert r.info.status == "FINISHED"
+
+
+def _tiny_copy(tmp_path: Path) -> Path:
+    data = tmp_path / "tiny"
+    shutil.copytree(TINY, data)
+    return data
+
+
+def _bad_csv_row(tmp_path: Path) -> list[str]:
+    data = _tiny_copy(tmp_path)
+    csv = data / "tiny_labels.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # drop the first image's row
+    return ["--data-dir", str(data)]
+
+
+def _bad_label(tmp_path: Path) -> list[str]:
+    data = _tiny_copy(tmp_path)
+    csv = data / "tiny_labels.csv"
+    lines = csv.read_text().splitlines()
+    name = lines[1].split(",")[0]
+    lines[1] = f"{name},2,0,1"
+    csv.write_text("\n".join(lines) + "\n")
+    return ["--data-dir", str(data)]
+
+
+def _corrupt_png(tmp_path: Path) -> list[str]:
+    data = _tiny_copy(tmp_path)
+    png = sorted((data / "train").glob("*.png"))[3]
+    png.write_bytes(png.read_bytes()[:40])
+    return ["--data-dir", str(data)]
+
+
+def _write_toml(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "bad.toml"
+    path.write_text(DEMO2.read_text() + text)
+    return ["--config", str(path)]
+
+
+BAD_INPUT = {
+    "missing data folder": (lambda p: ["--data-dir", str(p / "no-such-folder")], "no-such-folder"),
+    "csv without a row": (_bad_csv_row, "tiny_labels.csv"),
+    "non 0/1 label": (_bad_label, "tiny_labels.csv"),
+    "corrupt png": (_corrupt_png, ".png"),
+    "unknown key": (lambda p: ["--set", "train.epochz=3"], "epochz"),
+    "unknown dataset": (
+        lambda p: ["--set", 'data.dataset="load_dataset.nope:X"'],
+        "load_dataset.nope",
+    ),
+    "unknown model": (lambda p: ["--set", 'model.model="models.custom_models_base:Nope"'], "Nope"),
+    "wrong type": (lambda p: ["--set", 'data.batch_size="big"'], "batch_size"),
+    "predict_on_test without use_test_set": (
+        lambda p: ["--task", "predict_on_test"],
+        "use_test_set",
+    ),
+    "resume path that is no checkpoint": (
+        lambda p: ["--resume", str(Path(p / "x.pt").write_text("x") and p / "x.pt")],
+        "x.pt",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_fails_in_one_clear_line(mlflow_uri, tmp_path, case):
+    make_args, needle = BAD_INPUT[case]
+    out = demo(["--epochs", "2", "--experiment-name", "bad", *make_args(tmp_path)], tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert needle in lines[0]
+    assert all(r.info.status == "FAILED" for r in runs_of(mlflow_uri, "bad"))
+
+
+def test_resume_of_another_experiment_is_refused(mlflow_uri, tmp_path):
+    first = run(tiny_config(tmp_path, **{"train.epochs": 1}))
+    before = (first.results_dir / "last.pt").read_bytes()
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "Demo-1-TinyConvWithoutSequential-TinyData.py"),
+            "--resume",
+            str(first.results_dir),
+            "--experiment-name",
+            "tiny-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "checkpoint of another experiment" in out.stderr and "model.model" in out.stderr
+    assert (first.results_dir / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(mlflow_uri, tmp_path):
+    args = [
+        "--epochs",
+        "4",
+        "--experiment-name",
+        "nan",
+        "--set",
+        'data.dataset="tests.faulty_data:NaNAfterTinyData"',
+    ]
+    out = demo(args, tmp_path)
+    assert out.returncode == 2
+    assert "loss became nan" in out.stderr.lower() and "last.pt" in out.stderr
+    (r,) = runs_of(mlflow_uri, "nan")
+    assert r.info.status == "FAILED"
+    (last,) = (tmp_path / "results").glob("*/*/last.pt")
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    assert os.path.exists(last.parent / "best.pt")
