@@ -13,8 +13,6 @@ from pathlib import Path
 
 from src.run_experiment import main
 
-EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
-
 if __name__ == "__main__":
     config = (
         Path(__file__).resolve().parent

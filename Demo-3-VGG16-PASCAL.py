@@ -1,6 +1,6 @@
 """Demo-3: VGG-16 on PASCAL VOC 2012 + SBD (20-class multi-label classification).
 
-    python Demo-3-VGG16-PASCAL.py --data-dir data/VOC --sbd-dir data/SBD
+    python Demo-3-VGG16-PASCAL.py --voc-dir data/voc --sbd-dir data/sbd
     torchrun --nproc_per_node=4 Demo-3-VGG16-PASCAL.py        # several GPUs
     python Demo-3-VGG16-PASCAL.py --resume results/Demo-3-VGG16-PASCAL/<run id>
 

@@ -1,7 +1,8 @@
 """Demo-4: VGG16Customizable on PASCAL, the grid conv_type x vgginit (6 runs).
 
-    python Demo-4-VGG16Customizable-PASCAL.py --data-dir data/VOC --sbd-dir data/SBD
+    python Demo-4-VGG16Customizable-PASCAL.py --voc-dir data/voc --sbd-dir data/sbd
     python Demo-4-VGG16Customizable-PASCAL.py --conv-types 512to64_1x1 --vgginits random
+    python Demo-4-VGG16Customizable-PASCAL.py --no-pretrained     # the 3 random-init cells
 
 Each cell of the grid is a child run of one parent MLflow run, whose summary table
 (`summary/children.csv`) lists every cell's best validation AUROC and AP.
@@ -12,36 +13,46 @@ import sys
 from pathlib import Path
 
 from models.components import CONV_TYPES
-from src.config import load_from_args
+from src import tracking
+from src.config import ConfigError, load_from_args
 from src.multirun import run_children
 from src.run_experiment import make_parser, one_line, user_errors
 
 VGGINITS = ("random", "pretrained")
+CONFIG = Path(__file__).resolve().parent / "experiments" / "demo4_vgg16customizable_pascal.toml"
 
-EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+
+def grid_vgginits(vgginits: list[str] | None, no_pretrained: bool) -> list[str]:
+    """The vgginit values of the grid: both, or only 'random' with --no-pretrained."""
+    if not no_pretrained:
+        return vgginits or list(VGGINITS)
+    if vgginits and "pretrained" in vgginits:
+        raise ConfigError("--no-pretrained and --vgginits pretrained contradict each other.")
+    return ["random"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path = (
-        Path(__file__).resolve().parent / "experiments" / "demo4_vgg16customizable_pascal.toml"
-    )
-    parser = make_parser(str(config_path), __doc__.splitlines()[0])
+    parser = make_parser(str(CONFIG), __doc__.splitlines()[0])
     parser.add_argument("--conv-types", nargs="+", default=list(CONV_TYPES), choices=CONV_TYPES)
-    parser.add_argument("--vgginits", nargs="+", default=list(VGGINITS), choices=VGGINITS)
+    parser.add_argument("--vgginits", nargs="+", choices=VGGINITS, help="default: both")
     args = parser.parse_args(argv)
     try:
         config = load_from_args(args.config, args)
+        vgginits = grid_vgginits(args.vgginits, args.no_pretrained)
         cells = [
             (f"{conv}-{init}", {"model.args.conv_type": conv, "model.args.vgginit": init})
             for conv in args.conv_types
-            for init in args.vgginits
+            for init in vgginits
         ]
-        run_children(config, cells, f"{config.run.run_name}-grid", {"grid": "conv_type x vgginit"})
+        _, children = run_children(
+            config, cells, f"{config.run.run_name}-grid", {"grid": "conv_type x vgginit"}
+        )
     except user_errors() as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    print(tracking.ui_hint(tracking.tracking_uri(config), children[0].experiment_id))
     return 0
 
 

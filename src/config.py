@@ -80,6 +80,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     cudnn_benchmark: bool = False
+    max_batches: int = 0  # at most this many batches per epoch (smoke runs); 0 = all
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,8 @@ def _check_choices(config: ExperimentConfig) -> None:
             raise ConfigError(f"Config key [{section}] {key} must be at least 1, got {value}.")
     if config.train.patience < 0:
         raise ConfigError("Config key [train] patience must be 0 or more.")
+    if config.train.max_batches < 0:
+        raise ConfigError("Config key [train] max_batches must be 0 (all batches) or more.")
     if isinstance(config.data.num_workers, int) and config.data.num_workers < 0:
         raise ConfigError('Config key [data] num_workers must be 0 or more, or "auto".')
     if config.run.task == "predict_on_test" and not config.run.use_test_set:
@@ -301,12 +304,24 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="folder for checkpoints and outputs (default: <repo>/results)",
     )
     a("--data-dir", help="the dataset's main folder (TinyData folder, VOC root, ...)")
+    a("--voc-dir", help="PASCAL only: the folder holding VOCdevkit/ (default data/voc)")
     a(
         "--sbd-dir",
         help="PASCAL only: the SBD folder (holds img/, cls/, train_noval.txt)",
     )
     a("--cache-dir", help="folder for the dataset's preprocessed cache")
     a("--download", action="store_true", help="let torchvision download the dataset")
+    a("--image-size", type=int, help="side of the square input images (dataset and model)")
+    a(
+        "--no-pretrained",
+        action="store_true",
+        help="VGG models: random initial weights instead of ImageNet-pretrained ones",
+    )
+    a(
+        "--max-batches",
+        type=int,
+        help="at most N batches per epoch, in training and validation (smoke runs)",
+    )
     a("--task", choices=TASKS, help="train_eval, predict_on_valid or predict_on_test")
     a("--deterministic", action="store_true", help="use deterministic algorithms only")
     a(
@@ -321,9 +336,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 _DATA_DIR_ARGS = ("data_dir", "voc_dataset_dir", "root")
 
 
-def _dataset_params(dataset_path: str) -> set[str]:
-    cls = import_object(dataset_path, "dataset")
-    return set(inspect.signature(cls).parameters)
+def _params(path: str, what: str) -> set[str]:
+    """The constructor arguments of the dataset or model class at `path`."""
+    return set(inspect.signature(import_object(path, what)).parameters)
 
 
 def _parse_value(text: str) -> Any:
@@ -333,8 +348,17 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string
 
 
-def overrides_from_args(args: argparse.Namespace, dataset_path: str) -> dict[str, Any]:
-    """Dotted-key overrides from parsed flags; path flags are resolved against the cwd."""
+def overrides_from_args(
+    args: argparse.Namespace,
+    dataset_path: str,
+    model_path: str = ModelConfig.model,
+) -> dict[str, Any]:
+    """Dotted-key overrides from parsed flags; path flags are resolved against the cwd.
+
+    Flags that set a dataset or model argument (`--data-dir`, `--image-size`,
+    `--no-pretrained`, ...) check that the class takes it, so a flag never silently does
+    nothing.
+    """
     out: dict[str, Any] = {}
     simple = {
         "epochs": "train.epochs",
@@ -347,6 +371,7 @@ def overrides_from_args(args: argparse.Namespace, dataset_path: str) -> dict[str
         "experiment_name": "run.experiment_name",
         "run_name": "run.run_name",
         "task": "run.task",
+        "max_batches": "train.max_batches",
     }
     for attr, key in simple.items():
         if getattr(args, attr, None) is not None:
@@ -360,13 +385,14 @@ def overrides_from_args(args: argparse.Namespace, dataset_path: str) -> dict[str
         out["run.deterministic"] = True
     for flag, arg_names in [
         ("data_dir", _DATA_DIR_ARGS),
+        ("voc_dir", ("voc_dataset_dir",)),
         ("sbd_dir", ("sbd_dataset_dir",)),
         ("cache_dir", ("cache_dir",)),
     ]:
         value = getattr(args, flag, None)
         if not value:
             continue
-        params = _dataset_params(dataset_path)
+        params = _params(dataset_path, "dataset")
         target = next((p for p in arg_names if p in params), None)
         if target is None:
             raise ConfigError(
@@ -376,6 +402,33 @@ def overrides_from_args(args: argparse.Namespace, dataset_path: str) -> dict[str
         out[f"data.args.{target}"] = str(Path(value).expanduser().resolve())
     if getattr(args, "download", False):
         out["data.args.download"] = True
+    if getattr(args, "image_size", None) is not None:
+        # The dataset resizes to it and the model sizes its linear layer by it: set both.
+        targets = [
+            f"{section}.args.image_size"
+            for section, path, what in [
+                ("data", dataset_path, "dataset"),
+                ("model", model_path, "model"),
+            ]
+            if "image_size" in _params(path, what)
+        ]
+        if not targets:
+            raise ConfigError(
+                f"--image-size does not apply to {dataset_path} or {model_path}: neither takes "
+                "image_size."
+            )
+        out.update(dict.fromkeys(targets, args.image_size))
+    if getattr(args, "no_pretrained", False):
+        params = _params(model_path, "model")
+        if "vgginit" in params:
+            out["model.args.vgginit"] = "random"
+        elif "pretrained" in params:
+            out["model.args.pretrained"] = False
+        else:
+            raise ConfigError(
+                f"--no-pretrained does not apply to the model {model_path}, which takes neither "
+                "vgginit nor pretrained."
+            )
     for item in getattr(args, "set", []) or []:
         key, sep, text = item.partition("=")
         if not sep:
@@ -397,7 +450,8 @@ def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConf
     """`load` with the overrides given by the shared command-line flags."""
     tree = read_toml(path)
     dataset_path = tree.get("data", {}).get("dataset", DataConfig.dataset)
-    return load(path, overrides_from_args(args, dataset_path))
+    model_path = tree.get("model", {}).get("model", ModelConfig.model)
+    return load(path, overrides_from_args(args, dataset_path, model_path))
 
 
 def to_toml(config: ExperimentConfig) -> str:

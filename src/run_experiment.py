@@ -12,6 +12,7 @@ and their plots, predictions and per-class table are logged with the run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import random
@@ -206,6 +207,11 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def n_batches(loader: DataLoader, max_batches: int) -> int:
+    """Batches per pass: all of them, or at most `max_batches` when it is set (smoke runs)."""
+    return min(len(loader), max_batches) if max_batches else len(loader)
+
+
 def _progress(iterable, total: int, desc: str):
     from tqdm import tqdm
 
@@ -222,14 +228,16 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None,
     amp: str,
     desc: str,
+    max_batches: int = 0,
 ) -> dict[str, float]:
     """One pass over the training loader; returns loss, images/s and the data-wait share."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=prep.device)
     n_images, wait, start = 0, 0.0, time.perf_counter()
-    bar = _progress(loader, len(loader), desc)
+    steps = n_batches(loader, max_batches)
+    bar = _progress(loader, steps, desc)
     it = iter(bar)
-    for step in range(len(loader)):
+    for step in range(steps):
         t0 = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - t0
@@ -246,7 +254,7 @@ def train_one_epoch(
             optimizer.step()
         loss_sum += loss.detach().double() * len(y)
         n_images += len(y)
-        if step % 20 == 0 or step == len(loader) - 1:
+        if step % 20 == 0 or step == steps - 1:
             # Checking here, not every step, keeps the GPU from syncing on each batch.
             mean_loss = loss_sum.item() / n_images
             if not math.isfinite(mean_loss):
@@ -273,11 +281,13 @@ def predict(
     loss_fn,
     problem: str,
     amp: str,
+    max_batches: int = 0,
 ) -> dict[str, Any]:
     """Loss sum, probabilities, labels and image indices over a loader (this rank's share)."""
     model.eval()
     loss_sum, probs, labels, idx = 0.0, [], [], []
-    for batch in _progress(loader, len(loader), "eval"):
+    steps = n_batches(loader, max_batches)
+    for batch in _progress(itertools.islice(loader, steps), steps, "eval"):
         x, y = prep(batch)
         with autocast(prep.device, amp):
             logits = model(x)["out"].float()
@@ -482,14 +492,31 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
             train_loader.sampler.set_epoch(epoch)
             desc = f"epoch {epoch + 1}/{config.train.epochs}"
             stats = train_one_epoch(
-                train_net, train_loader, prep, loss_fn, optimizer, scaler, amp, desc
+                train_net,
+                train_loader,
+                prep,
+                loss_fn,
+                optimizer,
+                scaler,
+                amp,
+                desc,
+                config.train.max_batches,
             )
             loss_sum, images, wait, seconds = ddp.sum_across_ranks(
                 [stats["loss_sum"], stats["images"], stats["wait"], stats["seconds"]],
                 info,
             )
             val = gather_predictions(
-                predict(net, val_loader, prep, loss_fn, config.data.task, amp), info
+                predict(
+                    net,
+                    val_loader,
+                    prep,
+                    loss_fn,
+                    config.data.task,
+                    amp,
+                    config.train.max_batches,
+                ),
+                info,
             )
             metrics = {
                 "train_loss": loss_sum / max(1, images),
@@ -649,7 +676,9 @@ def _finish(
         if split == "train":
             continue
         loader = build_loader(ds, config, single, device, train=False)
-        pred = predict(model, loader, prep, loss_fn, config.data.task, amp)
+        pred = predict(
+            model, loader, prep, loss_fn, config.data.task, amp, config.train.max_batches
+        )
         metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.task, split)
         summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
         _write_outputs(tracker, results_dir, split, ds, pred, metrics)

@@ -329,7 +329,8 @@ def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullT
 
 
 def start_parent(config: ExperimentConfig, run_name: str, tags: dict[str, Any]) -> Tracker:
-    """A parent run that groups child runs (a grid or a set of seeds)."""
+    """A run in the config's experiment without the config's params: the parent that groups
+    child runs (a grid or a set of seeds), or a run that only holds pictures (Demo-0)."""
     uri = tracking_uri(config)
     check_server(uri)
     client = _client(uri)

@@ -129,3 +129,32 @@ def test_flat_and_toml_round_trip(tmp_path):
     again = cfg.load(_write(tmp_path, cfg.to_toml(c)))
     assert again == c
     assert c.replace(**{"run.seed": 5}).run.seed == 5
+
+
+def test_pascal_flags_set_dataset_and_model_arguments():
+    args = _parse(
+        ["--voc-dir", "v", "--image-size", "128", "--no-pretrained", "--max-batches", "3"]
+    )
+    demo3 = cfg.load_from_args(REPO / "experiments" / "demo3_vgg16_pascal.toml", args)
+    assert demo3.data.args["voc_dataset_dir"] == str(Path("v").resolve())
+    assert demo3.data.args["image_size"] == demo3.model.args["image_size"] == 128
+    assert demo3.model.args["pretrained"] is False  # VGG16 takes `pretrained`
+    assert demo3.train.max_batches == 3
+    demo4 = cfg.load_from_args(REPO / "experiments" / "demo4_vgg16customizable_pascal.toml", args)
+    assert demo4.model.args["vgginit"] == "random"  # VGG16Customizable takes `vgginit`
+    assert cfg.load(REPO / "experiments" / "demo3_vgg16_pascal.toml").train.max_batches == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image-size", "64"], "--image-size does not apply to"),
+        (["--no-pretrained"], "--no-pretrained does not apply to the model"),
+        (["--voc-dir", "x"], "--voc-dir does not apply to the dataset"),
+        (["--max-batches", "-1"], r"\[train\] max_batches must be 0"),
+    ],
+)
+def test_flags_that_do_not_apply_are_errors_not_silent(flags, message):
+    demo2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load_from_args(demo2, _parse(flags))

@@ -1,0 +1,191 @@
+"""Demo-0, Demo-3 and Demo-4 as a user runs them, against a tiny VOC + SBD tree on disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.pascal_fixtures import VOC_VAL, make_pascal_tree
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tree(tmp_path: Path):
+    return make_pascal_tree(tmp_path / "data")
+
+
+def demo(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id])
+
+
+def artifact_paths(uri: str, run_id: str, folder: str = "") -> list[str]:
+    client, out = MlflowClient(uri), []
+    for item in client.list_artifacts(run_id, folder or None):
+        out.extend(artifact_paths(uri, run_id, item.path) if item.is_dir else [item.path])
+    return sorted(out)
+
+
+def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(mlflow_uri, tree, tmp_path):
+    out = demo(
+        "Demo-0-Unit-Tests-and-Visualization.py",
+        [
+            "--voc-dir",
+            str(tree.voc_dir),
+            "--n-images",
+            "2",
+            "--image-size",
+            "32",
+            "--tests",
+            "tests/test_utils.py",
+            "--results-dir",
+            str(tmp_path / "r"),
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "7 passed" in out.stdout  # pytest ran the chosen test file
+    (run,) = runs_of(mlflow_uri, "Demo-0-Unit-Tests-and-Visualization")
+    assert run.info.status == "FINISHED"
+    val_ids = sorted(VOC_VAL)
+    expected = [f"voc_val/{i}{suffix}.png" for i in val_ids for suffix in ("", "_resampled_32")]
+    assert artifact_paths(mlflow_uri, run.info.run_id) == sorted(
+        ["augmentation_gallery.png", *expected]
+    )
+    folder = tmp_path / "r" / "Demo-0" / run.info.run_id
+    assert Image.open(folder / "voc_val" / f"{val_ids[0]}.png").format == "PNG"
+    # One row of images and one of masks per augmentation setting: 4 settings -> 8 rows.
+    gallery = Image.open(folder / "augmentation_gallery.png")
+    assert gallery.size[1] == int((1.9 * 2 * 4 + 0.4) * 100)
+    assert "skipped" not in out.stdout
+
+
+def test_demo0_without_voc_still_tests_and_draws_the_gallery_on_tinydata(mlflow_uri, tmp_path):
+    missing = tmp_path / "no_voc_here"
+    out = demo(
+        "Demo-0-Unit-Tests-and-Visualization.py",
+        ["--voc-dir", str(missing), "--tests", "tests/test_utils.py"]
+        + ["--results-dir", str(tmp_path / "r"), "--augment", "none", "flip"],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "7 passed" in out.stdout
+    assert f"skipped: the VOC pictures (PASCAL VOC 2012 folder not found at {missing}" in out.stdout
+    assert "gallery on TinyData" in out.stdout
+    (run,) = runs_of(mlflow_uri, "Demo-0-Unit-Tests-and-Visualization")
+    assert artifact_paths(mlflow_uri, run.info.run_id) == ["augmentation_gallery.png"]
+    # No masks for a TinyData image: one row per setting.
+    gallery = tmp_path / "r" / "Demo-0" / run.info.run_id / "augmentation_gallery.png"
+    assert Image.open(gallery).size[1] == int((1.9 * 2 + 0.4) * 100)
+
+
+def test_demo0_stops_when_a_unit_test_fails(mlflow_uri, tmp_path):
+    failing = tmp_path / "test_fails.py"
+    failing.write_text("def test_fails():\n    assert 1 == 2\n")
+    out = demo(
+        "Demo-0-Unit-Tests-and-Visualization.py",
+        ["--tests", str(failing), "--results-dir", str(tmp_path / "r")],
+        tmp_path,
+    )
+    assert out.returncode == 1
+    assert "error: the unit tests failed" in out.stderr
+    assert (
+        MlflowClient(mlflow_uri).get_experiment_by_name("Demo-0-Unit-Tests-and-Visualization")
+        is None
+    )
+
+
+SMOKE = ["--epochs", "1", "--batch-size", "2", "--max-batches", "2", "--image-size", "96"]
+SMOKE += ["--no-pretrained", "--num-workers", "0", "--device", "cpu"]
+
+
+def test_demo3_one_epoch_on_the_fixture_tree(mlflow_uri, tree, tmp_path):
+    out = demo(
+        "Demo-3-VGG16-PASCAL.py",
+        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
+        + ["--results-dir", str(tmp_path / "r")],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ui --backend-store-uri" in out.stdout
+    (run,) = runs_of(mlflow_uri, "Demo-3-VGG16-PASCAL")
+    assert run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["model.args.pretrained"] == "False"
+    assert params["data.args.image_size"] == params["model.args.image_size"] == "96"
+    assert params["train.max_batches"] == "2"
+    # 3 VOC train + 4 SBD train_noval - 2 ids in both = 5 training images, 2 val images.
+    assert (tags["data.train.count"], tags["data.val.count"]) == ("5", "2")
+    assert tags["data.train.duplicates_dropped"] == "2"
+    client = MlflowClient(mlflow_uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0]
+    # val = one bird image and one tv_monitor image: only these two classes have both a
+    # positive and a negative; every other class gets NaN, which is not logged.
+    assert {k for k in run.data.metrics if k.startswith("val_auroc/")} == {
+        "val_auroc/bird",
+        "val_auroc/tv_monitor",
+    }
+
+
+def test_demo3_pointed_at_a_missing_folder_says_so_in_one_line(mlflow_uri, tmp_path):
+    missing = tmp_path / "nowhere"
+    out = demo("Demo-3-VGG16-PASCAL.py", ["--voc-dir", str(missing), *SMOKE], tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: PASCAL VOC 2012 folder not found")
+    assert str(missing) in lines[0] and "data_README.md" in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_demo4_grid_of_random_init_children_under_one_parent(mlflow_uri, tree, tmp_path):
+    out = demo(
+        "Demo-4-VGG16Customizable-PASCAL.py",
+        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
+        + ["--results-dir", str(tmp_path / "r")],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ui --backend-store-uri" in out.stdout
+    runs = runs_of(mlflow_uri, "Demo-4-VGG16Customizable-PASCAL")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == [
+        "512to256to64_1x1-random",
+        "512to512_3x3-random",
+        "512to64_1x1-random",
+    ]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.data.params["model.args.vgginit"] for r in children} == {"random"}
+    assert artifact_paths(mlflow_uri, parents[0].info.run_id) == ["summary/children.csv"]
+    assert "best_val_auroc_mean.mean" in parents[0].data.metrics
+
+
+def test_demo4_no_pretrained_contradicting_vgginits_is_refused(mlflow_uri, tree, tmp_path):
+    out = demo(
+        "Demo-4-VGG16Customizable-PASCAL.py",
+        ["--voc-dir", str(tree.voc_dir), "--no-pretrained", "--vgginits", "pretrained"],
+        tmp_path,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "error: --no-pretrained and --vgginits pretrained contradict each other."
+    )
