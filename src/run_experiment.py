@@ -35,6 +35,7 @@ from src.config import (
     ConfigError,
     ExperimentConfig,
     add_config_flags,
+    flatten,
     import_object,
     load_from_args,
 )
@@ -122,6 +123,17 @@ def build_model(config: ExperimentConfig) -> nn.Module:
         return cls(**config.model.args)
     except TypeError as e:
         raise ConfigError(f"[model.args] do not fit {config.model.model}: {e}.") from None
+
+
+def check_outputs(model: nn.Module, label_meanings: list[str], config: ExperimentConfig) -> None:
+    """ConfigError when the model's last linear layer has another width than the labels."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linear and linear[-1].out_features != len(label_meanings):
+        raise ConfigError(
+            f"The model {config.model.model} has {linear[-1].out_features} outputs but the "
+            f"dataset has {len(label_meanings)} labels; set [model.args] n_outputs = "
+            f"{len(label_meanings)}."
+        )
 
 
 def build_loader(
@@ -370,14 +382,39 @@ def _check_resume_state(state: dict[str, Any], config: ExperimentConfig, path: P
             f"{path} is not a resumable checkpoint (a run's last.pt); pass the run's results "
             "folder or its last.pt."
         )
-    saved = state.get("config", {})
-    for key in ("run.experiment_name", "data.dataset", "model.model"):
-        section, name = key.split(".")
-        if saved.get(section, {}).get(name) != getattr(getattr(config, section), name):
+    saved_name = state.get("config", {}).get("run", {}).get("experiment_name")
+    if saved_name != config.run.experiment_name:
+        raise ckpt_io.CheckpointError(
+            f"{path} is a checkpoint of another experiment ({saved_name!r}, the config says "
+            f"{config.run.experiment_name!r}); pass the config it was made with."
+        )
+    _check_same_experiment(
+        state, config, path, ("data", "model", "optimizer", "train"), tracking.RESUME_MAY_CHANGE
+    )
+
+
+def _check_same_experiment(
+    state: dict[str, Any],
+    config: ExperimentConfig,
+    path: Path,
+    sections: tuple[str, ...],
+    may_differ: tuple[str, ...] = (),
+) -> None:
+    """CheckpointError naming the first key of `sections` where `state` was made differently.
+
+    Resuming compares everything that shapes the training (not names, seeds or folders);
+    predicting compares the model, whose weights must fit.
+    """
+    saved = flatten(state.get("config", {}))
+    now = config.flat()
+    for key in sorted(set(saved) | set(now)):
+        if key.split(".")[0] not in sections or key in may_differ:
+            continue
+        if saved.get(key) != now.get(key):
             raise ckpt_io.CheckpointError(
-                f"{path} is a checkpoint of another experiment ({key} = "
-                f"{saved.get(section, {}).get(name)!r}, the config says "
-                f"{getattr(getattr(config, section), name)!r}); pass the config it was made with."
+                f"{path} does not fit this experiment: it was made with {key} = "
+                f"{saved.get(key)!r}, the config says {now.get(key)!r}; use the config and "
+                "flags of the run that wrote it."
             )
 
 
@@ -438,6 +475,7 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     amp = config.train.amp if device.type == "cuda" else "off"
 
     model = build_model(config).to(device)
+    check_outputs(model, label_meanings, config)
     if prep.memory_format == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
@@ -736,8 +774,10 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
     device = pick_device(config.run.device)
     seed_everything(config.run.seed)
     weights = ckpt_io.load_checkpoint(config.run.checkpoint, "best.pt")
+    _check_same_experiment(weights, config, Path(config.run.checkpoint), ("model",))
     ds = build_dataset(config, split)
     model = build_model(config).to(device)
+    check_outputs(model, list(ds.label_meanings), config)
     model.load_state_dict(weights["model"])
     prep = BatchPrep(ds, device, False)
     loss_fn = make_loss(config.data.task)
@@ -829,14 +869,22 @@ def main(
 
 def report(config: ExperimentConfig, result: RunResult) -> None:
     m = result.best_metrics
-    auroc = m.get("best_val_auroc_mean", math.nan)
-    print(
-        f"\nBest at epoch {result.best_epoch + 1} of {result.epochs_run} "
-        f"(MLflow step {result.best_epoch}): "
-        f"val_auroc_mean {auroc:.4f}, val_ap_mean {m.get('best_val_ap_mean', math.nan):.4f}"
-        + (" (stopped early)" if result.stopped_early else "")
-    )
-    print(f"Checkpoints: {result.results_dir}")
+    if config.run.task == "train_eval":
+        auroc, ap = m.get("best_val_auroc_mean", math.nan), m.get("best_val_ap_mean", math.nan)
+        print(
+            f"\nBest at epoch {result.best_epoch + 1} of {result.epochs_run} "
+            f"(MLflow step {result.best_epoch}): val_auroc_mean {auroc:.4f}, val_ap_mean {ap:.4f}"
+            + (" (stopped early)" if result.stopped_early else "")
+        )
+        print(f"Checkpoints: {result.results_dir}")
+    else:
+        split = "val" if config.run.task == "predict_on_valid" else "test"
+        auroc, ap = m.get(f"{split}_auroc_mean", math.nan), m.get(f"{split}_ap_mean", math.nan)
+        print(
+            f"\n{split} predictions of the weights of epoch {result.best_epoch + 1} "
+            f"({config.run.checkpoint}): {split}_auroc_mean {auroc:.4f}, {split}_ap_mean {ap:.4f}"
+        )
+        print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
     print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id))
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from src.checkpoint import CheckpointError
 from src.run_experiment import run
 from tests.test_run_experiment import DEMO2, REPO, all_series, tiny_config
 
@@ -197,6 +198,10 @@ BAD_INPUT = {
         lambda p: ["--task", "predict_on_test"],
         "use_test_set",
     ),
+    "n_outputs that does not fit the labels": (
+        lambda p: ["--set", "model.args.n_outputs=4"],
+        "n_outputs = 3",
+    ),
     "resume path that is no checkpoint": (
         lambda p: ["--resume", str(Path(p / "x.pt").write_text("x") and p / "x.pt")],
         "x.pt",
@@ -212,7 +217,13 @@ def test_bad_input_fails_in_one_clear_line(mlflow_uri, tmp_path, case):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert needle in lines[0]
-    assert all(r.info.status == "FAILED" for r in runs_of(mlflow_uri, "bad"))
+    # A corrupt image is found while training, after the run started; the rest before.
+    runs = runs_of(mlflow_uri, "bad")
+    assert len(runs) == (1 if case in RUN_STARTS_BEFORE_THE_ERROR else 0)
+    assert all(r.info.status == "FAILED" for r in runs)
+
+
+RUN_STARTS_BEFORE_THE_ERROR = {"corrupt png"}
 
 
 def test_resume_of_another_experiment_is_refused(mlflow_uri, tmp_path):
@@ -233,8 +244,20 @@ def test_resume_of_another_experiment_is_refused(mlflow_uri, tmp_path):
         cwd=tmp_path,
     )
     assert out.returncode == 2
-    assert "checkpoint of another experiment" in out.stderr and "model.model" in out.stderr
+    assert "does not fit this experiment" in out.stderr and "model.model" in out.stderr
     assert (first.results_dir / "last.pt").read_bytes() == before
+
+
+def test_resume_with_other_model_args_is_refused_and_keeps_the_checkpoint(mlflow_uri, tmp_path):
+    first = run(tiny_config(tmp_path, **{"train.epochs": 1}))
+    before = (first.results_dir / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"model\.args\.n_outputs = 3, the config says 4"):
+        run(
+            tiny_config(tmp_path, **{"train.epochs": 2, "model.args.n_outputs": 4}),
+            resume=first.results_dir,
+        )
+    assert (first.results_dir / "last.pt").read_bytes() == before
+    assert MlflowClient(mlflow_uri).get_run(first.run_id).info.status == "FINISHED"
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(mlflow_uri, tmp_path):

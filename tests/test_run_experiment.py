@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from src import config as cfg
+from src.checkpoint import CheckpointError
 from src.run_experiment import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,3 +131,61 @@ def test_demo_scripts_run(mlflow_uri, tmp_path, demo):
         [MlflowClient(mlflow_uri).get_experiment_by_name("demo-test").experiment_id]
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_predict_on_valid_and_test_reuse_the_best_weights(mlflow_uri, tmp_path):
+    trained = run(tiny_config(tmp_path, **{"run.use_test_set": True}))
+    client = MlflowClient(mlflow_uri)
+    best_val = client.get_run(trained.run_id).data.metrics["best_val_auroc_mean"]
+    best_test = client.get_run(trained.run_id).data.metrics["best_test_auroc_mean"]
+    for task, split, expected in [
+        ("predict_on_valid", "val", best_val),
+        ("predict_on_test", "test", best_test),
+    ]:
+        config = tiny_config(
+            tmp_path,
+            **{
+                "run.task": task,
+                "run.use_test_set": True,
+                "run.checkpoint": str(trained.results_dir),
+                "run.run_name": task,
+            },
+        )
+        result = run(config)
+        assert result.best_epoch == trained.best_epoch
+        # The same weights on the same split: the same figure as the training run's summary.
+        assert result.best_metrics[f"{split}_auroc_mean"] == pytest.approx(expected, abs=1e-12)
+        table = result.results_dir / "tables" / f"{split}_predictions.csv"
+        assert len(table.read_text().splitlines()) == 1 + 50
+        run_report(config, result)
+
+
+def run_report(config: cfg.ExperimentConfig, result) -> None:
+    import contextlib
+    import io
+
+    from src.run_experiment import report
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        report(config, result)
+    split = "val" if config.run.task == "predict_on_valid" else "test"
+    line = buffer.getvalue().strip().splitlines()[0]
+    assert f"{split}_auroc_mean {result.best_metrics[f'{split}_auroc_mean']:.4f}" in line
+    assert "nan" not in line
+
+
+def test_predict_with_weights_of_another_model_is_one_clear_error(mlflow_uri, tmp_path):
+    trained = run(tiny_config(tmp_path, **{"train.epochs": 1}))
+    config = tiny_config(
+        tmp_path,
+        **{
+            "run.task": "predict_on_valid",
+            "run.checkpoint": str(trained.results_dir),
+            "model.model": "models.custom_models_base:TinyConvWithoutSequential",
+        },
+    )
+    with pytest.raises(
+        CheckpointError, match=r"model\.model = 'models\.custom_models_base:TinyConv'"
+    ):
+        run(config)
