@@ -10,6 +10,13 @@
 The crop is taken from the full-resolution image and mask, and the label is recomputed
 from the cropped full-resolution mask (a crop can remove an object; resizing first could
 erase small ones). Flips keep the classes present, so the stored label still holds.
+
+From a cache of already resized images (`presized=True`, see pascal_cache.py) "none" and
+"flip" give exactly what they give from the files. A crop is then taken from the resized
+S x S image and mask and resized back to S x S, and its label comes from the cropped
+resized mask, so an object that the first resize erased cannot count (the crop box is
+drawn for an S x S image, so the same seed crops differently than from the files).
+
 All randomness comes from torch's global RNG, which the DataLoader seeds per worker,
 so a seeded run draws the same augmentations.
 """
@@ -42,10 +49,12 @@ def check_augment(augment: str) -> str:
 class PascalAugment:
     """Resize (+ augment) one image and, optionally, its mask to `image_size` x `image_size`.
 
-    Call with image uint8 [3, H, W] and mask uint8 [H, W] (or None); returns
+    Call with image uint8 [3, H, W] (or [4, H, W], RGB + padding: see
+    custom_pascal.read_image) and mask uint8 [H, W] (or None); returns
     (image uint8 [3, S, S], mask uint8 [S, S] or None, label float32 [20] or None).
     The label is not None only when a crop was taken and a mask was given: it then
-    replaces the image's stored label.
+    replaces the image's stored label. `presized=True` says the inputs are already
+    S x S (from the cache): they are then only resized again after a crop.
     """
 
     def __init__(self, augment: str = "none", image_size: int = 320) -> None:
@@ -69,9 +78,11 @@ class PascalAugment:
         return self._crop is not None
 
     def __call__(
-        self, image: torch.Tensor, mask: torch.Tensor | None = None
+        self, image: torch.Tensor, mask: torch.Tensor | None = None, presized: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray | None]:
         label = None
+        if presized and tuple(image.shape[1:]) != tuple(self._size):
+            raise ValueError(f"presized image is {tuple(image.shape[1:])}, not {self._size}")
         if self._crop is not None:
             box = self._crop.make_params([image])  # draws from torch's RNG
             rows = slice(box["top"], box["top"] + box["height"])
@@ -80,10 +91,13 @@ class PascalAugment:
             if mask is not None:
                 mask = mask[rows, cols]
                 label = label_vector_from_mask(mask.numpy())
-        # uint8 resize: ~4x cheaper than resizing float, and antialiased.
-        image = F.resize(image, self._size, antialias=True)
-        if mask is not None:
-            mask = F.resize(mask[None], self._size, interpolation=v2.InterpolationMode.NEAREST)[0]
+        if not presized or self._crop is not None:
+            # uint8 resize: ~4x cheaper than resizing float, and antialiased.
+            image = F.resize(image, self._size, antialias=True)
+            if mask is not None:
+                nearest = v2.InterpolationMode.NEAREST
+                mask = F.resize(mask[None], self._size, interpolation=nearest)[0]
+        image = image[:3]  # drops a padding channel, if any
         if self._flip is not None:
             if mask is None:
                 image = self._flip(image)
