@@ -169,30 +169,3 @@ def builtin_config(
         "optimizer": {"name": "SGD", "lr": 1e-3, "momentum": 0.99, "weight_decay": 1e-7},
         "train": {"epochs": epochs, "patience": epochs},
     }
-
-
-def builtin_config_toml(
-    name: str, root: Path, results_dir: Path, epochs: int = 2, **data_args: Any
-) -> str:
-    """`builtin_config` as TOML text (to write next to a test and pass to a Demo or CLI)."""
-    lines: list[str] = []
-    tree = builtin_config(name, root, results_dir, epochs, **data_args)
-    for section, values in tree.items():
-        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items() if k not in tables]
-        for key, table in tables.items():
-            lines.append(f"[{section}.{key}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

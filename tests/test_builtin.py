@@ -20,7 +20,6 @@ from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from tests.builtin_fixtures import (
     CIFAR10_CLASSES,
     builtin_config,
-    builtin_config_toml,
     make_cifar10,
     write_mnist,
 )
@@ -394,6 +393,51 @@ def test_fixture_configs_are_valid_experiments(tmp_path, name):
     tree = builtin_config(name, tmp_path / "data", tmp_path / "results", epochs=1)
     c = cfg.from_dict(tree)
     assert c.data.args["name"] == name and c.train.epochs == 1
-    assert (
-        tomllib.loads(builtin_config_toml(name, tmp_path / "data", tmp_path / "results", 1)) == tree
+    assert cfg.from_dict(tomllib.loads(cfg.to_toml(c))) == c
+
+
+def test_mnist_experiment_from_the_command_line(mlflow_uri, mnist_root, tmp_path):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from src import config as cfg
+
+    root, _ = mnist_root
+    # TinyConv is built for 32 x 32 inputs: the dataset resizes MNIST's 28 x 28.
+    tree = builtin_config("MNIST", root, tmp_path / "results", epochs=2, image_size=32)
+    path = tmp_path / "mnist.toml"
+    path.write_text(cfg.to_toml(cfg.from_dict(tree)))
+    out = subprocess.run(
+        [sys.executable, "-m", "src.run_experiment", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
+    assert out.returncode == 0, out.stderr
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("builtin-mnist-test").experiment_id])
+    assert run.info.status == "FINISHED"
+    # 60 training images, val_fraction 0.1: 54 to train on, 6 to validate on.
+    assert (run.data.tags["data.train.count"], run.data.tags["data.val.count"]) == ("54", "6")
+    for key in ("val_accuracy", "val_auroc_mean", "train_loss", "val_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [0, 1], key
+    assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0
+
+
+def test_cifar10_experiment_runs_in_process(mlflow_uri, cifar10_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from src import config as cfg
+    from src.run_experiment import run
+
+    root, _ = cifar10_root  # the md5 patch reaches only this process: no subprocess here
+    result = run(cfg.from_dict(builtin_config("CIFAR10", root, tmp_path / "results")))
+    metrics = MlflowClient(mlflow_uri).get_run(result.run_id).data.metrics
+    assert result.epochs_run == 2
+    assert {"val_accuracy", "val_auroc_mean", "best_val_accuracy"} <= set(metrics)
+    per_class = {k for k in metrics if k.startswith("val_auroc/")}
+    assert per_class <= {f"val_auroc/{c}" for c in CIFAR10_CLASSES} and per_class
