@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vgginits", nargs="+", choices=VGGINITS, help="default: both")
     args = parser.parse_args(argv)
     try:
+        if args.resume or args.seeds:
+            flag = "--resume" if args.resume else "--seeds"
+            raise ConfigError(
+                f"{flag} does not apply to the Demo-4 grid; resume or repeat one cell with "
+                "Demo-3's script or `python -m src.run_experiment` on this Demo's TOML."
+            )
         config = load_from_args(args.config, args)
         vgginits = grid_vgginits(args.vgginits, args.no_pretrained)
         cells = [
@@ -52,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(tracking.ui_hint(tracking.tracking_uri(config), children[0].experiment_id))
+    if children and children[0].experiment_id:  # rank 0 (or no torchrun)
+        print(tracking.ui_hint(tracking.tracking_uri(config), children[0].experiment_id))
     return 0
 
 

@@ -30,6 +30,13 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """True outside torchrun and in its rank 0 (readable before the process group exists)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return True
+    return os.environ["RANK"] == "0"
+
+
 def init_distributed(use_cuda: bool) -> DistInfo:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -14,6 +14,7 @@ from typing import Any
 
 from src import tracking
 from src.config import ExperimentConfig
+from src.distributed import is_main_process
 from src.run_experiment import RunResult, run
 
 SUMMARY_KEYS = ("val_auroc_mean", "val_ap_mean")
@@ -30,13 +31,16 @@ def run_children(
     Returns the parent run id and the children's results. The parent ends FAILED (and the
     error propagates) if a child fails, KILLED on Ctrl-C.
     """
-    parent = tracking.start_parent(config, parent_name, parent_tags or {})
+    # Under torchrun every rank runs every child together; only rank 0 tracks and reports.
+    main = is_main_process()
+    parent = tracking.start_parent(config, parent_name, parent_tags or {}, enabled=main)
     results: list[RunResult] = []
     try:
         for name, overrides in children:
             child = config.replace(**{"run.run_name": name, **overrides})
             results.append(run(child, parent_run_id=parent.run_id))
-        _log_summary(parent, children, results)
+        if main:
+            _log_summary(parent, children, results)
         parent.end("FINISHED")
     except KeyboardInterrupt:
         parent.end("KILLED")

@@ -720,7 +720,9 @@ def _finish(
         metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.task, split)
         summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
         _write_outputs(tracker, results_dir, split, ds, pred, metrics)
-    tracker.log_epoch(summary, int(best["epoch"]))
+    # A run resumed to train longer whose best epoch did not change has logged this already.
+    if int(best["epoch"]) not in tracker.logged_steps("best_epoch"):
+        tracker.log_epoch(summary, int(best["epoch"]))
     curves = evaluate.plot_learning_curves(history, results_dir / "plots" / "learning_curves.png")
     tracker.log_artifact(curves, "plots")
     tracker.log_artifact(best_path, "model")

@@ -102,11 +102,26 @@ def git_state() -> dict[str, str]:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        status = git("status", "--porcelain", "--untracked-files=no")
+        # Untracked files count: a new dataset or model module not yet added changes the run.
+        status = git("status", "--porcelain", "--untracked-files=all")
         diff = git("diff", "HEAD") if status.strip() else ""
+        for path in git("ls-files", "--others", "--exclude-standard", "-z").split("\0"):
+            if path and (REPO_ROOT / path).is_file():
+                diff += _new_file_diff(path)
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": "unknown", "diff": ""}
     return {"commit": commit, "dirty": str(bool(status.strip())).lower(), "diff": diff}
+
+
+def _new_file_diff(path: str, max_bytes: int = 1_000_000) -> str:
+    """An untracked file as a git-style patch that adds it (a note when binary or large)."""
+    data = (REPO_ROOT / path).read_bytes()
+    header = f"diff --git a/{path} b/{path}\nnew file (untracked)\n"
+    if len(data) > max_bytes or b"\0" in data:
+        return header + f"# {len(data)} bytes, not shown\n"
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    body = "".join(f"+{line}\n" for line in lines)
+    return header + f"--- /dev/null\n+++ b/{path}\n@@ -0,0 +1,{len(lines)} @@\n" + body
 
 
 def package_versions() -> dict[str, str]:
@@ -118,8 +133,11 @@ def package_versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
-    out["cuda"] = torch.version.cuda or "none"
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    # What this torch was built for; "cuda"/"cudnn" only when a GPU is there to use them.
+    out["cuda_build"] = torch.version.cuda or "none"
+    gpu = torch.cuda.is_available()
+    out["cuda"] = (torch.version.cuda or "none") if gpu else "none"
+    cudnn = torch.backends.cudnn.version() if gpu and torch.backends.cudnn.is_available() else None
     out["cudnn"] = str(cudnn) if cudnn else "none"
     return out
 
@@ -328,9 +346,13 @@ def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullT
     return tracker
 
 
-def start_parent(config: ExperimentConfig, run_name: str, tags: dict[str, Any]) -> Tracker:
+def start_parent(
+    config: ExperimentConfig, run_name: str, tags: dict[str, Any], enabled: bool = True
+) -> NullTracker:
     """A run in the config's experiment without the config's params: the parent that groups
     child runs (a grid or a set of seeds), or a run that only holds pictures (Demo-0)."""
+    if not enabled:
+        return NullTracker()
     uri = tracking_uri(config)
     check_server(uri)
     client = _client(uri)

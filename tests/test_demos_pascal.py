@@ -189,3 +189,10 @@ def test_demo4_no_pretrained_contradicting_vgginits_is_refused(mlflow_uri, tree,
     assert out.stderr.strip() == (
         "error: --no-pretrained and --vgginits pretrained contradict each other."
     )
+
+
+@pytest.mark.parametrize("flags", [["--resume", "results/x"], ["--seeds", "0", "1"]])
+def test_demo4_refuses_flags_that_do_not_apply_to_a_grid(mlflow_uri, tmp_path, flags):
+    out = demo("Demo-4-VGG16Customizable-PASCAL.py", flags, tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: {flags[0]} does not apply to the Demo-4 grid")

@@ -99,3 +99,19 @@ def test_a_failing_child_fails_the_parent(mlflow_uri, tmp_path):
         [experiment.experiment_id], "attributes.run_name = 'broken-grid'"
     )
     assert parent.info.status == "FAILED"
+
+
+def test_only_rank_0_creates_the_parent_run(mlflow_uri, tmp_path, monkeypatch):
+    from src import tracking
+    from src.distributed import is_main_process
+
+    config = tiny_config(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not is_main_process()
+    assert tracking.start_parent(config, "p", {}, enabled=is_main_process()).run_id == ""
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("RANK", "1")
+    assert is_main_process()  # RANK alone is not a torchrun launch

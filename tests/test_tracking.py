@@ -90,3 +90,30 @@ def test_ui_hint_names_store_and_runs_table():
     assert tracking.ui_hint("http://srv:5000", "4") == (
         "Runs: http://srv:5000/#/experiments/4/runs?workflowType=machine_learning"
     )
+
+
+def test_git_state_counts_untracked_files_as_changes(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    monkeypatch.setattr(tracking, "REPO_ROOT", tmp_path)
+    assert tracking.git_state()["dirty"] == "false"
+    (tmp_path / "my_dataset.py").write_text("class MyData:\n    pass\n")
+    state = tracking.git_state()
+    assert state["dirty"] == "true"
+    assert "+++ b/my_dataset.py\n@@ -0,0 +1,2 @@\n+class MyData:\n+    pass\n" in state["diff"]
+
+
+def test_cuda_versions_are_none_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    versions = tracking.package_versions()
+    assert versions["cuda"] == versions["cudnn"] == "none"
+    assert versions["cuda_build"] == (torch.version.cuda or "none")
