@@ -11,7 +11,7 @@ and the command that opens the MLflow UI on it.
 import sys
 from pathlib import Path
 
-from src.run_experiment import main
+from src.cli import main
 
 if __name__ == "__main__":
     config = (

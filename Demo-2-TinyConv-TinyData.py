@@ -10,7 +10,7 @@ and the command that opens the MLflow UI on it.
 import sys
 from pathlib import Path
 
-from src.run_experiment import main
+from src.cli import main
 
 if __name__ == "__main__":
     config = Path(__file__).resolve().parent / "experiments" / "demo2_tinyconv_tinydata.toml"

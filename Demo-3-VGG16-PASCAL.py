@@ -11,7 +11,7 @@ weight decay 1e-7, batch 64, up to 100 epochs, patience 15). Data: data_README.m
 import sys
 from pathlib import Path
 
-from src.run_experiment import main
+from src.cli import main
 
 if __name__ == "__main__":
     config = Path(__file__).resolve().parent / "experiments" / "demo3_vgg16_pascal.toml"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from models.components import CONV_TYPES
 from src import tracking
+from src.cli import make_parser, one_line, user_errors
 from src.config import ConfigError, load_from_args
 from src.multirun import run_children
-from src.run_experiment import make_parser, one_line, user_errors
 
 VGGINITS = ("random", "pretrained")
 CONFIG = Path(__file__).resolve().parent / "experiments" / "demo4_vgg16customizable_pascal.toml"

@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table and where the CSV and plot went; 1 if no run matches, 2 user errors."""
     import pandas as pd
 
-    from src.run_experiment import USER_ERRORS, one_line
+    from src.cli import USER_ERRORS, one_line
 
     args = make_parser().parse_args(argv)
     try:

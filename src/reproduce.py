@@ -385,7 +385,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Reproduce, print the comparison; 0 reproduced, 1 different, 2 a user error."""
-    from src.run_experiment import one_line, user_errors
+    from src.cli import one_line, user_errors
 
     args = make_parser().parse_args(argv)
     try:

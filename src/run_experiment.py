@@ -7,48 +7,51 @@
 once, build the model, start (or resume) the MLflow run, then for each epoch train, validate,
 log, checkpoint and check early stopping. At the end the best weights are evaluated again
 and their plots, predictions and per-class table are logged with the run.
+
+The pieces it calls: `src/build.py` (seeds, device, datasets, model, loaders, optimizer),
+`src/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch_metrics`), `src/outputs.py`
+(what a finished run leaves) and `src/cli.py` (flags, one-line errors, the closing report).
 """
 
 from __future__ import annotations
 
-import argparse
-import itertools
 import math
-import os
-import random
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from src import checkpoint as ckpt_io
 from src import distributed as ddp
-from src import evaluate, tracking
+from src import tracking
+from src.build import (
+    build_dataset,
+    build_loader,
+    build_model,
+    build_optimizer,
+    check_outputs,
+    pick_device,
+    seed_everything,
+    set_determinism,
+)
 from src.config import (
     ConfigError,
     ExperimentConfig,
-    add_config_flags,
     flatten,
-    import_object,
-    load_from_args,
 )
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    ckpt_io.CheckpointError,
-    tracking.TrackingError,
+from src.loop import (
+    BatchPrep,
+    NonFiniteLossError,
+    epoch_metrics,
+    gather_predictions,
+    make_loss,
+    predict,
+    train_one_epoch,
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+from src.outputs import log_best_outputs, write_split_outputs
 
 
 @dataclass
@@ -60,299 +63,6 @@ class RunResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     epochs_run: int = 0
     stopped_early: bool = False
-
-
-# ------------------------------------------------------------------ set-up
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices). Loader workers are seeded in `_seed_worker`."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker as base_seed + worker_id; derive NumPy's and Python's from it.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def set_determinism(deterministic: bool, cudnn_benchmark: bool) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' = cuda > mps > cpu; under torchrun each process takes cuda:<local rank>."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device = {name!r} but CUDA is not available; use 'auto' or 'cpu'.")
-    return device
-
-
-def resolve_num_workers(value: int | str, local_world_size: int = 1) -> int:
-    """An int as given; 'auto' = the cores this process may run on, shared among local ranks."""
-    if value != "auto":
-        return int(value)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, local_world_size) - 1)
-
-
-def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
-    cls = import_object(config.data.dataset, "dataset")
-    try:
-        return cls(setname, **config.data.args)
-    except TypeError as e:
-        raise ConfigError(f"[data.args] do not fit {config.data.dataset}: {e}.") from None
-
-
-def build_model(config: ExperimentConfig) -> nn.Module:
-    cls = import_object(config.model.model, "model")
-    try:
-        return cls(**config.model.args)
-    except TypeError as e:
-        raise ConfigError(f"[model.args] do not fit {config.model.model}: {e}.") from None
-
-
-def check_outputs(model: nn.Module, label_meanings: list[str], config: ExperimentConfig) -> None:
-    """ConfigError when the model's last linear layer has another width than the labels."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linear and linear[-1].out_features != len(label_meanings):
-        raise ConfigError(
-            f"The model {config.model.model} has {linear[-1].out_features} outputs but the "
-            f"dataset has {len(label_meanings)} labels; set [model.args] n_outputs = "
-            f"{len(label_meanings)}."
-        )
-
-
-def build_loader(
-    dataset: Dataset,
-    config: ExperimentConfig,
-    info: ddp.DistInfo,
-    device: torch.device,
-    train: bool,
-) -> DataLoader:
-    """Training: shuffled per epoch by (seed, epoch), split across ranks, last partial batch
-    dropped. Evaluation: in order; under torchrun each rank takes every world_size-th sample
-    so the whole set is seen exactly once (no padding)."""
-    workers = resolve_num_workers(config.data.num_workers, info.local_world_size)
-    if train:
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=info.world_size,
-            rank=info.rank,
-            shuffle=True,
-            seed=config.run.seed,
-            drop_last=True,
-        )
-    else:
-        sampler = None
-        if info.enabled:
-            dataset = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    generator = torch.Generator()
-    generator.manual_seed(config.run.seed)
-    return DataLoader(
-        dataset,
-        batch_size=config.data.batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=train,
-        persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker,
-        generator=generator,
-    )
-
-
-# ------------------------------------------------------------------ one epoch
-
-
-class BatchPrep:
-    """Moves a batch to the device; uint8 images are scaled and normalized there."""
-
-    def __init__(self, dataset: Any, device: torch.device, channels_last: bool) -> None:
-        self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
-        mean_std = getattr(dataset, "mean_std", None)
-        self.mean = self.std = None
-        if mean_std is not None:
-            mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in mean_std)
-            self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = self.device.type == "cuda"
-        x = batch["data"].to(self.device, non_blocking=nb)
-        if x.dtype == torch.uint8:
-            if self.mean is None:
-                raise ConfigError("The dataset returns uint8 images but sets no mean_std.")
-            x = (x.float().div_(255) - self.mean) / self.std
-        x = x.contiguous(memory_format=self.memory_format)
-        return x, batch["label"].to(self.device, non_blocking=nb)
-
-
-def make_loss(problem: str) -> nn.Module:
-    if problem == "multiclass":
-        ce = nn.CrossEntropyLoss()
-        return lambda logits, labels: ce(logits, labels.argmax(1))  # type: ignore[return-value]
-    return nn.BCEWithLogitsLoss()
-
-
-def to_probs(logits: torch.Tensor, problem: str) -> torch.Tensor:
-    return logits.softmax(1) if problem == "multiclass" else logits.sigmoid()
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "off" or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def n_batches(loader: DataLoader, max_batches: int) -> int:
-    """Batches per pass: all of them, or at most `max_batches` when it is set (smoke runs)."""
-    return min(len(loader), max_batches) if max_batches else len(loader)
-
-
-def _progress(iterable, total: int, desc: str):
-    from tqdm import tqdm
-
-    # disable=None: a bar on a terminal, nothing when the output is a file or a pipe.
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    prep: BatchPrep,
-    loss_fn,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    amp: str,
-    desc: str,
-    max_batches: int = 0,
-) -> dict[str, float]:
-    """One pass over the training loader; returns loss, images/s and the data-wait share."""
-    model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=prep.device)
-    n_images, wait, start = 0, 0.0, time.perf_counter()
-    steps = n_batches(loader, max_batches)
-    bar = _progress(loader, steps, desc)
-    it = iter(bar)
-    for step in range(steps):
-        t0 = time.perf_counter()
-        batch = next(it)
-        wait += time.perf_counter() - t0
-        x, y = prep(batch)
-        with autocast(prep.device, amp):
-            loss = loss_fn(model(x)["out"].float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        loss_sum += loss.detach().double() * len(y)
-        n_images += len(y)
-        if step % 20 == 0 or step == steps - 1:
-            # Checking here, not every step, keeps the GPU from syncing on each batch.
-            mean_loss = loss_sum.item() / n_images
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(f"the training loss became {mean_loss} at step {step}")
-            bar.set_postfix(
-                loss=f"{mean_loss:.4f}",
-                img_s=f"{n_images / (time.perf_counter() - start):.0f}",
-            )
-    bar.close()
-    elapsed = time.perf_counter() - start
-    return {
-        "loss_sum": loss_sum.item(),
-        "images": n_images,
-        "seconds": elapsed,
-        "wait": wait,
-    }
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    prep: BatchPrep,
-    loss_fn,
-    problem: str,
-    amp: str,
-    max_batches: int = 0,
-) -> dict[str, Any]:
-    """Loss sum, probabilities, labels and image indices over a loader (this rank's share)."""
-    model.eval()
-    loss_sum, probs, labels, idx = 0.0, [], [], []
-    steps = n_batches(loader, max_batches)
-    for batch in _progress(itertools.islice(loader, steps), steps, "eval"):
-        x, y = prep(batch)
-        with autocast(prep.device, amp):
-            logits = model(x)["out"].float()
-        loss_sum += float(loss_fn(logits, y)) * len(y)
-        probs.append(to_probs(logits, problem).cpu())
-        labels.append(y.cpu())
-        idx.append(batch["img_idx"].cpu())
-    cat = (lambda xs: torch.cat(xs).numpy()) if probs else (lambda xs: np.zeros((0, 0)))
-    return {
-        "loss_sum": loss_sum,
-        "probs": cat(probs),
-        "labels": cat(labels),
-        "idx": cat(idx),
-    }
-
-
-def gather_predictions(part: dict[str, Any], info: ddp.DistInfo) -> dict[str, Any]:
-    """Every rank's share joined and put back in dataset order."""
-    parts = [p for p in ddp.all_gather_objects(part, info) if len(p["idx"])]
-    idx = np.concatenate([p["idx"] for p in parts])
-    order = np.argsort(idx, kind="stable")
-    return {
-        "loss_sum": sum(p["loss_sum"] for p in parts),
-        "probs": np.concatenate([p["probs"] for p in parts])[order],
-        "labels": np.concatenate([p["labels"] for p in parts])[order],
-        "idx": idx[order],
-    }
-
-
-def epoch_metrics(pred: dict[str, Any], label_meanings: list[str], problem: str, prefix: str):
-    # Batch losses are means over their images, summed weighted by batch size: / n is the mean.
-    out = {f"{prefix}_loss": pred["loss_sum"] / max(1, len(pred["idx"]))}
-    for key, value in evaluate.compute_metrics(
-        pred["labels"], pred["probs"], label_meanings, problem
-    ).items():
-        out[f"{prefix}_{key}"] = value
-    return out
-
-
-# ------------------------------------------------------------------ the run
-
-
-def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
-    o = config.optimizer
-    if o.name == "SGD":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-        )
-    cls = torch.optim.Adam if o.name == "Adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
 def _uses_cuda(config: ExperimentConfig) -> bool:
@@ -598,7 +308,7 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
             bool(early["stopped"]),
         )
         if info.is_main:
-            result.best_metrics = _finish(
+            result.best_metrics = log_best_outputs(
                 config,
                 model,
                 datasets,
@@ -689,82 +399,6 @@ def _save_epoch(
     )
 
 
-def _finish(
-    config,
-    model,
-    datasets,
-    prep,
-    loss_fn,
-    amp,
-    device,
-    tracker,
-    results_dir,
-    history,
-    early,
-) -> dict[str, float]:
-    """Evaluate the best weights once more and log plots, predictions, tables and weights."""
-    best_path = results_dir / "best.pt"
-    if not best_path.is_file():
-        return {}
-    best = ckpt_io.load_checkpoint(best_path, "best.pt")
-    model.load_state_dict(best["model"])
-    summary: dict[str, float] = {"best_epoch": float(best["epoch"])}
-    single = ddp.DistInfo()
-    for split, ds in datasets.items():
-        if split == "train":
-            continue
-        loader = build_loader(ds, config, single, device, train=False)
-        pred = predict(
-            model, loader, prep, loss_fn, config.data.task, amp, config.train.max_batches
-        )
-        metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.task, split)
-        summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
-        _write_outputs(tracker, results_dir, split, ds, pred, metrics)
-    # A run resumed to train longer whose best epoch did not change has logged this already.
-    if int(best["epoch"]) not in tracker.logged_steps("best_epoch"):
-        tracker.log_epoch(summary, int(best["epoch"]))
-    curves = evaluate.plot_learning_curves(history, results_dir / "plots" / "learning_curves.png")
-    tracker.log_artifact(curves, "plots")
-    tracker.log_artifact(best_path, "model")
-    return summary
-
-
-def _write_outputs(tracker, results_dir: Path, split: str, ds, pred, metrics) -> None:
-    """ROC/PR plots, a predictions CSV and a per-class metrics CSV for one split."""
-    import pandas as pd
-
-    meanings = list(ds.label_meanings)
-    plots = evaluate.plot_roc_pr(
-        pred["labels"],
-        pred["probs"],
-        meanings,
-        results_dir / "plots" / split,
-        f"{split} (best epoch)",
-    )
-    for p in plots:
-        tracker.log_artifact(p, f"plots/{split}")
-    ids = getattr(ds, "image_ids", None)
-    names = [ids[i] if ids is not None else str(i) for i in pred["idx"].astype(int)]
-    table = pd.DataFrame({"name": names})
-    for k, m in enumerate(meanings):
-        table[f"prob_{m}"] = pred["probs"][:, k]
-    for k, m in enumerate(meanings):
-        table[f"label_{m}"] = pred["labels"][:, k].astype(int)
-    (results_dir / "tables").mkdir(parents=True, exist_ok=True)
-    pred_csv = results_dir / "tables" / f"{split}_predictions.csv"
-    table.to_csv(pred_csv, index=False)
-    prefix = f"{split}_"
-    per_class = evaluate.per_class_table(
-        {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)},
-        pred["labels"],
-        meanings,
-    )
-    class_csv = results_dir / "tables" / f"{split}_per_class_metrics.csv"
-    per_class.to_csv(class_csv, index=False)
-    tracker.log_artifact(pred_csv, "tables")
-    tracker.log_artifact(class_csv, "tables")
-
-
 def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
     """predict_on_valid / predict_on_test: the weights of `run.checkpoint` on one split."""
     if not config.run.checkpoint:
@@ -790,7 +424,7 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
         pred = predict(model, loader, prep, loss_fn, config.data.task, "off")
         metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.task, split)
         tracker.log_epoch(metrics, 0)
-        _write_outputs(tracker, results_dir, split, ds, pred, metrics)
+        write_split_outputs(tracker, results_dir, split, ds, pred, metrics)
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("FAILED")
@@ -806,89 +440,7 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
     )
 
 
-# ------------------------------------------------------------------ command line
-
-
-def one_line(e: BaseException) -> str:
-    """The user-facing sentence of an error, also when re-raised from a loader worker."""
-    text = str(e)
-    if "Original Traceback" in text:  # DataLoader worker: the original message is last
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from load_dataset.errors import DataError
-
-    return (*USER_ERRORS, DataError, NonFiniteLossError)
-
-
-def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    if default_config is None:
-        parser.add_argument("config", help="experiment TOML file, e.g. experiments/demo2.toml")
-    else:
-        parser.add_argument("--config", default=default_config, help="experiment TOML file")
-    add_config_flags(parser)
-    parser.add_argument("--resume", metavar="PATH", help="a run's results folder or its last.pt")
-    parser.add_argument(
-        "--seeds",
-        nargs="+",
-        type=int,
-        metavar="SEED",
-        help="run once per seed, as child runs of one parent run with mean and std",
-    )
-    return parser
-
-
-def main(
-    argv: list[str] | None = None,
-    default_config: str | None = None,
-    description: str = __doc__.splitlines()[0],
-) -> int:
-    """Parse flags, run, print the outcome; user errors become one line and exit code 2."""
-    args = make_parser(default_config, description).parse_args(argv)
-    try:
-        config = load_from_args(args.config, args)
-        if args.seeds:
-            from src.multirun import run_seeds
-
-            if args.resume:
-                raise ConfigError("--seeds and --resume cannot be combined; resume one child run.")
-            run_seeds(config, args.seeds)
-            return 0
-        result = run(config, resume=args.resume)
-    except user_errors() as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    if result.results_dir is not None:
-        report(config, result)
-    return 0
-
-
-def report(config: ExperimentConfig, result: RunResult) -> None:
-    m = result.best_metrics
-    if config.run.task == "train_eval":
-        auroc, ap = m.get("best_val_auroc_mean", math.nan), m.get("best_val_ap_mean", math.nan)
-        print(
-            f"\nBest at epoch {result.best_epoch + 1} of {result.epochs_run} "
-            f"(MLflow step {result.best_epoch}): val_auroc_mean {auroc:.4f}, val_ap_mean {ap:.4f}"
-            + (" (stopped early)" if result.stopped_early else "")
-        )
-        print(f"Checkpoints: {result.results_dir}")
-    else:
-        split = "val" if config.run.task == "predict_on_valid" else "test"
-        auroc, ap = m.get(f"{split}_auroc_mean", math.nan), m.get(f"{split}_ap_mean", math.nan)
-        print(
-            f"\n{split} predictions of the weights of epoch {result.best_epoch + 1} "
-            f"({config.run.checkpoint}): {split}_auroc_mean {auroc:.4f}, {split}_ap_mean {ap:.4f}"
-        )
-        print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
-    print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id))
-
-
 if __name__ == "__main__":
+    from src.cli import main
+
     sys.exit(main())

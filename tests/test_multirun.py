@@ -77,7 +77,7 @@ def test_demo_cli_with_seeds(mlflow_uri, tmp_path, monkeypatch, capsys):
 
 
 def test_seeds_and_resume_cannot_be_combined(mlflow_uri, tmp_path, capsys):
-    from src.run_experiment import main
+    from src.cli import main
 
     argv = ["--seeds", "0", "1", "--resume", str(tmp_path), "--results-dir", str(tmp_path)]
     assert (

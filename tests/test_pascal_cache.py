@@ -19,7 +19,7 @@ from load_dataset.pascal_augment import PascalAugment
 from load_dataset.pascal_cache import CacheWarning
 from load_dataset.pascal_labels import label_vector_from_mask
 from load_dataset.utils import IMAGENET_STD, to_tensor_and_normalize
-from src.run_experiment import BatchPrep
+from src.loop import BatchPrep
 from tests.pascal_fixtures import ONE_PIXEL, make_pascal_tree, write_voc_mask
 
 BOTTLE, COW, DOG = 4, 9, 11  # positions in the 20-vector

@@ -164,7 +164,7 @@ def run_report(config: cfg.ExperimentConfig, result) -> None:
     import contextlib
     import io
 
-    from src.run_experiment import report
+    from src.cli import report
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

@@ -1,0 +1,188 @@
+"""One epoch: batches to the device, the training pass, predictions and their metrics.
+
+The names follow torchvision's reference scripts: `train_one_epoch`, then `predict` on the
+validation loader and `epoch_metrics` on what it returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from src import distributed as ddp
+from src import evaluate
+from src.config import (
+    ConfigError,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class BatchPrep:
+    """Moves a batch to the device; uint8 images are scaled and normalized there."""
+
+    def __init__(self, dataset: Any, device: torch.device, channels_last: bool) -> None:
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        mean_std = getattr(dataset, "mean_std", None)
+        self.mean = self.std = None
+        if mean_std is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in mean_std)
+            self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = self.device.type == "cuda"
+        x = batch["data"].to(self.device, non_blocking=nb)
+        if x.dtype == torch.uint8:
+            if self.mean is None:
+                raise ConfigError("The dataset returns uint8 images but sets no mean_std.")
+            x = (x.float().div_(255) - self.mean) / self.std
+        x = x.contiguous(memory_format=self.memory_format)
+        return x, batch["label"].to(self.device, non_blocking=nb)
+
+
+def make_loss(problem: str) -> nn.Module:
+    if problem == "multiclass":
+        ce = nn.CrossEntropyLoss()
+        return lambda logits, labels: ce(logits, labels.argmax(1))  # type: ignore[return-value]
+    return nn.BCEWithLogitsLoss()
+
+
+def to_probs(logits: torch.Tensor, problem: str) -> torch.Tensor:
+    return logits.softmax(1) if problem == "multiclass" else logits.sigmoid()
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def n_batches(loader: DataLoader, max_batches: int) -> int:
+    """Batches per pass: all of them, or at most `max_batches` when it is set (smoke runs)."""
+    return min(len(loader), max_batches) if max_batches else len(loader)
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, nothing when the output is a file or a pipe.
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    prep: BatchPrep,
+    loss_fn,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    amp: str,
+    desc: str,
+    max_batches: int = 0,
+) -> dict[str, float]:
+    """One pass over the training loader; returns loss, images/s and the data-wait share."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=prep.device)
+    n_images, wait, start = 0, 0.0, time.perf_counter()
+    steps = n_batches(loader, max_batches)
+    bar = _progress(loader, steps, desc)
+    it = iter(bar)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = next(it)
+        wait += time.perf_counter() - t0
+        x, y = prep(batch)
+        with autocast(prep.device, amp):
+            loss = loss_fn(model(x)["out"].float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.detach().double() * len(y)
+        n_images += len(y)
+        if step % 20 == 0 or step == steps - 1:
+            # Checking here, not every step, keeps the GPU from syncing on each batch.
+            mean_loss = loss_sum.item() / n_images
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(f"the training loss became {mean_loss} at step {step}")
+            bar.set_postfix(
+                loss=f"{mean_loss:.4f}",
+                img_s=f"{n_images / (time.perf_counter() - start):.0f}",
+            )
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return {
+        "loss_sum": loss_sum.item(),
+        "images": n_images,
+        "seconds": elapsed,
+        "wait": wait,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    prep: BatchPrep,
+    loss_fn,
+    problem: str,
+    amp: str,
+    max_batches: int = 0,
+) -> dict[str, Any]:
+    """Loss sum, probabilities, labels and image indices over a loader (this rank's share)."""
+    model.eval()
+    loss_sum, probs, labels, idx = 0.0, [], [], []
+    steps = n_batches(loader, max_batches)
+    for batch in _progress(itertools.islice(loader, steps), steps, "eval"):
+        x, y = prep(batch)
+        with autocast(prep.device, amp):
+            logits = model(x)["out"].float()
+        loss_sum += float(loss_fn(logits, y)) * len(y)
+        probs.append(to_probs(logits, problem).cpu())
+        labels.append(y.cpu())
+        idx.append(batch["img_idx"].cpu())
+    cat = (lambda xs: torch.cat(xs).numpy()) if probs else (lambda xs: np.zeros((0, 0)))
+    return {
+        "loss_sum": loss_sum,
+        "probs": cat(probs),
+        "labels": cat(labels),
+        "idx": cat(idx),
+    }
+
+
+def gather_predictions(part: dict[str, Any], info: ddp.DistInfo) -> dict[str, Any]:
+    """Every rank's share joined and put back in dataset order."""
+    parts = [p for p in ddp.all_gather_objects(part, info) if len(p["idx"])]
+    idx = np.concatenate([p["idx"] for p in parts])
+    order = np.argsort(idx, kind="stable")
+    return {
+        "loss_sum": sum(p["loss_sum"] for p in parts),
+        "probs": np.concatenate([p["probs"] for p in parts])[order],
+        "labels": np.concatenate([p["labels"] for p in parts])[order],
+        "idx": idx[order],
+    }
+
+
+def epoch_metrics(pred: dict[str, Any], label_meanings: list[str], problem: str, prefix: str):
+    # Batch losses are means over their images, summed weighted by batch size: / n is the mean.
+    out = {f"{prefix}_loss": pred["loss_sum"] / max(1, len(pred["idx"]))}
+    for key, value in evaluate.compute_metrics(
+        pred["labels"], pred["probs"], label_meanings, problem
+    ).items():
+        out[f"{prefix}_{key}"] = value
+    return out
