@@ -231,11 +231,11 @@ def _legend_label(run: Any, varying: list[str], names: list[str]) -> str:
 
 def plot_curves(client: Any, runs: list[Any], metric: str, out_path: Path) -> Path | None:
     """One line per run: `metric` over the epochs. None when no run logged the metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from src.evaluate import pyplot, save_figure
+
+    plt = pyplot()
 
     varying = differing_params([r.data.params for r in runs])
     names = [r.info.run_name for r in runs]
@@ -257,12 +257,7 @@ def plot_curves(client: Any, runs: list[Any], metric: str, out_path: Path) -> Pa
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 @dataclass

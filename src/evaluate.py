@@ -90,13 +90,24 @@ def per_class_table(metrics: dict[str, float], labels: np.ndarray, label_meaning
     return pd.DataFrame(rows)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: plots go to files and never need a display."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out_path: str | Path) -> Path:
+    """Write `fig` as a PNG at `out_path` (folders made as needed) and close it."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    pyplot().close(fig)
+    return out_path
 
 
 def plot_roc_pr(
@@ -107,7 +118,7 @@ def plot_roc_pr(
     title: str,
 ) -> list[Path]:
     """ROC and precision-recall curves, one line per class, saved as roc.png and pr.png."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -131,17 +142,13 @@ def plot_roc_pr(
             ax.set(xlabel="recall", ylabel="precision")
         ax.set(title=f"{title}: {'ROC' if kind == 'roc' else 'precision-recall'}")
         ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "lower left")
-        fig.tight_layout()
-        path = out_dir / f"{kind}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"{kind}.png"))
     return paths
 
 
 def plot_learning_curves(history: list[dict[str, float]], out_path: Path) -> Path:
     """Loss and mean AUROC/AP per epoch from the loop's history (one dict per epoch)."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("train_loss", "val_loss"):
@@ -152,9 +159,4 @@ def plot_learning_curves(history: list[dict[str, float]], out_path: Path) -> Pat
         ax2.plot(epochs, [h.get(key, math.nan) for h in history], marker=".", label=key)
     ax2.set(xlabel="epoch", title="validation", ylim=(0, 1.02))
     ax2.legend()
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)

@@ -79,6 +79,8 @@ def run(
     """Run the experiment `config` (train_eval, predict_on_valid or predict_on_test)."""
     info = ddp.init_distributed(_uses_cuda(config))
     try:
+        if info.is_main:  # a server that is down: say so now, not after the data is read
+            tracking.check_server(tracking.tracking_uri(config))
         if config.run.task == "train_eval":
             return _train_eval(config, info, resume, parent_run_id, extra_tags)
         return _predict_only(config, info, parent_run_id)

@@ -270,6 +270,14 @@ def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
     )
 
 
+def _open_experiment(config: ExperimentConfig) -> tuple[Any, str, str]:
+    """(client, tracking URI, experiment id) of the config's experiment, created if new."""
+    uri = tracking_uri(config)
+    check_server(uri)
+    client = _client(uri)
+    return client, uri, get_or_create_experiment(client, uri, config.run.experiment_name)
+
+
 def start(
     config: ExperimentConfig,
     enabled: bool = True,
@@ -284,10 +292,7 @@ def start(
     """
     if not enabled:
         return NullTracker()
-    uri = tracking_uri(config)
-    check_server(uri)
-    client = _client(uri)
-    experiment_id = get_or_create_experiment(client, uri, config.run.experiment_name)
+    client, uri, experiment_id = _open_experiment(config)
     tags: dict[str, Any] = {
         "seed": config.run.seed,
         "deterministic": config.run.deterministic,
@@ -353,10 +358,7 @@ def start_parent(
     child runs (a grid or a set of seeds), or a run that only holds pictures (Demo-0)."""
     if not enabled:
         return NullTracker()
-    uri = tracking_uri(config)
-    check_server(uri)
-    client = _client(uri)
-    experiment_id = get_or_create_experiment(client, uri, config.run.experiment_name)
+    client, uri, experiment_id = _open_experiment(config)
     git = git_state()
     all_tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
     run = client.create_run(
