@@ -169,8 +169,22 @@ def code_warnings(client: Any, original: Any) -> list[str]:
     return out
 
 
-def run_warnings(original_tags: dict[str, str], new_tags: dict[str, str]) -> list[str]:
-    """Differences in data fingerprints and device between the original run and the new one."""
+def current_data_tags(config: cfg.ExperimentConfig) -> dict[str, str]:
+    """`data.<split>.fingerprint` and `.count` of the data as they are on disk now."""
+    from src.build import build_dataset
+
+    tags: dict[str, str] = {}
+    for split in ("train", "val", "test") if config.run.use_test_set else ("train", "val"):
+        ds = build_dataset(config, split)
+        if hasattr(ds, "image_ids") and hasattr(ds, "labels"):
+            fp = tracking.data_fingerprint(ds)
+            tags[f"data.{split}.fingerprint"] = fp["fingerprint"]
+            tags[f"data.{split}.count"] = str(fp["count"])
+    return tags
+
+
+def data_warnings(original_tags: dict[str, str], new_tags: dict[str, str]) -> list[str]:
+    """Splits whose data fingerprint differs between the original run and now."""
     out: list[str] = []
     for key in sorted(original_tags):
         if not (key.startswith("data.") and key.endswith(".fingerprint")):
@@ -184,6 +198,12 @@ def run_warnings(original_tags: dict[str, str], new_tags: dict[str, str]) -> lis
                 f"{new_tags.get(f'data.{split}.count', '?')} now); an image, its order or a "
                 "label changed."
             )
+    return out
+
+
+def device_warnings(original_tags: dict[str, str], new_tags: dict[str, str]) -> list[str]:
+    """A note when the original run and the reproduction ran on different devices."""
+    out: list[str] = []
     if original_tags.get("device") and original_tags.get("device") != new_tags.get("device"):
         out.append(
             f"the original run ran on {original_tags['device']}, the reproduction on "
@@ -323,6 +343,8 @@ def reproduce(
         changed = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
         warnings.append(f"the reproduction changes the original config: {changed}.")
     warnings += code_warnings(client, original)
+    # Before the run, which can take hours: data that changed since explain any difference.
+    warnings += data_warnings(original.data.tags, current_data_tags(config))
     for w in warnings:
         _warn(w)
 
@@ -330,7 +352,7 @@ def reproduce(
     new_tags = client.get_run(result.run_id).data.tags
     if "reproduces" not in new_tags:  # tasks that only predict may not pass extra tags on
         client.set_tag(result.run_id, "reproduces", run_id)
-    later = run_warnings(original.data.tags, new_tags)
+    later = device_warnings(original.data.tags, new_tags)
     for w in later:
         _warn(w)
     comparison = ComparisonResult(

@@ -151,6 +151,27 @@ def test_changed_config_code_and_data_fail_loudly(mlflow_uri, tmp_path, capsys):
     assert reproduction.data.tags["data.val.fingerprint"] == val_fingerprint
 
 
+def test_changed_data_is_named_before_the_reproduction_trains(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    import src.run_experiment
+
+    data_dir = copy_tiny_data(tmp_path)
+    config = tiny_config(tmp_path, **{"data.args.data_dir": str(data_dir), "train.epochs": 1})
+    original = run(config)
+    flip_first_train_label(data_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(src.run_experiment, "run", interrupted)
+    capsys.readouterr()
+    assert main([original.run_id]) == 130
+    err = capsys.readouterr().err
+    assert "warning: the train data differ from the original run's" in err
+    assert "the val data differ" not in err
+
+
 def test_tolerance_decides_the_exit_code():
     diffs = [
         MetricDiff("val_loss", 0, 0.5, 0.5),
