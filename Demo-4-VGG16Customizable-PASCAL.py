@@ -15,7 +15,8 @@ from pathlib import Path
 from models.components import CONV_TYPES
 from src import tracking
 from src.cli import make_parser, one_line, user_errors
-from src.config import ConfigError, load_from_args
+from src.config import ConfigError
+from src.flags import load_from_args
 from src.multirun import run_children
 
 VGGINITS = ("random", "pretrained")

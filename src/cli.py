@@ -9,12 +9,8 @@ import sys
 
 from src import checkpoint as ckpt_io
 from src import tracking
-from src.config import (
-    ConfigError,
-    ExperimentConfig,
-    add_config_flags,
-    load_from_args,
-)
+from src.config import ConfigError, ExperimentConfig
+from src.flags import add_config_flags, load_from_args
 from src.loop import NonFiniteLossError
 from src.run_experiment import RunResult, run
 

@@ -28,6 +28,7 @@ from typing import Any
 from src import config as cfg
 from src import tracking
 from src.compare_runs import CompareError, MetricDiff, compare_metrics, get_run, open_client
+from src.flags import overrides_from_args
 
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
@@ -122,7 +123,7 @@ def resumed_overrides(tags: dict[str, str]) -> dict[str, Any]:
     """Config keys a resume changed (tags `resumed.<key>`, e.g. more epochs) -> new values."""
     items = [f"{k[len('resumed.') :]}={v}" for k, v in tags.items() if k.startswith("resumed.")]
     # The shared flag parser turns KEY=VALUE items into typed dotted-key overrides.
-    return cfg.overrides_from_args(argparse.Namespace(set=items), "")
+    return overrides_from_args(argparse.Namespace(set=items), "")
 
 
 # ------------------------------------------------------------------ what may differ, and why
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = make_parser().parse_args(argv)
     try:
-        overrides = cfg.overrides_from_args(argparse.Namespace(set=args.set), "")
+        overrides = overrides_from_args(argparse.Namespace(set=args.set), "")
         result = reproduce(args.run_id, args.tolerance, args.tracking_uri, overrides or None)
     except (ReproduceError, CompareError, *user_errors()) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -8,15 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from load_dataset.custom_pascal import PascalVOC2012
 from load_dataset.make_synthetic_voc import SIZES, write_synthetic_voc
 from src import benchmark_loader as bench
-from src import config as cfg
-from src.compare_runs import WALL_CLOCK_METRICS
-from src.run_experiment import run
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = ["tutorial", "uncached", "cached", "decode"]
@@ -116,37 +112,3 @@ def test_synthetic_tree_is_a_voc_tree(tmp_path):
     again = write_synthetic_voc(tmp_path / "again", 3, 2)
     first = (root / "VOCdevkit/VOC2012/JPEGImages/2012_000004.jpg").read_bytes()
     assert (again / "VOCdevkit/VOC2012/JPEGImages/2012_000004.jpg").read_bytes() == first
-
-
-# ----------------------------------------------------------------- speed switches on the CPU
-
-
-def _tiny(tmp_path: Path, **overrides) -> cfg.ExperimentConfig:
-    base = {
-        "train.epochs": 2,
-        "train.patience": 0,
-        "run.results_dir": str(tmp_path / "results"),
-        "run.experiment_name": "speed-switches",
-        "run.device": "cpu",
-    }
-    return cfg.load(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", {**base, **overrides})
-
-
-def test_amp_and_channels_last_are_no_ops_on_the_cpu(mlflow_uri, tmp_path):
-    client = MlflowClient(mlflow_uri)
-    plain = run(_tiny(tmp_path, **{"run.run_name": "plain"}))
-    fast = run(
-        _tiny(
-            tmp_path, **{"run.run_name": "fast", "train.amp": "bf16", "train.channels_last": True}
-        )
-    )
-    assert client.get_run(fast.run_id).data.params["train.amp"] == "bf16"
-
-    def series(run_id: str) -> dict[str, list[tuple[int, float]]]:
-        metrics = client.get_run(run_id).data.metrics
-        keys = [k for k in metrics if k not in WALL_CLOCK_METRICS]  # timings differ per run
-        return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in keys}
-
-    a, b = series(plain.run_id), series(fast.run_id)
-    assert "val_auroc_mean" in a and len(a["train_loss"]) == 2
-    assert a == b  # bit for bit

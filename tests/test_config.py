@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from src import config as cfg
+from src import flags
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cfg.add_config_flags(parser)
+    flags.add_config_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -114,7 +115,7 @@ def test_flags_override_and_resolve_against_cwd(tmp_path, monkeypatch):
             "run.run_name=x y",
         ]
     )
-    c = cfg.load_from_args(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", args)
+    c = flags.load_from_args(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", args)
     assert c.train.epochs == 7 and c.optimizer.lr == 0.5 and c.data.num_workers == 2
     assert c.data.args["data_dir"] == str(tmp_path / "mydata")
     assert c.run.results_dir == str(tmp_path / "out")
@@ -135,18 +136,18 @@ def test_pascal_flags_set_dataset_and_model_arguments():
     args = _parse(
         ["--voc-dir", "v", "--image-size", "128", "--no-pretrained", "--max-batches", "3"]
     )
-    demo3 = cfg.load_from_args(REPO / "experiments" / "demo3_vgg16_pascal.toml", args)
+    demo3 = flags.load_from_args(REPO / "experiments" / "demo3_vgg16_pascal.toml", args)
     assert demo3.data.args["voc_dataset_dir"] == str(Path("v").resolve())
     assert demo3.data.args["image_size"] == demo3.model.args["image_size"] == 128
     assert demo3.model.args["pretrained"] is False  # VGG16 takes `pretrained`
     assert demo3.train.max_batches == 3
-    demo4 = cfg.load_from_args(REPO / "experiments" / "demo4_vgg16customizable_pascal.toml", args)
+    demo4 = flags.load_from_args(REPO / "experiments" / "demo4_vgg16customizable_pascal.toml", args)
     assert demo4.model.args["vgginit"] == "random"  # VGG16Customizable takes `vgginit`
     assert cfg.load(REPO / "experiments" / "demo3_vgg16_pascal.toml").train.max_batches == 0
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "argv, message",
     [
         (["--image-size", "64"], "--image-size does not apply to"),
         (["--no-pretrained"], "--no-pretrained does not apply to the model"),
@@ -154,7 +155,7 @@ def test_pascal_flags_set_dataset_and_model_arguments():
         (["--max-batches", "-1"], r"\[train\] max_batches must be 0"),
     ],
 )
-def test_flags_that_do_not_apply_are_errors_not_silent(flags, message):
+def test_flags_that_do_not_apply_are_errors_not_silent(argv, message):
     demo2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
     with pytest.raises(cfg.ConfigError, match=message):
-        cfg.load_from_args(demo2, _parse(flags))
+        flags.load_from_args(demo2, _parse(argv))

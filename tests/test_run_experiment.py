@@ -189,3 +189,14 @@ def test_predict_with_weights_of_another_model_is_one_clear_error(mlflow_uri, tm
         CheckpointError, match=r"model\.model = 'models\.custom_models_base:TinyConv'"
     ):
         run(config)
+
+
+def test_amp_and_channels_last_are_no_ops_on_the_cpu(mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    plain = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.run_name": "plain"}))
+    switches = {"train.amp": "bf16", "train.channels_last": True, "train.cudnn_benchmark": True}
+    fast = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.run_name": "fast", **switches}))
+    assert client.get_run(fast.run_id).data.params["train.amp"] == "bf16"
+    a, b = all_series(client, plain.run_id), all_series(client, fast.run_id)
+    assert "val_auroc_mean" in a and len(a["train_loss"]) == 2
+    assert a == b  # bit for bit
