@@ -130,6 +130,18 @@ def build_loader(
     )
 
 
+def build_scheduler(
+    config: ExperimentConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-epoch learning-rate schedule of [optimizer] scheduler, or None for "none"."""
+    o = config.optimizer
+    if o.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
+    if o.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
+    return None
+
+
 def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = config.optimizer
     if o.name == "SGD":

@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
 PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
+SCHEDULERS = ("none", "cosine", "step")
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,9 @@ class OptimizerConfig:
     lr: float = 1e-3
     momentum: float = 0.99
     weight_decay: float = 1e-7
+    scheduler: str = "none"  # "none", "cosine" (over train.epochs) or "step" (every step_size)
+    step_size: int = 30  # "step": epochs between learning-rate decays
+    gamma: float = 0.1  # "step": factor per decay
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,7 @@ def _check_choices(config: ExperimentConfig) -> None:
         ("data", "task", config.data.task, PROBLEMS),
         ("train", "amp", config.train.amp, AMP_MODES),
         ("optimizer", "name", config.optimizer.name, ("SGD", "Adam", "AdamW")),
+        ("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS),
     ]
     for section, key, value, allowed in choices:
         if value not in allowed:
@@ -227,6 +232,7 @@ def _check_choices(config: ExperimentConfig) -> None:
     for section, key, value in [
         ("data", "batch_size", config.data.batch_size),
         ("train", "epochs", config.train.epochs),
+        ("optimizer", "step_size", config.optimizer.step_size),
     ]:
         if value < 1:
             raise ConfigError(f"Config key [{section}] {key} must be at least 1, got {value}.")

@@ -32,6 +32,7 @@ from src.build import (
     build_loader,
     build_model,
     build_optimizer,
+    build_scheduler,
     check_outputs,
     pick_device,
     seed_everything,
@@ -191,6 +192,7 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     if prep.memory_format == torch.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     early = {
         "best_val_loss": math.inf,
@@ -203,6 +205,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         early, history, start_epoch = (
@@ -284,11 +288,14 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
                 config.train.patience and early["bad_epochs"] >= config.train.patience
             )
             history.append({"epoch": epoch, **metrics})
+            if scheduler is not None:
+                scheduler.step()  # after the epoch: the checkpoint holds the next epoch's lr
             if info.is_main:
                 _save_epoch(
                     results_dir,
                     model,
                     optimizer,
+                    scheduler,
                     scaler,
                     early,
                     history,
@@ -364,6 +371,7 @@ def _save_epoch(
     results_dir,
     model,
     optimizer,
+    scheduler,
     scaler,
     early,
     history,
@@ -389,6 +397,7 @@ def _save_epoch(
             "kind": "last",
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": epoch,
             "early_stopping": dict(early),

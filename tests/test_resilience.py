@@ -91,6 +91,23 @@ def test_resumed_run_equals_uninterrupted_run(mlflow_uri, tmp_path):
     assert client.get_run(part.run_id).data.tags["resumed.train.epochs"] == "4"
 
 
+def test_learning_rate_schedule_resumes_where_it_stopped(mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
+    step = {"optimizer.scheduler": "step", "optimizer.step_size": 1, "optimizer.gamma": 0.5}
+    full = run(tiny_config(tmp_path, **{**step, "train.epochs": 3, "run.run_name": "full"}))
+    part = run(tiny_config(tmp_path, **{**step, "train.epochs": 1, "run.run_name": "part"}))
+    run(
+        tiny_config(tmp_path, **{**step, "train.epochs": 3, "run.run_name": "part"}),
+        resume=part.results_dir,
+    )
+    lr = [(m.step, m.value) for m in client.get_metric_history(part.run_id, "lr")]
+    assert lr == [(0, 1e-3), (1, 5e-4), (2, 2.5e-4)]  # halved after every epoch
+    assert (
+        all_series(client, part.run_id)["train_loss"]
+        == all_series(client, full.run_id)["train_loss"]
+    )
+
+
 def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path):
     args = [
         "--epochs",
