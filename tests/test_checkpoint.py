@@ -54,3 +54,12 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(ck.CheckpointError, match="not a checkpoint written by this repository"):
         ck.load_checkpoint(other)
+
+
+def test_temporary_files_of_a_killed_write_are_swept(tmp_path):
+    stale = tmp_path / ".last.pt.abc123.tmp"  # what a SIGKILL during a write leaves
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".best.pt.xyz.tmp"  # another file's: not this write's business
+    other.write_bytes(b"x")
+    ck.save_atomic({"model": {}}, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.xyz.tmp", "last.pt"]
