@@ -117,13 +117,14 @@ def load_imagenet_features(features: nn.Sequential) -> None:
         if on_disk:
             message = (
                 f"The VGG-16 ImageNet weights {path.name} in {path.parent} cannot be read "
-                f"({reason}); delete the file to download it again, or use vgginit='random'."
+                f"({reason}); delete the file to download it again, or use vgginit='random' "
+                "(flag --no-pretrained)."
             )
         else:
             message = (
                 f"The VGG-16 ImageNet weights {path.name} are not in {path.parent} and could "
                 f"not be downloaded from {weights.url} ({reason}); put the file there, or use "
-                "vgginit='random'."
+                "vgginit='random' (flag --no-pretrained)."
             )
         raise PretrainedWeightsError(message) from None
     prefix = "features."
@@ -133,7 +134,8 @@ def load_imagenet_features(features: nn.Sequential) -> None:
     except RuntimeError as e:
         raise PretrainedWeightsError(
             f"{path} does not hold torchvision's VGG-16 feature weights "
-            f"({' '.join(str(e).split())[:200]}); delete it, or use vgginit='random'."
+            f"({' '.join(str(e).split())[:200]}); delete it, or use vgginit='random' "
+            "(flag --no-pretrained)."
         ) from None
 
 

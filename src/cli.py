@@ -32,8 +32,9 @@ def one_line(e: BaseException) -> str:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from load_dataset.errors import DataError
+    from models.custom_models_base import PretrainedWeightsError
 
-    return (*USER_ERRORS, DataError, NonFiniteLossError)
+    return (*USER_ERRORS, DataError, NonFiniteLossError, PretrainedWeightsError)
 
 
 def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:

@@ -196,3 +196,31 @@ def test_demo4_refuses_flags_that_do_not_apply_to_a_grid(mlflow_uri, tmp_path, f
     out = demo("Demo-4-VGG16Customizable-PASCAL.py", flags, tmp_path)
     assert out.returncode == 2
     assert out.stderr.startswith(f"error: {flags[0]} does not apply to the Demo-4 grid")
+
+
+def test_demo3_without_imagenet_weights_offline_says_where_to_put_them(mlflow_uri, tree, tmp_path):
+    import os
+
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch-home"),  # no weights file there
+        "https_proxy": "http://127.0.0.1:9",  # and no way to download it: refused at once
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
+    out = subprocess.run(
+        [sys.executable, str(REPO / "Demo-3-VGG16-PASCAL.py"), "--voc-dir", str(tree.voc_dir)]
+        + ["--sbd-dir", str(tree.sbd_dir)]
+        + ["--epochs", "1", "--max-batches", "1", "--image-size", "96"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: The VGG-16 ImageNet weights vgg16-397923af.pth are not in")
+    assert str(tmp_path / "torch-home" / "hub" / "checkpoints") in lines[0]
+    assert "--no-pretrained" in lines[0]
+    assert MlflowClient(mlflow_uri).get_experiment_by_name("Demo-3-VGG16-PASCAL") is None
