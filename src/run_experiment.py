@@ -337,7 +337,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
         tracker.end("KILLED")
         if info.is_main:
             print(
-                f"\nInterrupted. Resume with: --resume {results_dir}",
+                f"\nInterrupted; last.pt holds the last complete epoch. Resume with the same "
+                f"command and flags plus: --resume {results_dir}",
                 file=sys.stderr,
                 flush=True,
             )
