@@ -224,3 +224,34 @@ def test_demo3_without_imagenet_weights_offline_says_where_to_put_them(mlflow_ur
     assert str(tmp_path / "torch-home" / "hub" / "checkpoints") in lines[0]
     assert "--no-pretrained" in lines[0]
     assert MlflowClient(mlflow_uri).get_experiment_by_name("Demo-3-VGG16-PASCAL") is None
+
+
+@pytest.mark.parametrize("damage", ["truncated jpeg", "mask value 21"])
+def test_demo3_on_damaged_data_fails_in_one_line_naming_the_file(
+    mlflow_uri, tree, tmp_path, damage
+):
+    from tests.pascal_fixtures import write_voc_mask
+
+    if damage == "truncated jpeg":
+        path = tree.voc_image("2008_000003")
+        path.write_bytes(path.read_bytes()[:200])  # found when the image is read, mid-epoch
+    else:
+        path = tree.voc_mask("2008_000005")
+        mask = tree.voc_masks["2008_000005"].copy()
+        mask[0, 0] = 21  # found when the labels are computed, before the run starts
+        write_voc_mask(path, mask)
+    results = tmp_path / "r"
+    out = demo(
+        "Demo-3-VGG16-PASCAL.py",
+        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
+        + ["--max-batches", "10", "--results-dir", str(results)],
+        tmp_path,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], out.stderr
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("Demo-3-VGG16-PASCAL")
+    runs = [] if experiment is None else client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == (["FAILED"] if damage == "truncated jpeg" else [])
+    assert not list(results.glob("**/*.pt"))  # nothing was checkpointed, nothing half-written
