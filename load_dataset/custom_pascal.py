@@ -129,7 +129,7 @@ class PascalVOC2012(Dataset):
         voc_train = voc_entries(voc_root, "train")
         voc_val = voc_entries(voc_root, "val")
         sbd = []
-        if sbd_dataset_dir is not None:
+        if sbd_dataset_dir:  # None or "": VOC 2012 alone
             sbd = sbd_entries(find_sbd_root(sbd_dataset_dir, download=download))
         train, dropped = merge_by_id(voc_train, sbd)
         check_disjoint(train, voc_val)

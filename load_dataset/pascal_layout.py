@@ -101,7 +101,8 @@ def find_sbd_root(sbd_dataset_dir: str | os.PathLike, download: bool = False) ->
     if download and not half and not all((root / p).exists() for p in SBD_PARTS):
         download_sbd(root)
     if not root.is_dir():
-        raise _not_found("SBD folder", root, expected)
+        error = str(_not_found("SBD folder", root, expected)).rstrip(".")
+        raise DataError(f"{error}; or pass --sbd-dir '' to train on VOC 2012 alone.")
     nested = root / "benchmark_RELEASE" / "dataset"
     if not (root / "cls").is_dir() and nested.is_dir():
         raise DataError(

@@ -139,8 +139,10 @@ def overrides_from_args(
         ("cache_dir", ("cache_dir",)),
     ]:
         value = getattr(args, flag, None)
-        if not value:
+        if value is None:
             continue
+        # An empty value (--sbd-dir '') leaves that part out, where the dataset allows it.
+        path = str(Path(value).expanduser().resolve()) if value else ""
         params = _params(dataset_path, "dataset")
         target = next((p for p in arg_names if p in params), None)
         if target is None:
@@ -148,7 +150,7 @@ def overrides_from_args(
                 f"--{flag.replace('_', '-')} does not apply to the dataset {dataset_path}, "
                 f"which takes none of {', '.join(arg_names)}."
             )
-        out[f"data.args.{target}"] = str(Path(value).expanduser().resolve())
+        out[f"data.args.{target}"] = path
     if getattr(args, "download", False):
         out["data.args.download"] = True
     if getattr(args, "image_size", None) is not None:

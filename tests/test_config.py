@@ -159,3 +159,10 @@ def test_flags_that_do_not_apply_are_errors_not_silent(argv, message):
     demo2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
     with pytest.raises(cfg.ConfigError, match=message):
         flags.load_from_args(demo2, _parse(argv))
+
+
+def test_an_empty_sbd_dir_flag_leaves_sbd_out():
+    demo3 = REPO / "experiments" / "demo3_vgg16_pascal.toml"
+    assert flags.load_from_args(demo3, _parse(["--sbd-dir", ""])).data.args["sbd_dataset_dir"] == ""
+    default = flags.load_from_args(demo3, _parse([])).data.args["sbd_dataset_dir"]
+    assert default == str(REPO / "data" / "sbd")

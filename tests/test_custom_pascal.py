@@ -133,6 +133,15 @@ def test_without_sbd_train_is_voc_train(tree):
     ds = PascalVOC2012("train", tree.voc_dir, image_size=32)
     assert ds.image_ids == sorted(VOC_TRAIN)
     assert ds.source_counts == {"voc": 3, "sbd": 0, "duplicates_dropped": 0}
+    # "" (what --sbd-dir '' gives) also means VOC alone.
+    assert PascalVOC2012("train", tree.voc_dir, "", image_size=32).image_ids == ds.image_ids
+
+
+def test_missing_sbd_folder_says_how_to_do_without_it(tree, tmp_path):
+    with pytest.raises(DataError, match="SBD folder not found at .*no-sbd") as info:
+        PascalVOC2012("train", tree.voc_dir, tmp_path / "no-sbd", image_size=32)
+    assert str(info.value).endswith("or pass --sbd-dir '' to train on VOC 2012 alone.")
+    assert _alone(info.value)
 
 
 def test_val_is_voc_val_and_shares_no_id_with_train(tree):
