@@ -20,11 +20,9 @@ def log_best_outputs(
     prep,
     loss_fn,
     amp,
-    device,
     tracker,
     results_dir,
     history,
-    early,
 ) -> dict[str, float]:
     """Evaluate the best weights once more and log plots, predictions, tables and weights."""
     best_path = results_dir / "best.pt"
@@ -37,7 +35,7 @@ def log_best_outputs(
     for split, ds in datasets.items():
         if split == "train":
             continue
-        loader = build_loader(ds, config, single, device, train=False)
+        loader = build_loader(ds, config, single, prep.device, train=False)
         pred = predict(
             model, loader, prep, loss_fn, config.data.task, amp, config.train.max_batches
         )

@@ -324,11 +324,9 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
                 prep,
                 loss_fn,
                 amp,
-                device,
                 tracker,
                 results_dir,
                 history,
-                early,
             )
         ddp.barrier(info)
         tracker.end("FINISHED")
