@@ -4,8 +4,9 @@
     python Demo-0-Unit-Tests-and-Visualization.py --voc-dir /data/voc --n-images 8 --show
     python Demo-0-Unit-Tests-and-Visualization.py --tests tests/test_utils.py
 
-1. Runs the unit tests of the label conversion, the data sets, the models and the metrics
-   through pytest (`--tests` picks other test files, `--skip-tests` none).
+1. Runs the tutorial's own unit tests, then those of the label conversion, the data sets,
+   the models and the metrics, through pytest (`--tests` picks other test files,
+   `--skip-tests` none).
 2. For the first `--n-images` VOC 2012 val images: the image, its coloured mask and its
    label names side by side, once at full resolution and once resampled to `--image-size`
    (as the models see them).
@@ -25,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 UNIT_TESTS = [
+    "tests/test_tutorial_unit_tests.py",
     "tests/test_utils.py",
     "tests/test_custom_tiny.py",
     "tests/test_custom_pascal.py",

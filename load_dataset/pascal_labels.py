@@ -109,13 +109,18 @@ def get_label_vector(mask: Image.Image | np.ndarray) -> list[int]:
     return [int(v) for v in label_vector_from_mask(mask, source)]
 
 
-def get_all_labels_string(label_vector: Sequence[float] | np.ndarray) -> str:
-    """The names of the classes present, e.g. 'bicycle, person'; '(no object)' when none."""
+def label_names(label_vector: Sequence[float] | np.ndarray) -> list[str]:
+    """The names of the classes set (> 0.5) in a 20-entry label vector, in class order."""
     values = np.asarray(label_vector).ravel()
     if values.size != N_CLASSES:
         raise ValueError(f"A PASCAL label vector has {N_CLASSES} entries, not {values.size}.")
-    names = [VOC_CLASSES[k] for k in np.flatnonzero(values > 0.5)]
-    return ", ".join(names) if names else "(no object)"
+    return [VOC_CLASSES[k] for k in np.flatnonzero(values > 0.5)]
+
+
+def get_all_labels_string(label_vector: Sequence[float] | np.ndarray) -> str:
+    """The tutorial's label string: the names of the classes present joined by one space,
+    e.g. 'bird boat sofa'; '' when the vector is all zeros."""
+    return " ".join(label_names(label_vector))
 
 
 def voc_colormap() -> np.ndarray:

@@ -18,10 +18,17 @@ from load_dataset.pascal_augment import PascalAugment, check_augment
 from load_dataset.pascal_labels import (
     VOC_CLASSES,
     colorize_mask,
-    get_all_labels_string,
+    label_names,
     label_vector_from_mask,
     voc_colormap,
 )
+
+
+def caption(label_vector: Sequence[float] | np.ndarray | torch.Tensor) -> str:
+    """A figure title for a 20-entry label vector: 'bicycle, person', or '(no object)'."""
+    if isinstance(label_vector, torch.Tensor):
+        label_vector = label_vector.detach().cpu().numpy()
+    return ", ".join(label_names(label_vector)) or "(no object)"
 
 
 def _to_rgb_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -97,7 +104,7 @@ def save_visualization(
     for ax in (left, right):
         ax.axis("off")
     _add_legend(fig, classes)
-    fig.suptitle(get_all_labels_string(label_vector))
+    fig.suptitle(caption(label_vector))
     return _finish(fig, out_path, show)
 
 
@@ -155,7 +162,7 @@ def build_augmentation_gallery(
                 ax.imshow(out.permute(1, 2, 0).numpy())
                 title = mode if c == 0 else ""
                 if base_label is not None:
-                    names = get_all_labels_string(base_label if label is None else label)
+                    names = caption(base_label if label is None else label)
                     title = f"{title}\n{names}" if title else names
                 ax.set_title(title, fontsize=7)
                 if out_mask is not None:

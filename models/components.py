@@ -1,7 +1,8 @@
 """Heads that sit on VGG-16 features ([B, 512, s, s]), chosen by `conv_type`, and their sizes.
 
 VGG-16's feature extractor halves the image side five times (floor), so a 320 x 320 image
-gives 512 x 10 x 10 features. The three heads of the tutorial:
+gives 512 x 10 x 10 features. The three heads of the tutorial (VGG16 has the first,
+VGG16Customizable any of them):
 
 | conv_type          | layers                                      | at 320: output, flattened |
 | ------------------ | ------------------------------------------- | ------------------------- |

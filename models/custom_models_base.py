@@ -7,7 +7,10 @@ to {'out': logits [B, n_outputs]}; the loss (sigmoid or softmax) is the training
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -147,6 +150,9 @@ class VGG16Customizable(nn.Module):
     -> {'out': [B, n_outputs]}. `vgginit` 'pretrained' loads torchvision's ImageNet weights
     into the features; 'random' initializes them as torchvision does. The head and the
     linear layer always start random. `image_size` must be the size of the images fed.
+
+    `load_state_dict` also takes the tutorial's state dicts and checkpoints (key names
+    translated by `state_dict_from_tutorial`).
     """
 
     def __init__(
@@ -167,6 +173,7 @@ class VGG16Customizable(nn.Module):
             load_imagenet_features(self.features)
         self.conv2d = make_head(conv_type)
         self.fc = nn.Linear(flattened_size(conv_type, self.image_size), n_outputs)
+        self.register_load_state_dict_pre_hook(_translate_tutorial_keys)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.shape[-2:] != (self.image_size, self.image_size):
@@ -180,16 +187,62 @@ class VGG16Customizable(nn.Module):
 
 
 class VGG16(VGG16Customizable):
-    """The tutorial's VGG16: ImageNet VGG-16 features, the 1x1 head '512to64_1x1', linear.
+    """The tutorial's VGG16: VGG-16 features, the head '512to256to64_1x1', one linear layer.
 
-    [B, 3, S, S] -> {'out': [B, n_outputs]}; 6400 features into the linear layer at S = 320.
-    `pretrained=False` starts the features random (no download).
+    [B, 3, S, S] -> features [B, 512, S//32, S//32] -> 1x1 conv 512->256, ReLU -> 1x1 conv
+    256->64, ReLU -> flatten (6400 at S = 320) -> {'out': [B, n_outputs]}: 14,990,484
+    parameters at S = 320 and 20 outputs. The same network as
+    VGG16Customizable(conv_type='512to256to64_1x1'). `pretrained=True` loads torchvision's
+    ImageNet weights into the features; `pretrained=False` starts them random (no download).
     """
 
     def __init__(self, n_outputs: int = 20, image_size: int = 320, pretrained: bool = True) -> None:
         super().__init__(
             n_outputs=n_outputs,
-            conv_type="512to64_1x1",
+            conv_type="512to256to64_1x1",
             vgginit="pretrained" if pretrained else "random",
             image_size=image_size,
         )
+
+
+# The tutorial's VGG models wrapped torchvision's `vgg16().features` in one more Sequential
+# (`features.0.<i>.*` where ours are `features.<i>.*`) and called the head `conv`.
+_TUTORIAL_FEATURES_KEY = re.compile(r"^features\.0\.(\d+\.)")
+
+
+def state_dict_from_tutorial(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A state dict saved by the tutorial's code, with the key names of these models.
+
+    `state` is a model's state dict, or the tutorial's checkpoint `{'params': state dict,
+    'optimizer': ...}` (only 'params' is kept). VGG16 / VGG16Customizable keys
+    `features.0.<i>.*` become `features.<i>.*` and `conv.<j>.*` become `conv2d.<j>.*`;
+    TinyConv and TinyConvWithoutSequential keys are already ours, and so are keys in our
+    naming: both pass unchanged. Tensors are not copied.
+    """
+    params = state.get("params")
+    if isinstance(params, Mapping):
+        state = params
+    # `conv.*` names the head of a VGG model, but the convolutions of TinyConv.
+    is_vgg = any(key.startswith("features.") for key in state)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = _TUTORIAL_FEATURES_KEY.sub(r"features.\1", key)
+        if is_vgg and key.startswith("conv."):
+            key = "conv2d." + key[len("conv.") :]
+        renamed[key] = value
+    return renamed
+
+
+def _translate_tutorial_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """load_state_dict pre-hook: renames this module's entries (those under `prefix`) in
+    place, so that `model.load_state_dict(tutorial_state)` needs no conversion first."""
+    own = [key for key in state_dict if key.startswith(prefix)]
+    local = {key[len(prefix) :]: state_dict[key] for key in own}
+    renamed = state_dict_from_tutorial(local)
+    if renamed.keys() == local.keys():
+        return
+    for key in own:
+        del state_dict[key]
+    state_dict.update({prefix + key: value for key, value in renamed.items()})

@@ -22,6 +22,7 @@ from load_dataset.custom_pascal import (
     voc_colormap,
 )
 from load_dataset.errors import DataError
+from load_dataset.pascal_visualize import caption
 from tests.pascal_fixtures import (
     ONE_PIXEL,
     SBD_TRAIN_NOVAL,
@@ -88,8 +89,11 @@ def test_label_names_string_and_colours():
     assert names[0] == "airplane" and names[10] == "dining_table" and names[19] == "tv_monitor"
     vector = [0] * 20
     vector[BICYCLE] = vector[PERSON] = 1
-    assert get_all_labels_string(vector) == "bicycle, person"
-    assert get_all_labels_string([0] * 20) == "(no object)"
+    # The tutorial's string: names joined by one space, '' for no object; figures caption.
+    assert get_all_labels_string(vector) == "bicycle person"
+    assert get_all_labels_string([0] * 20) == ""
+    assert caption(vector) == "bicycle, person"
+    assert caption(torch.zeros(20)) == "(no object)"
     cmap = voc_colormap()
     assert cmap.shape == (256, 3) and cmap.dtype == np.uint8
     assert cmap[0].tolist() == [0, 0, 0]

@@ -23,10 +23,15 @@ from models.custom_models_base import (
     TinyConvWithoutSequential,
     VGG16Customizable,
     imagenet_weights_path,
+    state_dict_from_tutorial,
     vgg16_features,
 )
 
 TINY_MODELS = (TinyConvWithoutSequential, TinyConv)
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("cls", TINY_MODELS)
@@ -36,7 +41,7 @@ def test_tiny_models_map_32x32_images_to_logits(cls):
     assert set(out) == {"out"}
     assert out["out"].shape == (2, 5)
     # conv 3->8 k3 (8*27+8) + conv 8->16 k3 (16*72+16) + linear 144->5 (144*5+5)
-    assert sum(p.numel() for p in model.parameters()) == 224 + 1168 + 725
+    assert n_parameters(model) == 224 + 1168 + 725
 
 
 def test_both_tiny_models_are_the_same_network():
@@ -105,13 +110,45 @@ def test_vgg16customizable_runs_on_the_smallest_images(conv_type):
     assert torch.isfinite(out).all()
 
 
-def test_vgg16_is_features_plus_the_512to64_head():
+def test_vgg16_is_features_plus_the_512to256to64_head():
     torch.manual_seed(0)
     model = VGG16(n_outputs=7, image_size=96, pretrained=False)
-    assert model.conv_type == "512to64_1x1" and model.vgginit == "random"
+    assert model.conv_type == "512to256to64_1x1" and model.vgginit == "random"
+    convs = [m for m in model.conv2d if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (512, 256, (1, 1)),
+        (256, 64, (1, 1)),
+    ]
     assert model.fc.in_features == 64 * 3 * 3
     with torch.no_grad():
         assert model(torch.randn(2, 3, 96, 96))["out"].shape == (2, 7)
+
+
+# Hand counts (weights out*in*k*k + biases out). VGG-16 features:
+#   3->64 1,792 | 64->64 36,928 | 64->128 73,856 | 128->128 147,584 | 128->256 295,168
+#   256->256 590,080 (x2) | 256->512 1,180,160 | 512->512 2,359,808 (x5)  = 14,714,688.
+# Heads: 512to256to64_1x1  (512*256+256) + (256*64+64) = 131,328 + 16,448 = 147,776
+#        512to64_1x1       512*64+64 = 32,832
+#        512to512_3x3      512*512*9+512 = 2,359,808
+# Linear at 320 px, 20 outputs: 1x1 heads 6400*20+20 = 128,020; 3x3 head 4608*20+20 = 92,180.
+def test_parameter_counts_at_the_tutorials_settings():
+    # TinyData, 3 outputs: conv 3->8 k3 (8*27+8 = 224) + conv 8->16 k3 (16*72+16 = 1,168)
+    # + linear 144->3 (144*3+3 = 435) = 1,827.
+    assert n_parameters(TinyConvWithoutSequential(n_outputs=3)) == 1_827
+    assert n_parameters(TinyConv(n_outputs=3)) == 1_827
+    with torch.device("meta"):  # counting needs shapes only
+        vgg16 = VGG16(n_outputs=20, image_size=320, pretrained=False)
+        customizable = {
+            conv_type: VGG16Customizable(20, conv_type, vgginit="random", image_size=320)
+            for conv_type in CONV_TYPES
+        }
+    assert n_parameters(vgg16.features) == 14_714_688
+    assert n_parameters(vgg16) == 14_990_484  # 14,714,688 + 147,776 + 128,020
+    assert {conv_type: n_parameters(m) for conv_type, m in customizable.items()} == {
+        "512to256to64_1x1": 14_990_484,  # the tutorial's VGG16
+        "512to64_1x1": 14_875_540,  # 14,714,688 + 32,832 + 128,020
+        "512to512_3x3": 17_166_676,  # 14,714,688 + 2,359,808 + 92,180
+    }
 
 
 @pytest.mark.parametrize("size", [95, 64, 32])
@@ -145,6 +182,122 @@ def test_state_dict_keys_match_torchvision_vgg16_features():
         theirs = torchvision.models.vgg16().features.state_dict()
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+# ----------------------------------------------------------------- the tutorial's checkpoints
+
+
+class TutorialVGG(torch.nn.Module):
+    """The tutorial's VGG16 layout: torchvision's features inside one more Sequential (its
+    `list(vgg16().children())[:-2]`), the head called `conv`, then `fc`."""
+
+    def __init__(self, n_outputs: int, image_size: int) -> None:
+        import torchvision
+
+        super().__init__()
+        with torch.device("meta"):  # skips initializing the 120M-parameter classifier
+            inner = torchvision.models.vgg16(weights=None).features
+        inner = inner.to_empty(device="cpu")
+        for layer in inner:
+            if isinstance(layer, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                torch.nn.init.normal_(layer.bias, std=0.01)
+        self.features = torch.nn.Sequential(inner)
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(512, 256, kernel_size=1),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(256, 64, kernel_size=1),
+            torch.nn.ReLU(inplace=True),
+        )
+        side = image_size // 32
+        self.fc = torch.nn.Linear(64 * side * side, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.conv(self.features(x))
+        return {"out": self.fc(torch.flatten(x, 1))}
+
+
+@pytest.fixture(scope="module")
+def tutorial_vgg() -> TutorialVGG:
+    torch.manual_seed(5)
+    return TutorialVGG(n_outputs=20, image_size=96).eval()
+
+
+def test_tutorial_vgg_keys_are_renamed_to_ours(tutorial_vgg: TutorialVGG):
+    theirs = tutorial_vgg.state_dict()
+    assert "features.0.28.bias" in theirs and "conv.2.weight" in theirs
+    with torch.device("meta"):
+        ours = VGG16(n_outputs=20, image_size=96, pretrained=False).state_dict()
+    renamed = state_dict_from_tutorial(theirs)
+    assert list(renamed) == list(ours)
+    assert renamed["features.28.bias"] is theirs["features.0.28.bias"]
+    assert renamed["conv2d.2.weight"] is theirs["conv.2.weight"]
+    # The tutorial's checkpoint form, and keys already in our naming, give the same dict.
+    assert state_dict_from_tutorial({"params": theirs, "optimizer": {}}) == renamed
+    assert state_dict_from_tutorial(renamed) == renamed
+
+
+def test_a_tutorial_vgg_state_dict_loads_into_vgg16(tutorial_vgg: TutorialVGG):
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = tutorial_vgg(x)["out"]
+    for state in (
+        tutorial_vgg.state_dict(),
+        {"params": tutorial_vgg.state_dict(), "optimizer": {}},
+    ):
+        torch.manual_seed(6)  # different random weights: equal outputs come from `state`
+        model = VGG16(n_outputs=20, image_size=96, pretrained=False).eval()
+        model.load_state_dict(state)  # strict: every key matched
+        with torch.no_grad():
+            torch.testing.assert_close(model(x)["out"], expected, rtol=0, atol=0)
+    customizable = VGG16Customizable(20, "512to256to64_1x1", vgginit="random", image_size=96)
+    customizable.load_state_dict(tutorial_vgg.state_dict())
+    # Inside a wrapper (as under DDP, prefix 'module.') the renaming still applies.
+    wrapper = torch.nn.ModuleDict({"module": VGG16(20, image_size=96, pretrained=False)})
+    wrapper.load_state_dict({f"module.{k}": v for k, v in tutorial_vgg.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper["module"](x)["out"], expected, rtol=0, atol=0)
+
+
+def test_a_state_dict_of_the_wrong_model_is_still_refused(tutorial_vgg: TutorialVGG):
+    model = VGG16Customizable(20, "512to64_1x1", vgginit="random", image_size=96)
+    with pytest.raises(RuntimeError, match="conv2d.2.weight"):
+        model.load_state_dict(tutorial_vgg.state_dict())
+
+
+class TutorialTinyConvWithoutSequential(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, kernel_size=3, stride=3)
+        self.relu = torch.nn.ReLU(inplace=True)  # one ReLU, used twice
+        self.conv2 = torch.nn.Conv2d(8, 16, kernel_size=3, stride=3)
+        self.fc = torch.nn.Linear(16 * 3 * 3, 3)
+
+
+class TutorialTinyConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, kernel_size=3, stride=3),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(8, 16, kernel_size=3, stride=3),
+            torch.nn.ReLU(inplace=True),
+        )
+        self.fc = torch.nn.Linear(16 * 3 * 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours"),
+    [(TutorialTinyConvWithoutSequential, TinyConvWithoutSequential), (TutorialTinyConv, TinyConv)],
+)
+def test_tutorial_tiny_model_state_dicts_load_unchanged(theirs, ours):
+    state = theirs().state_dict()
+    assert state_dict_from_tutorial(state) == dict(state)
+    assert state_dict_from_tutorial({"params": state, "optimizer": {}}) == dict(state)
+    model = ours(n_outputs=3)
+    model.load_state_dict(state_dict_from_tutorial({"params": state, "optimizer": {}}))
+    for key, value in state.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
 
 
 @pytest.fixture
