@@ -4,6 +4,7 @@ synthetic VOC writer, and the training loop's speed switches on the CPU."""
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,21 @@ from PIL import Image
 from load_dataset.custom_pascal import PascalVOC2012
 from load_dataset.make_synthetic_voc import SIZES, write_synthetic_voc
 from src import benchmark_loader as bench
+from tests.test_evaluate import png_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = ["tutorial", "uncached", "cached", "decode"]
+BAR_COLOURS = {"blue": (31, 119, 180), "grey": (127, 127, 127)}  # tab:blue, tab:gray
+
+
+def bar_colours_top_to_bottom(pixels: np.ndarray) -> list[str]:
+    """The bars' colours met going down one pixel column just right of where the horizontal
+    bars start (the leftmost blue pixel: the bars all start at the axes' left edge)."""
+    blue, grey = ((pixels == rgb).all(axis=-1) for rgb in BAR_COLOURS.values())
+    x = int(np.flatnonzero(blue.any(axis=0))[0]) + 2
+    column = np.where(blue[:, x], "blue", np.where(grey[:, x], "grey", ""))
+    # one entry per run of equal pixels at least 5 high (a bar, not an anti-aliased edge)
+    return [str(name) for name, run in itertools.groupby(column) if name and len(list(run)) >= 5]
 
 
 def test_synthetic_run_prints_every_row_and_writes_csv_and_png(tmp_path, capsys):
@@ -44,7 +57,10 @@ def test_synthetic_run_prints_every_row_and_writes_csv_and_png(tmp_path, capsys)
     assert [int(r["images"]) for r in rows] == [8, 8, 8, 8, 4, 4]
     assert all(float(r["images_per_s"]) > 0 for r in rows)
     assert float(rows[0]["x_tutorial"]) == 1.0
-    assert (out / "images_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # figsize (8, 0.45 * 6 rows + 1.4) at 120 dpi. One bar per row, top to bottom in the
+    # table's order: the four one-core pipelines in blue, then the two loader rows in grey.
+    pixels = png_pixels(out / "images_per_s.png", (960, 492))
+    assert bar_colours_top_to_bottom(pixels) == ["blue"] * 4 + ["grey"] * 2
 
 
 def test_cached_sweep_reads_the_cache(tmp_path, capsys):

@@ -12,9 +12,8 @@ from src import tracking
 from src.compare_runs import compare_metrics, differing_params, main
 from src.config import ExperimentConfig, RunConfig
 from src.run_experiment import run
+from tests.test_evaluate import TAB10, count_colour, png_pixels
 from tests.test_run_experiment import tiny_config
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_table_csv_and_plot_of_two_runs_with_different_lr(mlflow_uri, tmp_path, capsys):
@@ -61,8 +60,10 @@ def test_table_csv_and_plot_of_two_runs_with_different_lr(mlflow_uri, tmp_path, 
         assert int(row["best_epoch"]) == results[row["run_name"]].best_epoch
         for key in ("best_val_auroc_mean", "best_val_ap_mean", "best_val_loss"):
             assert float(row[key]) == pytest.approx(logged.metrics[key], rel=1e-12)
-    plot = out / "val_auroc_mean.png"
-    assert plot.read_bytes()[:8] == PNG_MAGIC and plot.stat().st_size > 5000
+    # figsize (8, 5) at 100 dpi; one line per run in the first two colours of the cycle.
+    pixels = png_pixels(out / "val_auroc_mean.png", (800, 500))
+    assert count_colour(pixels, TAB10["C0"]) > 100 and count_colour(pixels, TAB10["C1"]) > 100
+    assert count_colour(pixels, TAB10["C2"]) == 0  # two runs, no third line
 
     # An MLflow filter picks one run; the default folder is results/compare/<experiment>.
     assert main(["--experiment", "lr-pair", "--filter", "params.optimizer.lr = '0.01'",

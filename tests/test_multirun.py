@@ -101,17 +101,52 @@ def test_a_failing_child_fails_the_parent(mlflow_uri, tmp_path):
     assert parent.info.status == "FAILED"
 
 
-def test_only_rank_0_creates_the_parent_run(mlflow_uri, tmp_path, monkeypatch):
-    from src import tracking
-    from src.distributed import is_main_process
+def all_runs(client: MlflowClient) -> list:
+    """Every run in the store, in any experiment, deleted ones included."""
+    from mlflow.entities import ViewType
 
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    return list(
+        client.search_runs([e.experiment_id for e in experiments], run_view_type=ViewType.ALL)
+    )
+
+
+def test_only_rank_0_creates_the_parent_run(mlflow_uri, tmp_path, monkeypatch):
+    import src.multirun
+    from src.distributed import is_main_process
+    from src.run_experiment import RunResult
+
+    # Every rank runs every child; the real `run` would wait for the other torchrun ranks
+    # here, so a stand-in records what each child was given.
+    given_parents: list[str | None] = []
+
+    def fake_run(child, parent_run_id=None):
+        given_parents.append(parent_run_id)
+        metrics = {"best_val_auroc_mean": 0.5 + len(given_parents) / 10}
+        return RunResult(f"child-{len(given_parents)}", "", None, 1, metrics)
+
+    monkeypatch.setattr(src.multirun, "run", fake_run)
     config = tiny_config(tmp_path)
+    children = [("c0", {"run.seed": 0}), ("c1", {"run.seed": 1})]
+    client = MlflowClient(mlflow_uri)
+
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not is_main_process()
-    assert tracking.start_parent(config, "p", {}, enabled=is_main_process()).run_id == ""
+    parent_id, results = run_children(config, children, "p")
+    assert parent_id == "" and given_parents == ["", ""]
+    assert [r.run_id for r in results] == ["child-1", "child-2"]  # the children still ran
+    assert all_runs(client) == []  # rank 1 wrote no parent (and no summary) to the store
+
+    given_parents.clear()
     monkeypatch.setenv("RANK", "0")
     assert is_main_process()
+    parent_id, _ = run_children(config, children, "p")
+    (parent,) = all_runs(client)
+    assert parent.info.run_id == parent_id and given_parents == [parent_id, parent_id]
+    assert parent.info.run_name == "p" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_auroc_mean.mean"] == pytest.approx(0.65)
+
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("RANK", "1")
     assert is_main_process()  # RANK alone is not a torchrun launch
