@@ -86,17 +86,18 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
     m = result.best_metrics
     if config.run.task == "train_eval":
         auroc, ap = m.get("best_val_auroc_mean", math.nan), m.get("best_val_ap_mean", math.nan)
+        loss = m.get("best_val_loss", math.nan)
         print(
-            f"\nBest at epoch {result.best_epoch + 1} of {result.epochs_run} "
-            f"(MLflow step {result.best_epoch}): val_auroc_mean {auroc:.4f}, val_ap_mean {ap:.4f}"
+            f"\nBest epoch (lowest val_loss): {result.best_epoch} of {result.epochs_run}"
             + (" (stopped early)" if result.stopped_early else "")
+            + f": val_loss {loss:.4f}, val_auroc_mean {auroc:.4f}, val_ap_mean {ap:.4f}"
         )
         print(f"Checkpoints: {result.results_dir}")
     else:
         split = "val" if config.run.task == "predict_on_valid" else "test"
         auroc, ap = m.get(f"{split}_auroc_mean", math.nan), m.get(f"{split}_ap_mean", math.nan)
         print(
-            f"\n{split} predictions of the weights of epoch {result.best_epoch + 1} "
+            f"\n{split} predictions of the weights of epoch {result.best_epoch} "
             f"({config.run.checkpoint}): {split}_auroc_mean {auroc:.4f}, {split}_ap_mean {ap:.4f}"
         )
         print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")

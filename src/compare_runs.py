@@ -7,7 +7,7 @@
 One row per run: its name and id, status, the params whose values differ between the runs
 shown (the rest are equal, so they say nothing), and the best epoch with its metrics
 (`best_val_auroc_mean`, `best_val_ap_mean`, `best_val_loss`, ...); like every epoch in MLflow,
-`best_epoch` is the step, counted from 0. The table is printed and
+`best_epoch` is the step, counted from 1. The table is printed and
 written as `runs.csv`, and `val_auroc_mean.png` shows each run's curve over the epochs, in
 `results/compare/<experiment>/` unless --out says otherwise. `--filter` takes MLflow's search
 syntax (`params.<key>`, `metrics.<key>`, `tags.<key>`, `attributes.status`). Parent runs (of a
@@ -253,7 +253,7 @@ def plot_curves(client: Any, runs: list[Any], metric: str, out_path: Path) -> Pa
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="MLflow step (epoch - 1)", ylabel=metric, title=f"{metric} per epoch")
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
 PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULERS = ("none", "cosine", "step")
+# In a string of [data.args], replaced by the split's name ("train", "val", "test"); a dataset
+# whose arguments hold it is called without the split as first argument (ImageFolder).
+SETNAME_PLACEHOLDER = "{setname}"
 
 
 class ConfigError(ValueError):
@@ -229,6 +233,11 @@ def _check_choices(config: ExperimentConfig) -> None:
             raise ConfigError(
                 f"Config key [{section}] {key} = {value!r} is not one of {', '.join(allowed)}."
             )
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.run.device):
+        raise ConfigError(
+            f"Config key [run] device = {config.run.device!r} is not one of auto, cpu, cuda, "
+            "cuda:N (N = a GPU index), mps."
+        )
     for section, key, value in [
         ("data", "batch_size", config.data.batch_size),
         ("train", "epochs", config.train.epochs),
@@ -306,7 +315,7 @@ def to_toml(config: ExperimentConfig) -> str:
         lines.append("")
         for key, table in nested.items():
             lines.append(f"[{section}.{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
             lines.append("")
     return "\n".join(lines)
 
@@ -320,4 +329,12 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # e.g. a transform table inside [data.args]
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     raise ConfigError(f"Config value {value!r} cannot be written as TOML.")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)

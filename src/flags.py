@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from src.config import (
+    SETNAME_PLACEHOLDER,
     TASKS,
     ConfigError,
     DataConfig,
@@ -101,6 +102,7 @@ def overrides_from_args(
     args: argparse.Namespace,
     dataset_path: str,
     model_path: str = ModelConfig.model,
+    dataset_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Dotted-key overrides from parsed flags; path flags are resolved against the cwd.
 
@@ -109,6 +111,7 @@ def overrides_from_args(
     nothing.
     """
     out: dict[str, Any] = {}
+    dataset_args = dataset_args or {}
     simple = {
         "epochs": "train.epochs",
         "patience": "train.patience",
@@ -150,6 +153,8 @@ def overrides_from_args(
                 f"--{flag.replace('_', '-')} does not apply to the dataset {dataset_path}, "
                 f"which takes none of {', '.join(arg_names)}."
             )
+        if path and SETNAME_PLACEHOLDER in str(dataset_args.get(target, "")):
+            path = str(Path(path) / SETNAME_PLACEHOLDER)  # ImageFolder: a folder per split
         out[f"data.args.{target}"] = path
     if getattr(args, "download", False):
         out["data.args.download"] = True
@@ -193,4 +198,5 @@ def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConf
     tree = read_toml(path)
     dataset_path = tree.get("data", {}).get("dataset", DataConfig.dataset)
     model_path = tree.get("model", {}).get("model", ModelConfig.model)
-    return load(path, overrides_from_args(args, dataset_path, model_path))
+    dataset_args = tree.get("data", {}).get("args", {})
+    return load(path, overrides_from_args(args, dataset_path, model_path, dataset_args))

@@ -223,13 +223,13 @@ def _fmt(value: float | None) -> str:
 
 
 def _at(d: MetricDiff) -> str:
-    return f"epoch {d.step + 1} (step {d.step})"
+    return f"epoch {d.step}"
 
 
 def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
     """The comparison as text: per epoch, per metric, and the verdict.
 
-    Epochs count from 1 as in the training output; `step` is the MLflow step (epoch - 1).
+    Epochs count from 1, as in the training output and as MLflow's steps do.
     """
     lines = [f"\nOriginal run {result.original_run_id} vs reproduction {result.new_run_id}"]
     if not result.diffs:
@@ -243,14 +243,14 @@ def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
 
     lines.append("\nPer epoch (the largest |difference| over its metrics):")
     lines.append(
-        f"{'epoch':>5}  {'step':>4}  {'val_loss original':>17}  {'val_loss reproduced':>19}  "
+        f"{'epoch':>5}  {'val_loss original':>17}  {'val_loss reproduced':>19}  "
         f"{'metrics':>7}  {'max |diff|':>10}  worst metric"
     )
     for step, ds in sorted(by_step.items()):
         val = next((d for d in ds if d.key == "val_loss"), None)
         worst = max(ds, key=lambda d: d.abs_diff)
         lines.append(
-            f"{step + 1:>5}  {step:>4}  {_fmt(val.original if val else None):>17}  "
+            f"{step:>5}  {_fmt(val.original if val else None):>17}  "
             f"{_fmt(val.new if val else None):>19}  {len(ds):>7}  {_fmt(worst.abs_diff):>10}  "
             f"{worst.key if worst.abs_diff > 0 else '-'}"
         )
@@ -265,13 +265,10 @@ def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
 
     if every_row:
         lines.append("\nEvery metric at every epoch:")
-        lines.append(
-            f"{'metric':<{width}}  {'epoch':>5}  {'step':>4}  {'original':>12}  {'reproduced':>12}"
-        )
+        lines.append(f"{'metric':<{width}}  {'epoch':>5}  {'original':>12}  {'reproduced':>12}")
         for d in result.diffs:
             lines.append(
-                f"{d.key:<{width}}  {d.step + 1:>5}  {d.step:>4}  {_fmt(d.original):>12}  "
-                f"{_fmt(d.new):>12}"
+                f"{d.key:<{width}}  {d.step:>5}  {_fmt(d.original):>12}  {_fmt(d.new):>12}"
             )
 
     worst = result.worst

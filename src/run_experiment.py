@@ -15,7 +15,6 @@ The pieces it calls: `src/build.py` (seeds, device, datasets, model, loaders, op
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from src.config import (
     ExperimentConfig,
     flatten,
 )
+from src.early_stopping import early_stopping_state, improved_at_last_epoch
 from src.loop import (
     BatchPrep,
     NonFiniteLossError,
@@ -53,6 +53,10 @@ from src.loop import (
     train_one_epoch,
 )
 from src.outputs import log_best_outputs, write_split_outputs
+
+# Epochs are counted from 1 everywhere a person reads them: printed lines, MLflow steps,
+# best_epoch, plot axes, checkpoints. Checkpoints carry this to tell them from older ones.
+FIRST_EPOCH = 1
 
 
 @dataclass
@@ -94,6 +98,11 @@ def _check_resume_state(state: dict[str, Any], config: ExperimentConfig, path: P
         raise ckpt_io.CheckpointError(
             f"{path} is not a resumable checkpoint (a run's last.pt); pass the run's results "
             "folder or its last.pt."
+        )
+    if state.get("first_epoch") != FIRST_EPOCH:
+        raise ckpt_io.CheckpointError(
+            f"{path} was written by an earlier version of this repository that counted epochs "
+            "from 0; it cannot be resumed here. Start a new run (its best.pt still predicts)."
         )
     saved_name = state.get("config", {}).get("run", {}).get("experiment_name")
     if saved_name != config.run.experiment_name:
@@ -181,6 +190,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     label_meanings = list(datasets["train"].label_meanings)
     train_loader = build_loader(datasets["train"], config, info, device, train=True)
     val_loader = build_loader(datasets["val"], config, info, device, train=False)
+    if info.is_main:
+        _print_setup(device, datasets, config, info)
     prep = BatchPrep(
         datasets["train"], device, config.train.channels_last and device.type == "cuda"
     )
@@ -194,14 +205,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    early = {
-        "best_val_loss": math.inf,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "stopped": False,
-    }
     history: list[dict[str, float]] = []
-    start_epoch = 0
+    start_epoch = FIRST_EPOCH
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -209,12 +214,9 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
             scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        early, history, start_epoch = (
-            state["early_stopping"],
-            state["history"],
-            state["epoch"] + 1,
-        )
+        history, start_epoch = state["history"], state["epoch"] + 1
         ckpt_io.set_rng_state(state["rng"])
+    patience = config.train.patience
     net = torch.compile(model) if config.train.compile else model
     train_net = (
         nn.parallel.DistributedDataParallel(
@@ -240,11 +242,11 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
                 if h["epoch"] not in logged:
                     tracker.log_epoch(_metrics_of(h), int(h["epoch"]))
             print(f"Run {tracker.run_id}: results in {results_dir}", flush=True)
-        for epoch in range(start_epoch, config.train.epochs):
-            if early["stopped"]:
+        for epoch in range(start_epoch, config.train.epochs + 1):
+            if early_stopping_state(_val_losses(history), patience).stopped:
                 break
             train_loader.sampler.set_epoch(epoch)
-            desc = f"epoch {epoch + 1}/{config.train.epochs}"
+            desc = f"epoch {epoch}/{config.train.epochs}"
             stats = train_one_epoch(
                 train_net,
                 train_loader,
@@ -279,15 +281,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
                 "data_wait_fraction": wait / max(1e-9, seconds),
                 "lr": optimizer.param_groups[0]["lr"],
             }
-            improved = metrics["val_loss"] < early["best_val_loss"]
-            if improved:
-                early.update(best_val_loss=metrics["val_loss"], best_epoch=epoch, bad_epochs=0)
-            else:
-                early["bad_epochs"] += 1
-            early["stopped"] = bool(
-                config.train.patience and early["bad_epochs"] >= config.train.patience
-            )
             history.append({"epoch": epoch, **metrics})
+            improved = improved_at_last_epoch(_val_losses(history))
             if scheduler is not None:
                 scheduler.step()  # after the epoch: the checkpoint holds the next epoch's lr
             if info.is_main:
@@ -297,7 +292,6 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
                     optimizer,
                     scheduler,
                     scaler,
-                    early,
                     history,
                     epoch,
                     config,
@@ -307,14 +301,15 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
                 tracker.log_epoch(metrics, epoch)
                 _print_epoch(epoch, config.train.epochs, metrics, seconds / info.world_size)
         ddp.barrier(info)
+        early = early_stopping_state(_val_losses(history), patience)
         result = RunResult(
             tracker.run_id,
             tracker.experiment_id,
             results_dir if info.is_main else None,
-            int(early["best_epoch"]),
+            early.best_epoch,
             {},
             len(history),
-            bool(early["stopped"]),
+            early.stopped,
         )
         if info.is_main:
             result.best_metrics = log_best_outputs(
@@ -352,13 +347,31 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
         raise
 
 
+def _val_losses(history: list[dict[str, float]]) -> list[float]:
+    return [h["val_loss"] for h in history]
+
+
+def _print_setup(device: torch.device, datasets: dict[str, Any], config, info) -> None:
+    sizes = ", ".join(f"{split} {len(ds):,}" for split, ds in datasets.items())
+    procs = f" x {info.world_size} processes" if info.world_size > 1 else ""
+    print(f"Device: {_device_name(device)} ({device}){procs}. Images: {sizes}.", flush=True)
+    n_train = len(datasets["train"]) // info.world_size
+    if n_train < config.data.batch_size:
+        print(
+            f"Note: the training split ({n_train} images per process) is smaller than "
+            f"batch_size {config.data.batch_size}: each epoch trains on one batch of "
+            f"{n_train} images.",
+            flush=True,
+        )
+
+
 def _metrics_of(h: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in h.items() if k != "epoch"}
 
 
 def _print_epoch(epoch: int, epochs: int, m: dict[str, float], seconds: float) -> None:
     print(
-        f"epoch {epoch + 1:>3}/{epochs}  train_loss {m['train_loss']:.4f}  "
+        f"epoch {epoch:>3}/{epochs}  train_loss {m['train_loss']:.4f}  "
         f"val_loss {m['val_loss']:.4f}  val_auroc_mean {m['val_auroc_mean']:.4f}  "
         f"val_ap_mean {m['val_ap_mean']:.4f}  {m['train_images_per_s']:.0f} img/s  "
         f"{seconds:.1f} s",
@@ -372,17 +385,18 @@ def _save_epoch(
     optimizer,
     scheduler,
     scaler,
-    early,
     history,
     epoch,
     config,
     run_id,
     improved,
 ) -> None:
+    # Best epoch, bad epochs and "stopped" are not stored: they follow from the history.
     if improved:
         ckpt_io.save_atomic(
             {
                 "kind": "best",
+                "first_epoch": FIRST_EPOCH,
                 "model": model.state_dict(),
                 "epoch": epoch,
                 "config": config.to_dict(),
@@ -394,12 +408,12 @@ def _save_epoch(
     ckpt_io.save_atomic(
         {
             "kind": "last",
+            "first_epoch": FIRST_EPOCH,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": epoch,
-            "early_stopping": dict(early),
             "history": history,
             "rng": ckpt_io.rng_state(),
             "run_id": run_id,
@@ -407,6 +421,12 @@ def _save_epoch(
         },
         results_dir / "last.pt",
     )
+
+
+def weights_epoch(state: dict[str, Any]) -> int:
+    """The epoch (counted from 1) a checkpoint's weights come from, also in older checkpoints
+    that counted from 0."""
+    return int(state["epoch"]) + (0 if state.get("first_epoch") == FIRST_EPOCH else 1)
 
 
 def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
@@ -433,7 +453,7 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
         loader = build_loader(ds, config, ddp.DistInfo(), device, train=False)
         pred = predict(model, loader, prep, loss_fn, config.data.task, "off")
         metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.task, split)
-        tracker.log_epoch(metrics, 0)
+        tracker.log_epoch(metrics, weights_epoch(weights))
         write_split_outputs(tracker, results_dir, split, ds, pred, metrics)
         tracker.end("FINISHED")
     except BaseException:
@@ -443,7 +463,7 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
         tracker.run_id,
         tracker.experiment_id,
         results_dir,
-        int(weights["epoch"]),
+        weights_epoch(weights),
         metrics,
         0,
         False,

@@ -166,3 +166,43 @@ def test_an_empty_sbd_dir_flag_leaves_sbd_out():
     assert flags.load_from_args(demo3, _parse(["--sbd-dir", ""])).data.args["sbd_dataset_dir"] == ""
     default = flags.load_from_args(demo3, _parse([])).data.args["sbd_dataset_dir"]
     assert default == str(REPO / "data" / "sbd")
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_names_that_are_accepted(device):
+    assert cfg.load(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", {"run.device": device})
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", "tpu"])
+def test_other_device_names_are_one_line_naming_the_choices(device):
+    with pytest.raises(cfg.ConfigError, match="is not one of auto, cpu, cuda, cuda:N"):
+        cfg.load(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", {"run.device": device})
+
+
+def test_devices_this_machine_lacks_are_one_clear_error():
+    import torch
+
+    from src.build import pick_device
+    from src.config import ConfigError
+
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            pick_device("cuda:0")
+    else:
+        with pytest.raises(ConfigError, match="numbered from 0"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_a_transform_table_in_data_args_survives_the_stored_toml():
+    tomllib = cfg.tomllib  # tomli on Python 3.10
+
+    c = cfg.load(REPO / "experiments" / "imagefolder_tinyconv.toml")
+    transform = c.data.args["transform"]
+    assert transform["class"] == "torchvision.transforms:Compose"
+    assert transform["transforms"][0] == {
+        "class": "torchvision.transforms:Resize",
+        "size": [32, 32],
+    }
+    assert c.data.args["root"] == str(REPO / "data" / "my_images" / "{setname}")
+    assert cfg.from_dict(tomllib.loads(cfg.to_toml(c))) == c

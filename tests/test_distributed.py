@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.test_run_experiment import REPO, all_series
+
+pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
 
 DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from src import config as cfg
@@ -56,7 +57,7 @@ def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
     ]
     keys += [f"val_auroc/{label}" for label in LABELS] + [f"val_ap/{label}" for label in LABELS]
     for key in keys:
-        assert [s for s, _ in metric_series(client, result.run_id, key)] == [0, 1, 2], key
+        assert [s for s, _ in metric_series(client, result.run_id, key)] == [1, 2, 3], key
     params = runs[0].data.params
     assert params["model.model"] == "models.custom_models_base:TinyConv"
     assert params["train.epochs"] == "3"
@@ -86,13 +87,16 @@ def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
 
 
 def test_early_stopping_stops_after_patience(mlflow_uri, tmp_path):
-    # lr = 0: the weights never change, so val_loss improves only at epoch 0.
+    # lr = 0: the weights never change, so val_loss improves only at epoch 1 (the first).
     result = run(
         tiny_config(tmp_path, **{"optimizer.lr": 0.0, "train.epochs": 10, "train.patience": 2})
     )
     client = MlflowClient(mlflow_uri)
-    assert [s for s, _ in metric_series(client, result.run_id, "val_loss")] == [0, 1, 2]
-    assert result.stopped_early and result.best_epoch == 0 and result.epochs_run == 3
+    assert [s for s, _ in metric_series(client, result.run_id, "val_loss")] == [1, 2, 3]
+    assert result.stopped_early and result.best_epoch == 1 and result.epochs_run == 3
+    assert [s for s, _ in metric_series(client, result.run_id, "best_epoch")] == [1]
+    assert torch.load(result.results_dir / "last.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(result.results_dir / "best.pt", weights_only=True)["epoch"] == 1
 
 
 def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
@@ -105,6 +109,7 @@ def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
     assert all_series(client, other.run_id)["train_loss"] != a["train_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "demo", ["Demo-1-TinyConvWithoutSequential-TinyData.py", "Demo-2-TinyConv-TinyData.py"]
 )
@@ -200,3 +205,22 @@ def test_amp_and_channels_last_are_no_ops_on_the_cpu(mlflow_uri, tmp_path):
     a, b = all_series(client, plain.run_id), all_series(client, fast.run_id)
     assert "val_auroc_mean" in a and len(a["train_loss"]) == 2
     assert a == b  # bit for bit
+
+
+def test_epochs_count_from_1_in_every_place_a_person_reads_them(mlflow_uri, tmp_path, capsys):
+    from src.cli import report
+
+    config = tiny_config(tmp_path, **{"train.epochs": 3})
+    result = run(config)
+    client = MlflowClient(mlflow_uri)
+    val_loss = metric_series(client, result.run_id, "val_loss")
+    best = min(val_loss, key=lambda sv: sv[1])
+    # best_epoch is the epoch of the lowest val_loss, logged at that epoch's step.
+    assert result.best_epoch == best[0]
+    assert metric_series(client, result.run_id, "best_epoch") == [(best[0], float(best[0]))]
+    assert torch.load(result.results_dir / "best.pt", weights_only=True)["epoch"] == best[0]
+    out = capsys.readouterr().out
+    assert "epoch   1/3" in out and "epoch   3/3" in out and "epoch   0/" not in out
+    report(config, result)
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line.startswith(f"Best epoch (lowest val_loss): {best[0]} of 3: val_loss {best[1]:.4f}")

@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from src.run_experiment import run
 from tests.test_run_experiment import tiny_config
 
+pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -1,0 +1,203 @@
+"""The dataset contract, checked before any training: what a dataset must give the loop.
+
+A dataset built as `Cls(setname, **args)` (or `Cls(**args)` when an argument holds the
+placeholder `{setname}`, as torchvision's `ImageFolder(root=...)` wants) must have
+
+- `label_meanings`: a list of K label names (torchvision's `classes` is taken as well);
+- samples in one of two forms:
+  * this repository's dict: `{'data': Tensor[C,H,W], 'label': FloatTensor[K] multi-hot or an
+    int class, 'img_idx': int (optional: the sample's index is used)}`;
+  * torchvision's tuple: `(image Tensor[C,H,W], target)`, target an int class or a multi-hot
+    vector;
+- `mean_std` (per-channel mean and std in [0, 1] units) when its images are uint8, so the loop
+  can normalize them on the device.
+
+`checked_dataset` looks at the dataset and its first sample and either returns the dataset
+(already in the dict form), wraps it in `StandardSamples` (the other accepted forms), or
+raises a DataError naming the class, the split, what is wrong and what to add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from load_dataset.errors import DataError
+
+
+class StandardSamples(Dataset):
+    """A dataset whose samples are turned into `{'data', 'label': float [K], 'img_idx'}`.
+
+    Attributes of the wrapped dataset (`image_ids`, `labels`, `mean_std`, ...) are read
+    through; `label_meanings` is the wrapped one's, or its `classes`.
+    """
+
+    def __init__(self, dataset: Dataset, label_meanings: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.label_meanings = list(label_meanings)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        sample = self.dataset[idx]
+        if isinstance(sample, dict):
+            data, label = sample["data"], sample["label"]
+            img_idx = sample.get("img_idx", idx)
+        else:
+            data, label = sample[0], sample[1]
+            img_idx = idx
+        return {
+            "data": data,
+            "label": label_vector(label, len(self.label_meanings)),
+            "img_idx": int(img_idx),
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found here; "dataset" itself is excluded so that
+        # unpickling (in loader workers) does not recurse before it is set.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def label_vector(label: Any, n_labels: int) -> torch.Tensor:
+    """float32 [K]: a multi-hot vector as given, an integer class as a one-hot vector."""
+    if _is_class_index(label):
+        out = torch.zeros(n_labels, dtype=torch.float32)
+        out[int(label)] = 1.0
+        return out
+    return torch.as_tensor(np.asarray(label), dtype=torch.float32)
+
+
+def _is_class_index(label: Any) -> bool:
+    """An int (not a bool), or a 0-d integer tensor or array."""
+    if isinstance(label, (bool, np.bool_)):
+        return False
+    if isinstance(label, (int, np.integer)):
+        return True
+    if isinstance(label, torch.Tensor):
+        return label.ndim == 0 and not label.dtype.is_floating_point and label.dtype != torch.bool
+    return isinstance(label, np.ndarray) and label.ndim == 0 and label.dtype.kind in "iu"
+
+
+def checked_dataset(dataset: Any, name: str, split: str, problem: str) -> Dataset:
+    """`dataset` if it keeps the contract as it is, wrapped if it keeps it in another accepted
+    form; a DataError otherwise. `name` is its import path, `problem` the config's
+    'multilabel' or 'multiclass'."""
+    where = f"The dataset {name} ('{split}' split)"
+    meanings = _label_meanings(dataset, where)
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise DataError(f"{where} is not a map-style dataset; give it __len__ and __getitem__.")
+    if len(dataset) == 0:
+        raise DataError(f"{where} holds no samples; check the folder or split it reads.")
+    try:
+        sample = dataset[0]
+    except DataError:
+        raise
+    except Exception as e:  # a fork's bug: say where it happened, in one line
+        raise DataError(
+            f"{where} fails on its first sample: {type(e).__name__}: {' '.join(str(e).split())}."
+        ) from None
+    data, label, has_idx, form = _parts(sample, where)
+    _check_image(data, dataset, where)
+    class_index = _check_label(label, len(meanings), problem, where)
+    if form == "dict" and has_idx and not class_index and hasattr(dataset, "label_meanings"):
+        return dataset
+    return StandardSamples(dataset, meanings)
+
+
+def _label_meanings(dataset: Any, where: str) -> list[str]:
+    meanings = getattr(dataset, "label_meanings", None)
+    if meanings is None:
+        meanings = getattr(dataset, "classes", None)
+    if meanings is None:
+        raise DataError(
+            f"{where} has no label_meanings; add `self.label_meanings = [...]`, one name per "
+            "label, in the order of the label vector."
+        )
+    meanings = list(meanings)
+    if not meanings or not all(isinstance(m, str) for m in meanings):
+        raise DataError(
+            f"{where} has label_meanings {meanings[:5]!r}; it must be a non-empty list of "
+            "label names (strings)."
+        )
+    return meanings
+
+
+def _parts(sample: Any, where: str) -> tuple[Any, Any, bool, str]:
+    """(data, label, whether img_idx is given, 'dict' or 'tuple') of a first sample."""
+    if isinstance(sample, dict):
+        missing = [k for k in ("data", "label") if k not in sample]
+        if missing:
+            raise DataError(
+                f"{where} returns a dict without {' and '.join(repr(k) for k in missing)}; "
+                "return {'data': image tensor [C,H,W], 'label': label vector, 'img_idx': index}."
+            )
+        return sample["data"], sample["label"], "img_idx" in sample, "dict"
+    if isinstance(sample, (tuple, list)) and len(sample) >= 2:
+        return sample[0], sample[1], False, "tuple"
+    raise DataError(
+        f"{where} returns a {type(sample).__name__}; return a dict {{'data': image tensor "
+        "[C,H,W], 'label': label vector, 'img_idx': index}} or a tuple (image tensor, target)."
+    )
+
+
+def _check_image(data: Any, dataset: Any, where: str) -> None:
+    if not isinstance(data, torch.Tensor):
+        raise DataError(
+            f"{where} returns images as {type(data).__name__}, not tensors; add a transform "
+            "that makes tensors (e.g. torchvision.transforms.ToTensor() and Normalize)."
+        )
+    if data.ndim != 3:
+        raise DataError(
+            f"{where} returns an image of shape {list(data.shape)}; images must be [C, H, W]."
+        )
+    if data.dtype == torch.uint8 and getattr(dataset, "mean_std", None) is None:
+        raise DataError(
+            f"{where} returns uint8 images but has no mean_std; add `self.mean_std = "
+            "(mean, std)` (per channel, in [0, 1] units) so the loop can normalize them, or "
+            "return normalized float tensors."
+        )
+    if data.dtype != torch.uint8 and not data.dtype.is_floating_point:
+        raise DataError(f"{where} returns {data.dtype} images; return float32 or uint8 tensors.")
+
+
+def _check_label(label: Any, n_labels: int, problem: str, where: str) -> bool:
+    """Whether `label` is an integer class (True) or a multi-hot vector (False)."""
+    if _is_class_index(label):
+        if problem != "multiclass":
+            raise DataError(
+                f'{where} gives an integer class label; set [data] task = "multiclass" '
+                "(softmax over the classes), or return a multi-hot vector for a multi-label task."
+            )
+        if not 0 <= int(label) < n_labels:
+            raise DataError(
+                f"{where} gives the class {int(label)} but has {n_labels} label_meanings; "
+                "class indices must run from 0 to len(label_meanings) - 1."
+            )
+        return True
+    try:
+        vector = np.asarray(label, dtype=np.float64)
+    except (TypeError, ValueError):
+        vector = None
+    if vector is None or vector.ndim != 1:
+        raise DataError(
+            f"{where} gives the label {label!r:.60}; give a multi-hot vector of length "
+            f"{n_labels} (one entry per label_meanings) or an integer class."
+        )
+    if len(vector) != n_labels:
+        raise DataError(
+            f"{where} gives a label vector of length {len(vector)} but has {n_labels} "
+            "label_meanings; they must match."
+        )
+    if not np.isin(vector, (0.0, 1.0)).all():
+        raise DataError(
+            f"{where} gives a label vector with values other than 0 and 1 "
+            f"({vector[~np.isin(vector, (0.0, 1.0))][0]}); labels must be multi-hot."
+        )
+    return False
