@@ -145,3 +145,44 @@ def test_the_last_partial_batch_is_dropped_only_after_a_full_one(
 def test_fewer_training_images_than_processes_is_an_error():
     with pytest.raises(DataError, match="1 image\\(s\\) for 2 processes"):
         train_drop_last(1, 2, 16)
+
+
+def test_a_fork_in_torchvisions_tuple_form_trains_exactly_as_the_dict_form(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from src.run_experiment import run
+    from tests.test_run_experiment import all_series, tiny_config
+
+    client = MlflowClient(mlflow_uri)
+    common = {"train.epochs": 2, "data.num_workers": 0}
+    dicts = run(tiny_config(tmp_path, **common, **{"run.run_name": "dict"}))
+    tuples = run(
+        tiny_config(
+            tmp_path,
+            **common,
+            **{"run.run_name": "tuple", "data.dataset": "tests.contract_data:TupleTinyData"},
+        )
+    )
+    assert all_series(client, tuples.run_id) == all_series(client, dicts.run_id)
+
+
+def test_integer_classes_without_img_idx_train_as_a_multiclass_task(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from src.run_experiment import run
+    from tests.test_run_experiment import tiny_config
+
+    result = run(
+        tiny_config(
+            tmp_path,
+            **{
+                "train.epochs": 2,
+                "data.dataset": "tests.contract_data:IntClassTinyData",
+                "data.task": "multiclass",
+            },
+        )
+    )
+    metrics = MlflowClient(mlflow_uri).get_run(result.run_id).data.metrics
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["train_loss"] > 0
+    names = (result.results_dir / "tables" / "val_predictions.csv").read_text().splitlines()
+    assert len(names) == 1 + 50  # every val image predicted once, by its index

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,12 @@ def artifact_paths(uri: str, run_id: str, folder: str = "") -> list[str]:
     return sorted(out)
 
 
+def colour_count(png) -> dict[tuple[int, int, int], int]:
+    """Pixels of each RGB colour in a PNG."""
+    rgb = Image.open(png).convert("RGB")
+    return Counter({c: n for n, c in rgb.getcolors(maxcolors=rgb.width * rgb.height)})
+
+
 def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(mlflow_uri, tree, tmp_path):
     out = demo(
         "Demo-0-Unit-Tests-and-Visualization.py",
@@ -73,10 +80,17 @@ def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(mlflow_uri,
         ["augmentation_gallery.png", *expected]
     )
     folder = tmp_path / "r" / "Demo-0" / run.info.run_id
-    assert Image.open(folder / "voc_val" / f"{val_ids[0]}.png").format == "PNG"
-    # One row of images and one of masks per augmentation setting: 4 settings -> 8 rows.
+    # 2008_000010 holds a bird (VOC colour (128, 128, 0)), 2008_000011 a tv_monitor
+    # ((0, 64, 128)): each picture shows its own mask's colour and not the other's.
+    bird = colour_count(folder / "voc_val" / "2008_000010.png")
+    tv = colour_count(folder / "voc_val" / "2008_000011.png")
+    assert bird[(128, 128, 0)] > 200 and bird[(0, 64, 128)] == 0
+    assert tv[(0, 64, 128)] > 200 and tv[(128, 128, 0)] == 0
+    # One row of images and one of masks per augmentation setting: 4 settings -> 8 rows
+    # of 190 px, plus 40 px of title.
     gallery = Image.open(folder / "augmentation_gallery.png")
-    assert gallery.size[1] == int((1.9 * 2 * 4 + 0.4) * 100)
+    assert gallery.size[1] == 1560
+    assert len(colour_count(folder / "augmentation_gallery.png")) > 100  # drawn, not blank
     assert "skipped" not in out.stdout
 
 
@@ -96,7 +110,8 @@ def test_demo0_without_voc_still_tests_and_draws_the_gallery_on_tinydata(mlflow_
     assert artifact_paths(mlflow_uri, run.info.run_id) == ["augmentation_gallery.png"]
     # No masks for a TinyData image: one row per setting.
     gallery = tmp_path / "r" / "Demo-0" / run.info.run_id / "augmentation_gallery.png"
-    assert Image.open(gallery).size[1] == int((1.9 * 2 + 0.4) * 100)
+    assert Image.open(gallery).size[1] == 420  # two rows of 190 px, 40 px of title
+    assert len(colour_count(gallery)) > 100
 
 
 def test_demo0_stops_when_a_unit_test_fails(mlflow_uri, tmp_path):
