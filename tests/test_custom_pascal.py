@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -444,18 +445,26 @@ def test_download_is_skipped_when_the_data_is_there(tree, offline):
 # ----------------------------------------------------------------- pictures
 
 
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def _colours(path: Path) -> Counter:
+    """Pixels of each RGB colour in a PNG."""
+    rgb = Image.open(path).convert("RGB")
+    return Counter({c: n for n, c in rgb.getcolors(maxcolors=rgb.width * rgb.height)})
+
+
+# VOC colours (literal, not from the code's colour map): person, bicycle, dog.
+PERSON_RGB, BICYCLE_RGB, DOG_RGB = (192, 128, 128), (0, 128, 0), (64, 0, 128)
 
 
 def test_save_visualization_writes_a_png(tree, tmp_path):
     ds = pascal(tree, "train")
     image, mask = ds.full_resolution(0)
     out = save_visualization(image, mask, ds.labels[0], tmp_path / "pictures" / "sample.png")
-    assert _is_png(out)
+    # 2008_000002: a person and a bicycle, drawn in their VOC colours; no dog.
+    colours = _colours(out)
+    assert colours[PERSON_RGB] > 200 and colours[BICYCLE_RGB] > 100 and colours[DOG_RGB] == 0
     sample = ds[0]
     out2 = save_visualization(sample["data"], sample["seglabel"], None, tmp_path / "s.png")
-    assert _is_png(out2)
+    assert _colours(out2)[PERSON_RGB] > 200
     assert Image.open(out2).size == (800, 420)
 
 
@@ -464,9 +473,9 @@ def test_augmentation_gallery_on_a_pascal_image_and_on_a_tiny_image(tree, tmp_pa
     image, mask = ds.full_resolution(2)
     rng_before = torch.get_rng_state()
     out = build_augmentation_gallery(image, tmp_path / "g.png", mask=mask, n_samples=3)
-    assert _is_png(out)
+    assert _colours(out)[DOG_RGB] > 200  # 2008_000005's dog, in every mask row
     assert torch.equal(torch.get_rng_state(), rng_before)
     tiny = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
     out = build_augmentation_gallery(tiny, tmp_path / "tiny.png", augment="full", n_samples=4)
-    assert _is_png(out)
+    assert len(_colours(out)) > 500  # random pixels drawn, not a blank canvas
     assert Image.open(out).size[0] == 4 * 180
