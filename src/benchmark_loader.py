@@ -39,7 +39,6 @@ import csv
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +52,7 @@ import torch
 from load_dataset.pascal_cache import usable_cores
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from src.config import REPO_ROOT
+from src.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_loader"
 # (pipeline, reference, minimum ratio of their images/s)
@@ -314,14 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m src.benchmark_loader",
         description="Images/s of the tutorial's PASCAL pipeline and of this project's.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--voc-dir", help="folder holding VOCdevkit/VOC2012")
-    source.add_argument(
-        "--synthetic", type=int, metavar="N", help="write a temporary tree of N synthetic photos"
-    )
-    parser.add_argument("--sbd-dir", help="SBD folder (img/, cls/, train_noval.txt)")
-    parser.add_argument("--split", choices=("train", "val"), default="train")
-    parser.add_argument("--image-size", type=int, default=320)
+    add_source_flags(parser, default_split="train")
     parser.add_argument("--augment", default="none", help="as data.args.augment (default none)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline")
     parser.add_argument("--num-workers", type=int, nargs="+", help="DataLoader workers to try")
@@ -330,11 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="keep the cache here (default: a temporary folder)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for CSV and chart")
     args = parser.parse_args(argv)
-    if args.synthetic is not None and args.synthetic < 1:
-        parser.error("--synthetic needs at least 1 image")
-    if args.synthetic is not None and args.sbd_dir:
-        parser.error("--sbd-dir goes with --voc-dir, not with --synthetic")
-    if args.repeats < 1 or args.batch_size < 1 or args.image_size < 1:
+    check_source_flags(parser, args)
+    if args.repeats < 1 or args.batch_size < 1:
         parser.error("--repeats, --batch-size and --image-size must be at least 1")
     if args.num_workers is not None and min(args.num_workers) < 0:
         parser.error("--num-workers takes numbers >= 0")
@@ -342,15 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from load_dataset.errors import DataError
-
-    args = parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory(prefix="benchmark_loader_") as tmp:
-            return run(args, Path(tmp))
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_in_temporary_folder(run, parse_args(argv), "benchmark_loader_")
 
 
 def run(args: argparse.Namespace, tmp: Path) -> int:

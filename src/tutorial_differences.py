@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from src.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 if TYPE_CHECKING:
     from load_dataset.custom_pascal import PascalVOC2012
@@ -162,34 +163,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="By how much this project's PASCAL labels and inputs differ from the "
         "tutorial's.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--voc-dir", help="folder holding VOCdevkit/VOC2012")
-    source.add_argument(
-        "--synthetic", type=int, metavar="N", help="write a temporary tree of N synthetic photos"
-    )
-    parser.add_argument("--sbd-dir", help="SBD folder (img/, cls/, train_noval.txt)")
-    parser.add_argument("--split", choices=("train", "val"), default="val")
-    parser.add_argument("--image-size", type=int, default=320)
+    add_source_flags(parser, default_split="val")
     args = parser.parse_args(argv)
-    if args.synthetic is not None and args.synthetic < 1:
-        parser.error("--synthetic needs at least 1 image")
-    if args.synthetic is not None and args.sbd_dir:
-        parser.error("--sbd-dir goes with --voc-dir, not with --synthetic")
-    if args.image_size < 1:
-        parser.error("--image-size must be at least 1")
+    check_source_flags(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from load_dataset.errors import DataError
-
-    args = parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory(prefix="tutorial_differences_") as tmp:
-            return run(args, Path(tmp))
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_in_temporary_folder(run, parse_args(argv), "tutorial_differences_")
 
 
 def run(args: argparse.Namespace, tmp: Path) -> int:

@@ -1,0 +1,44 @@
+"""Command-line pieces shared by the tools that measure the PASCAL data path
+(`src.benchmark_loader`, `src.tutorial_differences`): which data they read, and one-line
+errors. Imports nothing heavy, so `--help` comes back at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_source_flags(parser: argparse.ArgumentParser, default_split: str) -> None:
+    """--voc-dir or --synthetic N, --sbd-dir, --split and --image-size: the PASCAL data a
+    measuring tool reads."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--voc-dir", help="folder holding VOCdevkit/VOC2012")
+    source.add_argument(
+        "--synthetic", type=int, metavar="N", help="write a temporary tree of N synthetic photos"
+    )
+    parser.add_argument("--sbd-dir", help="SBD folder (img/, cls/, train_noval.txt)")
+    parser.add_argument("--split", choices=("train", "val"), default=default_split)
+    parser.add_argument("--image-size", type=int, default=320)
+
+
+def check_source_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.synthetic is not None and args.synthetic < 1:
+        parser.error("--synthetic needs at least 1 image")
+    if args.synthetic is not None and args.sbd_dir:
+        parser.error("--sbd-dir goes with --voc-dir, not with --synthetic")
+    if args.image_size < 1:
+        parser.error("--image-size must be at least 1")
+
+
+def run_in_temporary_folder(run_fn, args: argparse.Namespace, prefix: str) -> int:
+    """`run_fn(args, tmp)` with a temporary folder; data errors become one line, exit 2."""
+    from load_dataset.errors import DataError
+
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            return run_fn(args, Path(tmp))
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
