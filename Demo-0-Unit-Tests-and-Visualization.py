@@ -99,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     from load_dataset.pascal_visualize import build_augmentation_gallery
     from src import tracking
     from src.config import ExperimentConfig, RunConfig
+    from src.errors import UserError, print_user_error
 
     config = ExperimentConfig(
         run=RunConfig(experiment_name=args.experiment_name, tracking_uri=args.tracking_uri or "")
     )
     try:
         tracker = tracking.start_parent(config, "visualization", {"demo": "Demo-0"})
-    except tracking.TrackingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_user_error(e)
     out = Path(args.results_dir).expanduser().resolve() / "Demo-0" / tracker.run_id
     try:
         print(f"== pictures of VOC 2012 val images from {args.voc_dir}", flush=True)

@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from models.components import CONV_TYPES
+from models.custom_models_base import VGGINITS
 from src import tracking
-from src.cli import make_parser, one_line, user_errors
-from src.config import ConfigError
+from src.cli import make_parser
+from src.errors import ConfigError, UserError, print_user_error
 from src.flags import load_from_args
 from src.multirun import run_children
 
-VGGINITS = ("random", "pretrained")
 CONFIG = Path(__file__).resolve().parent / "experiments" / "demo4_vgg16customizable_pascal.toml"
 
 
@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         _, children = run_children(
             config, cells, f"{config.run.run_name}-grid", {"grid": "conv_type x vgginit"}
         )
-    except user_errors() as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_user_error(e)
     except KeyboardInterrupt:
         return 130
     if children and children[0].experiment_id:  # rank 0 (or no torchrun)

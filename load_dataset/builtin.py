@@ -5,7 +5,7 @@ repository's dataset contract, so an experiment only names it in its TOML:
 
     [data]
     dataset = "load_dataset.builtin:TorchvisionClassification"
-    task = "multiclass"
+    problem = "multiclass"
     [data.args]
     name = "CIFAR10"
     root = "data"          # resolved against the repository root by src.config
@@ -278,7 +278,14 @@ class TorchvisionClassification(Dataset):
 
     Sample: {'data': uint8 [channels, H, W], 'label': float32 [K] one-hot, 'img_idx': int}.
     The loop normalizes `data` on the device with `mean_std` (per channel, for [0, 1] images).
+
+    `path_flags` are the command-line flags of its folder arguments, flag -> (argument, help);
+    src.flags gives them to `python -m src.run_experiment`.
     """
+
+    path_flags: dict[str, tuple[str, str]] = {
+        "--data-dir": ("root", "the folder torchvision reads and downloads into"),
+    }
 
     def __init__(
         self,

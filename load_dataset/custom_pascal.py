@@ -44,11 +44,7 @@ from load_dataset.pascal_layout import (
     voc_entries,
 )
 from load_dataset.pascal_visualize import build_augmentation_gallery, save_visualization
-
-# Per-channel ImageNet statistics for images scaled to [0, 1]: what the pretrained VGG-16
-# expects.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD  # what the pretrained VGG-16 expects
 
 __all__ = [
     "AUGMENTATIONS",
@@ -97,7 +93,19 @@ class PascalVOC2012(Dataset):
             (pascal_cache.py). For augment 'none' and 'flip' a cached sample is exactly the
             uncached one. With crops ('flip_scale_crop', 'full') the crop is taken from the
             cached S x S image and mask, and the label from the cropped resized mask.
+
+    `path_flags` are the command-line flags of its folder arguments, flag -> (argument, help);
+    src.flags gives them to the Demos and `python -m src.run_experiment`.
     """
+
+    path_flags: dict[str, tuple[str, str]] = {
+        "--voc-dir": ("voc_dataset_dir", "the folder holding VOCdevkit/VOC2012"),
+        "--sbd-dir": (
+            "sbd_dataset_dir",
+            "the SBD folder holding img/, cls/, train_noval.txt; '' trains on VOC 2012 alone",
+        ),
+        "--cache-dir": ("cache_dir", "folder for the resized images and masks, decoded once"),
+    }
 
     def __init__(
         self,

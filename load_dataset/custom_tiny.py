@@ -110,7 +110,14 @@ class TinyData(Dataset):
 
     A sample is {'data': float32 [3, H, W] normalized (H = W = 32 for the shipped data),
     'label': float32 [K], 'img_idx': int}.
+
+    `path_flags` are the command-line flags of its folder arguments, flag -> (argument, help);
+    src.flags gives them to the Demos and `python -m src.run_experiment`.
     """
+
+    path_flags: dict[str, tuple[str, str]] = {
+        "--data-dir": ("data_dir", "the folder holding tiny_labels.csv and train/, val/, test/"),
+    }
 
     def __init__(
         self, setname: str, data_dir: str | Path | None = None, normalization: str = "imagenet"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.components import check_conv_type, check_image_size, flattened_size, make_head
+from src.errors import PretrainedWeightsError
 
 # VGG-16 ("configuration D"): five blocks of 3x3 convs (these widths), each block followed
 # by a 2x2 max pool. Built here layer by layer so that module indices, and thus state-dict
@@ -24,10 +25,6 @@ from models.components import check_conv_type, check_image_size, flattened_size,
 # its 120M-parameter classifier that these models do not use.
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 VGGINITS = ("random", "pretrained")
-
-
-class PretrainedWeightsError(RuntimeError):
-    """The ImageNet weights for VGG-16 can be neither found on disk nor downloaded."""
 
 
 class TinyConvWithoutSequential(nn.Module):

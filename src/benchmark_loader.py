@@ -52,6 +52,7 @@ import torch
 from load_dataset.pascal_cache import usable_cores
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from src.config import REPO_ROOT
+from src.errors import DataError
 from src.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_loader"
@@ -358,7 +359,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     }
     uncached = PascalVOC2012(**dataset_args)  # a missing folder fails here, before any timing
     if len(uncached) == 0:
-        raise ValueError(f"The {args.split} split of {source} lists no images.")
+        raise DataError(f"The {args.split} split of {source} lists no images.")
     sizes = [os.path.getsize(e.image_path) for e in uncached.entries]
     cache_dir = Path(args.cache_dir) if args.cache_dir else tmp / "cache"
     start = time.perf_counter()

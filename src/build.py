@@ -1,10 +1,12 @@
 """Set-up of a run: seeds and determinism, the device, and the datasets, model, loaders and
-optimizer a config names."""
+optimizer a config names; `set_up` puts them together into the `Trainer` the epoch loop uses."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from load_dataset.errors import DataError
+from src import checkpoint as ckpt_io
 from src import distributed as ddp
 from src.config import (
     SETNAME_PLACEHOLDER,
@@ -21,6 +24,8 @@ from src.config import (
     import_object,
 )
 from src.dataset_contract import checked_dataset
+from src.loop import BatchPrep, BatchSettings, make_loss
+from src.training_state import TrainingState, check_resumable
 
 
 def seed_everything(seed: int) -> None:
@@ -99,7 +104,7 @@ def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{name} ('{setname}' split): {' '.join(str(e).split())}") from None
-    return checked_dataset(dataset, name, setname, config.data.task)
+    return checked_dataset(dataset, name, setname, config.data.problem)
 
 
 def _has_placeholder(value: Any) -> bool:
@@ -254,3 +259,105 @@ def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.O
         )
     cls = torch.optim.Adam if o.name == "Adam" else torch.optim.AdamW
     return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+@dataclass
+class Trainer:
+    """Everything the epoch loop uses, built once by `set_up`; `tracker` and `results_dir`
+    are set when the MLflow run starts."""
+
+    config: ExperimentConfig
+    info: ddp.DistInfo
+    datasets: dict[str, Dataset]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    batches: BatchSettings
+    state: TrainingState
+    train_net: nn.Module  # compiled, and wrapped in DDP under torchrun
+    eval_net: nn.Module  # compiled, unwrapped: each rank predicts its own share
+    scaler: torch.amp.GradScaler | None
+    resume_path: Path | None = None
+    tracker: Any = None
+    results_dir: Path | None = None
+
+    @property
+    def label_meanings(self) -> list[str]:
+        return list(self.datasets["train"].label_meanings)
+
+
+def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | None) -> Trainer:
+    """Seeds, device, datasets (checked), loaders, model, optimizer and the training state,
+    restored from `resume` (a run's results folder or last.pt) when given."""
+    device = pick_device(config.run.device, info.local_rank)
+    seed_everything(config.run.seed)
+    set_determinism(
+        config.run.deterministic, config.train.cudnn_benchmark and device.type == "cuda"
+    )
+    saved, resume_path = None, None
+    if resume is not None:
+        resume_path = ckpt_io.resolve_checkpoint(resume)
+        saved = ckpt_io.load_checkpoint(resume_path)
+        check_resumable(saved, config, resume_path)
+    splits = ("train", "val", "test") if config.run.use_test_set else ("train", "val")
+    datasets = {split: build_dataset(config, split) for split in splits}
+    train_loader = build_loader(datasets["train"], config, info, device, train=True)
+    val_loader = build_loader(datasets["val"], config, info, device, train=False)
+    if info.is_main:
+        print_setup(device, datasets, config, info)
+    channels_last = config.train.channels_last and device.type == "cuda"
+    batches = BatchSettings(
+        BatchPrep(datasets["train"], device, channels_last),
+        make_loss(config.data.problem),
+        config.train.amp if device.type == "cuda" else "off",
+        config.data.problem,
+        config.train.max_batches,
+    )
+    state, scaler = _training_state(config, batches, list(datasets["train"].label_meanings))
+    if saved is not None:
+        state.load_state_dict(saved)
+    net = torch.compile(state.model) if config.train.compile else state.model
+    train_net = net
+    if info.enabled:
+        ids = [device] if device.type == "cuda" else None
+        train_net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    return Trainer(
+        config, info, datasets, train_loader, val_loader, batches, state, train_net, net, scaler,
+        resume_path,
+    )  # fmt: skip
+
+
+def _training_state(
+    config: ExperimentConfig, batches: BatchSettings, label_meanings: list[str]
+) -> tuple[TrainingState, torch.amp.GradScaler | None]:
+    model = build_model(config).to(batches.device)
+    check_outputs(model, label_meanings, config)
+    if batches.prep.memory_format == torch.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    scaler = torch.amp.GradScaler("cuda") if batches.amp == "fp16" else None
+    scheduler = build_scheduler(config, optimizer)
+    return TrainingState(model, optimizer, scheduler, scaler, config.train.patience), scaler
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def print_setup(device: torch.device, datasets: dict[str, Any], config, info) -> None:
+    """The device picked and each split's size; a note when a batch holds the whole split."""
+    sizes = ", ".join(f"{split} {len(ds):,}" for split, ds in datasets.items())
+    procs = f" x {info.world_size} processes" if info.world_size > 1 else ""
+    print(f"Device: {device_name(device)} ({device}){procs}. Images: {sizes}.", flush=True)
+    n_train = len(datasets["train"]) // info.world_size
+    if n_train < config.data.batch_size:
+        print(
+            f"Note: the training split ({n_train} images per process) is smaller than "
+            f"batch_size {config.data.batch_size}: each epoch trains on one batch of "
+            f"{n_train} images.",
+            flush=True,
+        )

@@ -16,9 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint path is missing, unreadable or of another experiment."""
+from src.errors import CheckpointError
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:

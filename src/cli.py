@@ -5,40 +5,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
-from src import checkpoint as ckpt_io
 from src import tracking
-from src.config import ConfigError, ExperimentConfig
-from src.flags import add_config_flags, load_from_args
-from src.loop import NonFiniteLossError
+from src.config import ExperimentConfig
+from src.errors import ConfigError, UserError, print_user_error
+from src.flags import FlagParser, add_config_flags, load_from_args
 from src.run_experiment import RunResult, run
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    ckpt_io.CheckpointError,
-    tracking.TrackingError,
-)
-
-
-def one_line(e: BaseException) -> str:
-    """The user-facing sentence of an error, also when re-raised from a loader worker."""
-    text = str(e)
-    if "Original Traceback" in text:  # DataLoader worker: the original message is last
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from load_dataset.errors import DataError
-    from models.custom_models_base import PretrainedWeightsError
-
-    return (*USER_ERRORS, DataError, NonFiniteLossError, PretrainedWeightsError)
 
 
 def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    """The shared flags; when it parses, the parser adds the folder flags of the dataset of the
+    experiment file it is given (`config`), see `src.flags.FlagParser`."""
+    parser = FlagParser(description=description)
     if default_config is None:
         parser.add_argument("config", help="experiment TOML file, e.g. experiments/demo2.toml")
     else:
@@ -72,9 +50,8 @@ def main(
             run_seeds(config, args.seeds)
             return 0
         result = run(config, resume=args.resume)
-    except user_errors() as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_user_error(e)
     except KeyboardInterrupt:
         return 130
     if result.results_dir is not None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from src import tracking
 from src.config import REPO_ROOT
+from src.errors import TrackingError, UserError, print_user_error
 
 # Throughput figures depend on the machine's load, not on the computation; never compared.
 WALL_CLOCK_METRICS = ("train_images_per_s", "data_wait_fraction")
@@ -39,10 +40,6 @@ SUMMARY_PREFIX = "best_"
 BEST_METRICS = ("best_epoch", "best_val_auroc_mean", "best_val_ap_mean", "best_val_loss")
 # The run name has its own column; it differs between runs by design.
 NOT_COMPARED_PARAMS = ("run.run_name",)
-
-
-class CompareError(ValueError):
-    """A store, experiment, run or filter named by the user does not exist or is invalid."""
 
 
 # ------------------------------------------------------------------ reading the store
@@ -55,7 +52,7 @@ def open_client(uri: str | None = None) -> Any:
     uri = uri or tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         # MlflowClient would silently create an empty store here.
-        raise CompareError(
+        raise TrackingError(
             f"The MLflow store {uri} does not exist; run an experiment first or pass "
             "--tracking-uri."
         )
@@ -64,7 +61,7 @@ def open_client(uri: str | None = None) -> Any:
 
 
 def get_run(client: Any, run_id: str) -> Any:
-    """The MLflow run `run_id`, or a CompareError that names the store."""
+    """The MLflow run `run_id`, or a TrackingError that names the store."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -72,7 +69,7 @@ def get_run(client: Any, run_id: str) -> Any:
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise CompareError(
+        raise TrackingError(
             f"MLflow run {run_id!r} is not in the store {client.tracking_uri}; copy the run id "
             "from the MLflow UI or from `python -m src.compare_runs`, or pass --tracking-uri."
         ) from None
@@ -85,7 +82,7 @@ def search_runs(client: Any, experiment_name: str, filter_string: str = "") -> l
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None or experiment.lifecycle_stage == "deleted":
         names = sorted(e.name for e in client.search_experiments())
-        raise CompareError(
+        raise TrackingError(
             f"There is no MLflow experiment named {experiment_name!r} in {client.tracking_uri}; "
             f"the experiments there are: {', '.join(names) or 'none'}."
         )
@@ -103,7 +100,7 @@ def search_runs(client: Any, experiment_name: str, filter_string: str = "") -> l
             if e.error_code != "INVALID_PARAMETER_VALUE":
                 raise
             first = str(e.message).strip().splitlines()[0]
-            raise CompareError(
+            raise TrackingError(
                 f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
                 "\"params.optimizer.lr = '0.01'\"."
             ) from None
@@ -284,12 +281,12 @@ def compare_experiment(
         return None
     out = Path(out_dir) if out_dir else REPO_ROOT / "results" / "compare"
     if not out_dir:
-        out = out / tracking._slug(experiment_name)
+        out = out / tracking.slug(experiment_name)
     out.mkdir(parents=True, exist_ok=True)
     table = runs_table(client, runs)
     csv_path = out / "runs.csv"
     table.to_csv(csv_path, index=False)
-    plot_path = plot_curves(client, runs, metric, out / f"{tracking._slug(metric)}.png")
+    plot_path = plot_curves(client, runs, metric, out / f"{tracking.slug(metric)}.png")
     return CompareOutputs(table, csv_path, plot_path, len(found) - len(runs))
 
 
@@ -320,16 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table and where the CSV and plot went; 1 if no run matches, 2 user errors."""
     import pandas as pd
 
-    from src.cli import USER_ERRORS, one_line
-
     args = make_parser().parse_args(argv)
     try:
         outputs = compare_experiment(
             args.experiment, args.filter, args.out, args.metric, args.tracking_uri
         )
-    except (CompareError, *USER_ERRORS) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_user_error(e)
     if outputs is None:
         what = f" match the filter {args.filter!r}" if args.filter else ""
         print(f"No runs of experiment {args.experiment!r}{what}.", file=sys.stderr)

@@ -22,6 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from src.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
@@ -31,10 +33,6 @@ SCHEDULERS = ("none", "cosine", "step")
 # In a string of [data.args], replaced by the split's name ("train", "val", "test"); a dataset
 # whose arguments hold it is called without the split as first argument (ImageFolder).
 SETNAME_PLACEHOLDER = "{setname}"
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,9 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "load_dataset.custom_tiny:TinyData"
-    task: str = "multilabel"
+    # "multilabel" (sigmoid + BCE, several labels per image) or "multiclass" (softmax + CE).
+    # Called `task` before; that key is still read (with a note), see `_renamed_keys`.
+    problem: str = "multilabel"
     batch_size: int = 16
     num_workers: int | str = 0
     args: dict = field(default_factory=dict)
@@ -188,6 +188,7 @@ def from_dict(tree: dict[str, Any], base_dir: Path = REPO_ROOT) -> ExperimentCon
     Relative paths (`run.results_dir`, dataset args named `root`, `*_dir`, `*_path`) are
     resolved against `base_dir`.
     """
+    tree = _renamed_keys(tree)
     unknown = set(tree) - set(SECTIONS)
     if unknown:
         raise ConfigError(
@@ -220,10 +221,34 @@ def from_dict(tree: dict[str, Any], base_dir: Path = REPO_ROOT) -> ExperimentCon
     return config
 
 
+# (section, old key, new key): keys renamed since runs were first stored; still read.
+RENAMED_KEYS = (("data", "task", "problem"),)
+_renames_noted: set[tuple[str, str]] = set()
+
+
+def _renamed_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with renamed keys under their new names; a one-line note on stderr, once."""
+    for section, old, new in RENAMED_KEYS:
+        values = tree.get(section)
+        if not isinstance(values, dict) or old not in values:
+            continue
+        if new in values:
+            raise ConfigError(
+                f"Config keys [{section}] {old} and [{section}] {new} are the same key (its "
+                f"old and new name); keep only {new}."
+            )
+        values = {(new if k == old else k): v for k, v in values.items()}
+        tree = {**tree, section: values}
+        if (section, old) not in _renames_noted:
+            _renames_noted.add((section, old))
+            print(f"note: [{section}] {old} is now called [{section}] {new}.", file=sys.stderr)
+    return tree
+
+
 def _check_choices(config: ExperimentConfig) -> None:
     choices = [
         ("run", "task", config.run.task, TASKS),
-        ("data", "task", config.data.task, PROBLEMS),
+        ("data", "problem", config.data.problem, PROBLEMS),
         ("train", "amp", config.train.amp, AMP_MODES),
         ("optimizer", "name", config.optimizer.name, ("SGD", "Adam", "AdamW")),
         ("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS),
@@ -262,6 +287,41 @@ def _check_choices(config: ExperimentConfig) -> None:
                 f"Config key [{section}] {'dataset' if section == 'data' else 'model'} = "
                 f"{path!r} must be an import path of the form 'package.module:ClassName'."
             )
+
+
+# Config keys a resumed run may change (MLflow params are immutable, so the new value of one
+# of these becomes a tag `resumed.<key>`); every other key that shapes training must match.
+RESUME_MAY_CHANGE = ("train.epochs", "train.patience")
+# The sections whose keys shape what a run learns (not its names, seed or folders).
+TRAINING_SECTIONS = ("data", "model", "optimizer", "train")
+
+
+def config_mismatch(
+    saved: dict[str, Any],
+    config: ExperimentConfig,
+    sections: tuple[str, ...] = tuple(SECTIONS),
+    may_differ: tuple[str, ...] = (),
+    as_params: bool = False,
+) -> tuple[str, Any, Any] | None:
+    """The first dotted key (sorted) of `sections` where `saved` differs from `config`, as
+    (key, saved value, config value), or None when they agree.
+
+    The one compatibility check: resume (a checkpoint's config), predict (the model section
+    of the weights' config) and a resumed MLflow run (`as_params`: `saved` holds MLflow params,
+    strings, and only the keys logged there are compared).
+    """
+    now = config.flat()
+    keys = set(now) if as_params else set(saved) | set(now)
+    for key in sorted(keys):
+        if key.split(".")[0] not in sections or key in may_differ:
+            continue
+        if as_params and key not in saved:
+            continue
+        theirs = saved.get(key)
+        ours = str(now.get(key)) if as_params else now.get(key)
+        if theirs != ours:
+            return key, theirs, now.get(key)
+    return None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def _check_label(label: Any, n_labels: int, problem: str, where: str) -> bool:
     if _is_class_index(label):
         if problem != "multiclass":
             raise DataError(
-                f'{where} gives an integer class label; set [data] task = "multiclass" '
+                f'{where} gives an integer class label; set [data] problem = "multiclass" '
                 "(softmax over the classes), or return a multi-hot vector for a multi-label task."
             )
         if not 0 <= int(label) < n_labels:

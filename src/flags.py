@@ -1,8 +1,16 @@
 """The command-line flags shared by every Demo and `python -m src.run_experiment`, turned into
 dotted-key overrides of an experiment's TOML (`--epochs 5` -> `train.epochs = 5`).
 
-Flags that set an argument of the dataset or the model (`--data-dir`, `--image-size`,
-`--no-pretrained`, ...) check that the class takes it, so a flag never silently does nothing.
+Folder flags belong to the dataset: a dataset class declares them in its `path_flags`
+attribute, `{"--voc-dir": ("voc_dataset_dir", "help text"), ...}` (flag -> (constructor
+argument, help)), and `FlagParser` reads the experiment file named on the command line before
+parsing, so that `--help` lists the flags of that file's dataset and only they are accepted.
+Every dataset that takes `data_dir` or `root` also gets `--data-dir` for it, unless it
+declares `--data-dir` itself. A fork's dataset thus brings its own flags; nothing here names
+a dataset.
+
+Flags that set another argument of the dataset or of the model (`--image-size`,
+`--no-pretrained`) check that the class takes it, so a flag never silently does nothing.
 Relative paths given as flags are resolved against the current directory, as a shell user
 expects.
 """
@@ -12,8 +20,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from src.config import (
     SETNAME_PLACEHOLDER,
@@ -32,9 +41,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+# A path flag stores its value under the key it overrides: `--voc-dir` -> data.args.voc_dataset_dir.
+PATH_FLAG_DEST = "data.args."
+# The arguments the generic `--data-dir` sets, first match wins, for datasets that do not
+# declare `--data-dir` themselves (torchvision's ImageFolder, a fork's folder dataset).
+DATA_DIR_ARGS = ("data_dir", "root")
+
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by every Demo and by `python -m src.run_experiment`."""
+    """The flags shared by every Demo and by `python -m src.run_experiment`.
+
+    The dataset's folder flags (`--data-dir`, `--voc-dir`, ...) are not among them: a
+    `FlagParser` adds those of the experiment's dataset when it parses (`add_path_flags`).
+    """
     a = parser.add_argument
     a("--epochs", type=int, help="maximum number of epochs")
     a("--patience", type=int, help="early-stopping patience in epochs (on val_loss)")
@@ -53,13 +72,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         "--results-dir",
         help="folder for checkpoints and outputs (default: <repo>/results)",
     )
-    a("--data-dir", help="the dataset's main folder (TinyData folder, VOC root, ...)")
-    a("--voc-dir", help="PASCAL only: the folder holding VOCdevkit/ (default data/voc)")
-    a(
-        "--sbd-dir",
-        help="PASCAL only: the SBD folder (holds img/, cls/, train_noval.txt)",
-    )
-    a("--cache-dir", help="folder for the dataset's preprocessed cache")
     a("--download", action="store_true", help="let torchvision download the dataset")
     a("--image-size", type=int, help="side of the square input images (dataset and model)")
     a(
@@ -83,12 +95,176 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_DATA_DIR_ARGS = ("data_dir", "voc_dataset_dir", "root")
+def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
+    """The path flags of the dataset class at `dataset_path`: {flag: (argument, help)}.
+
+    The class's own `path_flags`, plus `--data-dir` for its `data_dir` or `root` argument
+    when it declares no `--data-dir` itself. ConfigError when the declaration is malformed or
+    names an argument the class does not take.
+    """
+    cls = import_object(dataset_path, "dataset")
+    params = _signature(cls)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    declared = getattr(cls, "path_flags", None) or {}
+    if not isinstance(declared, dict):
+        raise ConfigError(
+            f"{dataset_path}.path_flags must be a dict {{'--flag': (argument, help)}}."
+        )
+    flags: dict[str, tuple[str, str]] = {}
+    for flag, spec in declared.items():
+        if not (
+            isinstance(flag, str)
+            and flag.startswith("--")
+            and isinstance(spec, tuple)
+            and len(spec) == 2
+            and all(isinstance(s, str) for s in spec)
+        ):
+            raise ConfigError(
+                f"{dataset_path}.path_flags must map each '--flag' to (argument, help), "
+                f"both strings; {flag!r}: {spec!r} does not."
+            )
+        if spec[0] not in params and not takes_any:
+            raise ConfigError(
+                f"{dataset_path}.path_flags gives {flag} for the argument {spec[0]!r}, which "
+                "the class does not take."
+            )
+        flags[flag] = spec
+    if "--data-dir" not in flags:
+        arg = next((a for a in DATA_DIR_ARGS if a in params), None)
+        if arg is not None:
+            flags["--data-dir"] = (arg, "the dataset's main folder")
+    return flags
 
 
-def _params(path: str, what: str) -> set[str]:
+def add_path_flags(
+    parser: FlagParser, dataset_path: str, dataset_args: dict[str, Any] | None = None
+) -> None:
+    """Give `parser` the path flags of the dataset at `dataset_path`, in a group of their own.
+
+    Each one stores its value under the key it overrides (`data.args.<argument>`); its help
+    shows the experiment file's value of that argument (`dataset_args`), when it has one.
+    """
+    flags = path_flags_of(dataset_path)
+    group = parser.add_argument_group(
+        f"folders of the dataset {dataset_path}",
+        "Relative paths are resolved against the current directory; an empty value ('') "
+        "leaves that folder out, where the dataset allows it.",
+    )
+    for flag, (arg, text) in flags.items():
+        now = (dataset_args or {}).get(arg)
+        text = f"{text} (sets {arg}" + (f"; the experiment file has {now})" if now else ")")
+        try:
+            group.add_argument(
+                flag,
+                dest=PATH_FLAG_DEST + arg,
+                metavar="DIR" if flag.endswith("-dir") else "PATH",
+                help=text.replace("%", "%%"),
+            )
+        except argparse.ArgumentError:
+            raise ConfigError(
+                f"{dataset_path}.path_flags declares {flag}, which is already a flag of this "
+                "command; give it another name."
+            ) from None
+    parser.dataset, parser.path_flags = dataset_path, flags
+
+
+class _ReadAheadFailed(Exception):
+    """The command line does not parse, even leaving the path flags aside."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser that gives itself the path flags of the experiment's dataset.
+
+    `parse_args` first reads the experiment file that the command line names (the `config`
+    argument: `python -m src.run_experiment`'s positional, a Demo's `--config`), takes its
+    `[data] dataset`, or the one a `--set data.dataset=...` puts in its place (the flags are
+    those of the dataset that will be built), and adds that class's path flags
+    (`add_path_flags`). Then it parses for real, so `--help` lists them. A flag that neither
+    this parser nor the dataset knows, and an experiment file that cannot be read, end in one
+    line `error: ...` and exit code 2.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dataset: str | None = None
+        self.path_flags: dict[str, tuple[str, str]] = {}
+        self._reading_ahead = False
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        argv = sys.argv[1:] if args is None else list(args)
+        if self.dataset is None:
+            try:
+                self._add_dataset_flags(argv)
+            except ConfigError as e:
+                self.exit(2, f"error: {e}\n")
+        parsed, extras = self.parse_known_args(argv, namespace)
+        if extras:
+            self.exit(2, f"error: {self._unknown(extras)}\n")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        if self._reading_ahead:
+            raise _ReadAheadFailed(message)
+        super().error(message)
+
+    def _add_dataset_flags(self, argv: list[str]) -> None:
+        known = self._read_ahead(argv)
+        config = getattr(known, "config", None)
+        if config is None:  # no experiment file yet (or argv does not parse): no path flags
+            self.epilog = "--help after the experiment file also lists its dataset's folder flags."
+            return
+        tree = read_toml(config)
+        dataset = _class_path(tree, getattr(known, "set", None), "data", "dataset")
+        add_path_flags(self, dataset, tree.get("data", {}).get("args", {}))
+
+    def _read_ahead(self, argv: list[str]) -> argparse.Namespace | None:
+        """argv parsed without the path flags, which are not known yet; None if it fails."""
+        argv = [a for a in argv if a not in ("-h", "--help")]
+        self._reading_ahead = True
+        try:
+            known, extras = self.parse_known_args(argv)
+            # The unknown flags are path flags, which take one value each. Without them and
+            # their values, no value is mistaken for the positional experiment file.
+            unknown = {a for a in extras if a.startswith("-") and "=" not in a}
+            if unknown:
+                kept, rest = [], iter(argv)
+                for a in rest:
+                    if a in unknown:
+                        next(rest, None)
+                    else:
+                        kept.append(a)
+                known, _ = self.parse_known_args(kept)
+            return known
+        except _ReadAheadFailed:
+            return None
+        finally:
+            self._reading_ahead = False
+
+    def _unknown(self, extras: list[str]) -> str:
+        flag = next((a.split("=", 1)[0] for a in extras if a.startswith("-")), None)
+        if flag is None:
+            return f"unrecognized arguments: {' '.join(extras)}"
+        if self.dataset is None:
+            return f"{flag} is not a flag of this command; see --help."
+        own = ", ".join(self.path_flags) or "none"
+        return (
+            f"{flag} is not a flag of this command and does not apply to the dataset "
+            f"{self.dataset} (its path flags: {own}); see --help."
+        )
+
+
+def _signature(cls: Any) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):  # not callable, or no signature: src.config refuses it
+        return {}
+
+
+def _params(path: str, what: str) -> dict[str, inspect.Parameter]:
     """The constructor arguments of the dataset or model class at `path`."""
-    return set(inspect.signature(import_object(path, what)).parameters)
+    return _signature(import_object(path, what))
 
 
 def _parse_value(text: str) -> Any:
@@ -96,6 +272,18 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare string
+
+
+def _class_path(tree: dict[str, Any], set_items: list[str] | None, section: str, key: str) -> str:
+    """The import path `[section] key` of the experiment: the last `--set section.key=...`,
+    else the TOML's, else the default."""
+    path = tree.get(section, {}).get(key)
+    for item in set_items or []:
+        name, sep, text = item.partition("=")
+        if sep and name.strip() == f"{section}.{key}":
+            path = _parse_value(text.strip())
+    default = DataConfig.dataset if section == "data" else ModelConfig.model
+    return str(path) if path is not None else default
 
 
 def overrides_from_args(
@@ -106,9 +294,11 @@ def overrides_from_args(
 ) -> dict[str, Any]:
     """Dotted-key overrides from parsed flags; path flags are resolved against the cwd.
 
-    Flags that set a dataset or model argument (`--data-dir`, `--image-size`,
-    `--no-pretrained`, ...) check that the class takes it, so a flag never silently does
-    nothing.
+    Path flags arrive under the key they set (`data.args.voc_dataset_dir`, see
+    `add_path_flags`); an empty value stays empty, and a folder whose TOML value holds
+    `{setname}` (ImageFolder's root) gets `/{setname}` appended. `--image-size` and
+    `--no-pretrained` check that the class takes the argument they set, so a flag never
+    silently does nothing.
     """
     out: dict[str, Any] = {}
     dataset_args = dataset_args or {}
@@ -135,27 +325,14 @@ def overrides_from_args(
         out["run.results_dir"] = str(Path(args.results_dir).expanduser().resolve())
     if getattr(args, "deterministic", False):
         out["run.deterministic"] = True
-    for flag, arg_names in [
-        ("data_dir", _DATA_DIR_ARGS),
-        ("voc_dir", ("voc_dataset_dir",)),
-        ("sbd_dir", ("sbd_dataset_dir",)),
-        ("cache_dir", ("cache_dir",)),
-    ]:
-        value = getattr(args, flag, None)
-        if value is None:
+    for key, value in vars(args).items():
+        if not key.startswith(PATH_FLAG_DEST) or value is None:
             continue
         # An empty value (--sbd-dir '') leaves that part out, where the dataset allows it.
         path = str(Path(value).expanduser().resolve()) if value else ""
-        params = _params(dataset_path, "dataset")
-        target = next((p for p in arg_names if p in params), None)
-        if target is None:
-            raise ConfigError(
-                f"--{flag.replace('_', '-')} does not apply to the dataset {dataset_path}, "
-                f"which takes none of {', '.join(arg_names)}."
-            )
-        if path and SETNAME_PLACEHOLDER in str(dataset_args.get(target, "")):
+        if path and SETNAME_PLACEHOLDER in str(dataset_args.get(key[len(PATH_FLAG_DEST) :], "")):
             path = str(Path(path) / SETNAME_PLACEHOLDER)  # ImageFolder: a folder per split
-        out[f"data.args.{target}"] = path
+        out[key] = path
     if getattr(args, "download", False):
         out["data.args.download"] = True
     if getattr(args, "image_size", None) is not None:
@@ -194,9 +371,14 @@ def overrides_from_args(
 
 
 def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConfig:
-    """`load` with the overrides given by the shared command-line flags."""
+    """`load` with the overrides given by the shared command-line flags.
+
+    The dataset and model are the TOML's, or those that `--set data.dataset=...` /
+    `--set model.model=...` put in their place, as in `FlagParser`.
+    """
     tree = read_toml(path)
-    dataset_path = tree.get("data", {}).get("dataset", DataConfig.dataset)
-    model_path = tree.get("model", {}).get("model", ModelConfig.model)
+    items = getattr(args, "set", None)
+    dataset_path = _class_path(tree, items, "data", "dataset")
+    model_path = _class_path(tree, items, "model", "model")
     dataset_args = tree.get("data", {}).get("args", {})
     return load(path, overrides_from_args(args, dataset_path, model_path, dataset_args))

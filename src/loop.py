@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,13 +21,7 @@ from torch.utils.data import DataLoader
 
 from src import distributed as ddp
 from src import evaluate
-from src.config import (
-    ConfigError,
-)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+from src.errors import ConfigError, NonFiniteLossError
 
 
 class BatchPrep:
@@ -49,6 +45,23 @@ class BatchPrep:
             x = (x.float().div_(255) - self.mean) / self.std
         x = x.contiguous(memory_format=self.memory_format)
         return x, batch["label"].to(self.device, non_blocking=nb)
+
+
+@dataclass
+class BatchSettings:
+    """How every batch of a run is treated, travelling as one: moved to the device and
+    normalized (`prep`), the loss, mixed precision ('off', 'bf16', 'fp16'), the problem
+    ('multilabel' or 'multiclass') and the smoke-run cap (`max_batches`, 0 = all)."""
+
+    prep: BatchPrep
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    amp: str = "off"
+    problem: str = "multilabel"
+    max_batches: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.prep.device
 
 
 def make_loss(problem: str) -> nn.Module:
@@ -83,19 +96,18 @@ def _progress(iterable, total: int, desc: str):
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    prep: BatchPrep,
-    loss_fn,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
-    amp: str,
+    batches: BatchSettings,
     desc: str,
-    max_batches: int = 0,
 ) -> dict[str, float]:
-    """One pass over the training loader; returns loss, images/s and the data-wait share."""
+    """One pass over the training loader: loss sum, images, seconds and seconds of waiting
+    for data."""
     model.train()
+    prep, loss_fn, amp = batches.prep, batches.loss_fn, batches.amp
     loss_sum = torch.zeros((), dtype=torch.float64, device=prep.device)
     n_images, wait, start = 0, 0.0, time.perf_counter()
-    steps = n_batches(loader, max_batches)
+    steps = n_batches(loader, batches.max_batches)
     bar = _progress(loader, steps, desc)
     it = iter(bar)
     for step in range(steps):
@@ -135,25 +147,17 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    prep: BatchPrep,
-    loss_fn,
-    problem: str,
-    amp: str,
-    max_batches: int = 0,
-) -> dict[str, Any]:
+def predict(model: nn.Module, loader: DataLoader, batches: BatchSettings) -> dict[str, Any]:
     """Loss sum, probabilities, labels and image indices over a loader (this rank's share)."""
     model.eval()
     loss_sum, probs, labels, idx = 0.0, [], [], []
-    steps = n_batches(loader, max_batches)
+    steps = n_batches(loader, batches.max_batches)
     for batch in _progress(itertools.islice(loader, steps), steps, "eval"):
-        x, y = prep(batch)
-        with autocast(prep.device, amp):
+        x, y = batches.prep(batch)
+        with autocast(batches.device, batches.amp):
             logits = model(x)["out"].float()
-        loss_sum += float(loss_fn(logits, y)) * len(y)
-        probs.append(to_probs(logits, problem).cpu())
+        loss_sum += float(batches.loss_fn(logits, y)) * len(y)
+        probs.append(to_probs(logits, batches.problem).cpu())
         labels.append(y.cpu())
         idx.append(batch["img_idx"].cpu())
     cat = (lambda xs: torch.cat(xs).numpy()) if probs else (lambda xs: np.zeros((0, 0)))

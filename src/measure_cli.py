@@ -5,9 +5,10 @@ errors. Imports nothing heavy, so `--help` comes back at once."""
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
+
+from src.errors import UserError, print_user_error
 
 
 def add_source_flags(parser: argparse.ArgumentParser, default_split: str) -> None:
@@ -34,11 +35,8 @@ def check_source_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def run_in_temporary_folder(run_fn, args: argparse.Namespace, prefix: str) -> int:
     """`run_fn(args, tmp)` with a temporary folder; data errors become one line, exit 2."""
-    from load_dataset.errors import DataError
-
     try:
         with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
             return run_fn(args, Path(tmp))
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: a folder or file that cannot be read
+        return print_user_error(e)

@@ -5,6 +5,7 @@ logged to MLflow."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from src import checkpoint as ckpt_io
 from src import distributed as ddp
@@ -12,42 +13,36 @@ from src import evaluate
 from src.build import build_loader
 from src.loop import epoch_metrics, predict
 
+if TYPE_CHECKING:
+    from src.build import Trainer
 
-def log_best_outputs(
-    config,
-    model,
-    datasets,
-    prep,
-    loss_fn,
-    amp,
-    tracker,
-    results_dir,
-    history,
-) -> dict[str, float]:
-    """Evaluate the best weights once more and log plots, predictions, tables and weights."""
-    best_path = results_dir / "best.pt"
+
+def log_best_outputs(t: Trainer) -> dict[str, float]:
+    """Evaluate the best weights once more on val (and test) and log plots, predictions,
+    tables, the learning curves and best.pt; returns the `best_*` summary."""
+    best_path = t.results_dir / "best.pt"
     if not best_path.is_file():
         return {}
     best = ckpt_io.load_checkpoint(best_path, "best.pt")
-    model.load_state_dict(best["model"])
+    t.state.model.load_state_dict(best["model"])
     summary: dict[str, float] = {"best_epoch": float(best["epoch"])}
     single = ddp.DistInfo()
-    for split, ds in datasets.items():
+    for split, ds in t.datasets.items():
         if split == "train":
             continue
-        loader = build_loader(ds, config, single, prep.device, train=False)
-        pred = predict(
-            model, loader, prep, loss_fn, config.data.task, amp, config.train.max_batches
-        )
-        metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.task, split)
+        loader = build_loader(ds, t.config, single, t.batches.device, train=False)
+        pred = predict(t.state.model, loader, t.batches)
+        metrics = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
         summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
-        write_split_outputs(tracker, results_dir, split, ds, pred, metrics)
+        write_split_outputs(t.tracker, t.results_dir, split, ds, pred, metrics)
     # A run resumed to train longer whose best epoch did not change has logged this already.
-    if int(best["epoch"]) not in tracker.logged_steps("best_epoch"):
-        tracker.log_epoch(summary, int(best["epoch"]))
-    curves = evaluate.plot_learning_curves(history, results_dir / "plots" / "learning_curves.png")
-    tracker.log_artifact(curves, "plots")
-    tracker.log_artifact(best_path, "model")
+    if int(best["epoch"]) not in t.tracker.logged_steps("best_epoch"):
+        t.tracker.log_epoch(summary, int(best["epoch"]))
+    curves = evaluate.plot_learning_curves(
+        t.state.history, t.results_dir / "plots" / "learning_curves.png"
+    )
+    t.tracker.log_artifact(curves, "plots")
+    t.tracker.log_artifact(best_path, "model")
     return summary
 
 

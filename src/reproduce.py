@@ -27,14 +27,11 @@ from typing import Any
 
 from src import config as cfg
 from src import tracking
-from src.compare_runs import CompareError, MetricDiff, compare_metrics, get_run, open_client
+from src.compare_runs import MetricDiff, compare_metrics, get_run, open_client
+from src.errors import ConfigError, TrackingError, UserError, print_user_error
 from src.flags import overrides_from_args
 
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-
-class ReproduceError(ValueError):
-    """The run cannot be reproduced as asked (no stored config, a bad tolerance)."""
 
 
 @dataclass
@@ -112,7 +109,7 @@ def load_run_config(
             if children
             else "; only runs made by src.run_experiment can be reproduced"
         )
-        raise ReproduceError(f"MLflow run {run_id} has no config/config.toml artifact{hint}.")
+        raise TrackingError(f"MLflow run {run_id} has no config/config.toml artifact{hint}.")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.toml"
         path.write_text(text)
@@ -319,7 +316,7 @@ def reproduce(
     from src.run_experiment import run
 
     if tolerance < 0 or math.isnan(tolerance):
-        raise ReproduceError(f"--tolerance must be 0 or more, got {tolerance}.")
+        raise ConfigError(f"--tolerance must be 0 or more, got {tolerance}.")
     uri = tracking_uri or tracking.tracking_uri()
     client = open_client(uri)
     original = get_run(client, run_id)
@@ -405,15 +402,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Reproduce, print the comparison; 0 reproduced, 1 different, 2 a user error."""
-    from src.cli import one_line, user_errors
-
     args = make_parser().parse_args(argv)
     try:
         overrides = overrides_from_args(argparse.Namespace(set=args.set), "")
         result = reproduce(args.run_id, args.tolerance, args.tracking_uri, overrides or None)
-    except (ReproduceError, CompareError, *user_errors()) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return print_user_error(e)
     except KeyboardInterrupt:
         return 130
     print(format_comparison(result, args.every_row))

@@ -3,7 +3,8 @@
 The tracking URI is `MLFLOW_TRACKING_URI` (or the config's `run.tracking_uri`) when set, else
 `sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns`, so `mlflow ui` started in
 the repository root shows every run. Only rank 0 of a distributed launch tracks anything:
-the other ranks get a `NullTracker` with the same methods.
+the other ranks get a `NullTracker` with the same methods. A `Tracker` holds Ctrl-C (SIGINT)
+until its run ends, so that a Ctrl-C is never lost and never cuts an MLflow write in half.
 """
 
 from __future__ import annotations
@@ -14,26 +15,25 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from src.config import REPO_ROOT, ExperimentConfig, to_toml
+from src.config import REPO_ROOT, RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
+from src.errors import TrackingError
 
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
-# Config keys a resumed run may change (params are immutable, so the new value becomes a tag).
-RESUME_MAY_CHANGE = ("train.epochs", "train.patience")
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be reached or a run cannot be resumed; the message says what to do."""
 
 
 def tracking_uri(config: ExperimentConfig | None = None) -> str:
@@ -165,8 +165,71 @@ def data_fingerprint(dataset: Any) -> dict[str, Any]:
     return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """`name` as a folder name: runs of other characters become one '-'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "experiment"
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+class _CtrlC:
+    pending = False  # pressed since `_on_ctrl_c` went in
+    in_mlflow_call = 0
+    holders = 0  # trackers not yet ended
+
+
+def _on_ctrl_c(signum: int, frame: Any) -> None:
+    """Python's KeyboardInterrupt, made to keep the run's record right.
+
+    Pressed during an MLflow call it is raised when the call returns (pressed twice, at once):
+    a write cut in half keeps the SQLite store locked, and marking the run KILLED then fails.
+    Raised while Python runs a finalizer (a `__del__` or weakref callback, e.g. SQLAlchemy's),
+    it is lost: CPython prints "Exception ignored in ..." and the run would end FINISHED with
+    exit code 0. `pending` remembers it; the next tracker call raises it again.
+    """
+    first = not _CtrlC.pending
+    _CtrlC.pending = True
+    if not (first and _CtrlC.in_mlflow_call):
+        raise KeyboardInterrupt
+
+
+def _hold_ctrl_c() -> bool:
+    """Put `_on_ctrl_c` in (main thread, in place of Python's default handler only)."""
+    if not _CtrlC.holders:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return False  # the program handles Ctrl-C itself
+        signal.signal(signal.SIGINT, _on_ctrl_c)
+        _CtrlC.pending = False
+    _CtrlC.holders += 1
+    return True
+
+
+def _release_ctrl_c() -> None:
+    _CtrlC.holders -= 1
+    if not _CtrlC.holders and signal.getsignal(signal.SIGINT) is _on_ctrl_c:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _raise_pending_ctrl_c() -> None:
+    if _CtrlC.holders and _CtrlC.pending:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def _mlflow_call(interruptible: bool = True) -> Iterator[None]:
+    """Ctrl-C waits for the call; `interruptible`: raise one pressed before or during it."""
+    if interruptible:
+        _raise_pending_ctrl_c()
+    _CtrlC.in_mlflow_call += 1
+    try:
+        yield
+    finally:
+        _CtrlC.in_mlflow_call -= 1
+    if interruptible:
+        _raise_pending_ctrl_c()
 
 
 # ------------------------------------------------------------------ trackers
@@ -194,13 +257,17 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """One MLflow run, driven through `MlflowClient` (no global 'active run' state)."""
+    """One MLflow run, driven through `MlflowClient` (no global 'active run' state).
+
+    It holds Ctrl-C until `end` (see `_on_ctrl_c`): its calls raise a Ctrl-C that Python lost.
+    """
 
     def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
         self.client = client
         self.uri = uri
         self.experiment_id = experiment_id
         self.run_id = run_id
+        self.holds_ctrl_c = _hold_ctrl_c()
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         """All of an epoch's metrics in one call, at step=epoch (NaN values are skipped)."""
@@ -212,34 +279,52 @@ class Tracker(NullTracker):
             for key, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        with _mlflow_call():
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        with _mlflow_call():
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+        with _mlflow_call():
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
+        with _mlflow_call():
+            self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        with _mlflow_call():
+            self.client.log_text(self.run_id, text, name)
 
     def logged_steps(self, key: str) -> list[int]:
-        return sorted(m.step for m in self.client.get_metric_history(self.run_id, key))
+        with _mlflow_call():
+            history = self.client.get_metric_history(self.run_id, key)
+        return sorted(m.step for m in history)
 
     def end(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        """Mark the run `status` and let Ctrl-C go.
+
+        `end("FINISHED")` raises a pending Ctrl-C instead (before or after the write), so the
+        caller marks the run KILLED and the program exits with 130.
+        """
+        try:
+            with _mlflow_call(interruptible=status == "FINISHED"):
+                self.client.set_terminated(self.run_id, status=status)
+        finally:
+            if self.holds_ctrl_c:
+                self.holds_ctrl_c = False
+                _release_ctrl_c()
 
 
 def _client(uri: str) -> Any:
@@ -261,7 +346,7 @@ def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
             )
         return exp.experiment_id
     sqlite_dir = _sqlite_dir(uri)
-    location = (sqlite_dir / "mlruns" / _slug(name)).as_uri() if sqlite_dir else None
+    location = (sqlite_dir / "mlruns" / slug(name)).as_uri() if sqlite_dir else None
     # The UI opens on its GenAI views unless the experiment says it is for model training.
     return client.create_experiment(
         name,
@@ -309,16 +394,23 @@ def start(
         tags={k: str(v) for k, v in tags.items()},
     )
     tracker = Tracker(client, uri, experiment_id, run.info.run_id)
-    try:
+    with _ended_on_error(tracker):
         tracker.log_params(config.flat())
         tracker.log_text(to_toml(config), "config/config.toml")
         tracker.log_text(pip_freeze(), "environment/pip_freeze.txt")
         if git["diff"]:
             tracker.log_text(git["diff"], "environment/git_diff.patch")
-    except Exception:
-        tracker.end("FAILED")
-        raise
     return tracker
+
+
+@contextmanager
+def _ended_on_error(tracker: Tracker) -> Iterator[None]:
+    """A run whose set-up fails ends KILLED on Ctrl-C, else FAILED (not RUNNING forever)."""
+    try:
+        yield
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullTracker:
@@ -336,18 +428,23 @@ def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullT
             "resume with the same --tracking-uri as the original run."
         ) from None
     logged = run.data.params
-    changed = {}
-    for key, value in config.flat().items():
-        if key in RESUME_MAY_CHANGE and logged.get(key) != str(value):
-            changed[f"resumed.{key}"] = value  # "train longer": params stay, a tag says so
-        elif key in logged and logged[key] != str(value):
-            raise TrackingError(
-                f"Config key {key} is {value!r} but the run being resumed used "
-                f"{logged[key]!r}; resume with the original config (params cannot change)."
-            )
+    mismatch = config_mismatch(logged, config, may_differ=RESUME_MAY_CHANGE, as_params=True)
+    if mismatch is not None:
+        key, theirs, ours = mismatch
+        raise TrackingError(
+            f"Config key {key} is {ours!r} but the run being resumed used {theirs!r}; resume "
+            "with the original config (params cannot change)."
+        )
+    flat = config.flat()
+    changed = {  # "train longer": params stay, a tag says so
+        f"resumed.{key}": flat[key]
+        for key in RESUME_MAY_CHANGE
+        if logged.get(key) != str(flat[key])
+    }
     client.update_run(run_id, status="RUNNING")
     tracker = Tracker(client, uri, run.info.experiment_id, run_id)
-    tracker.set_tags(changed)
+    with _ended_on_error(tracker):
+        tracker.set_tags(changed)
     return tracker
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from src.errors import DataError
 from src.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         args.split, voc_dir, image_size=args.image_size, augment="none", return_seglabel=False
     )
     if len(dataset) == 0:
-        raise ValueError(f"The {args.split} split of {source} lists no images.")
+        raise DataError(f"The {args.split} split of {source} lists no images.")
     sbd = sbd_duplicates(args.voc_dir, args.sbd_dir) if args.sbd_dir else None
     labels, normalized, grey = compare_split(dataset, args.image_size)
 

@@ -160,7 +160,7 @@ def builtin_config(
         },
         "data": {
             "dataset": "load_dataset.builtin:TorchvisionClassification",
-            "task": "multiclass",
+            "problem": "multiclass",
             "batch_size": 16,
             "num_workers": 0,
             "args": {"name": name, "root": str(root), "val_fraction": 0.1, **data_args},

@@ -376,7 +376,7 @@ def test_cifar10_experiment_config():
 
     c = cfg.load(REPO / "experiments" / "cifar10_tinyconv.toml")
     assert c.data.dataset == "load_dataset.builtin:TorchvisionClassification"
-    assert c.data.task == "multiclass"
+    assert c.data.problem == "multiclass"
     assert c.data.args["name"] == "CIFAR10"
     assert c.data.args["root"] == str(REPO / "data")  # resolved against the repo, not the cwd
     assert c.model.args == {"n_outputs": 10}

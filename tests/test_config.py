@@ -11,6 +11,8 @@ from src import config as cfg
 from src import flags
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
+DEMO3 = REPO / "experiments" / "demo3_vgg16_pascal.toml"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -19,10 +21,20 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+def _parser(config: Path | None = DEMO2) -> flags.FlagParser:
+    """The parser of a Demo (`--config` with a default) or, for None, of
+    `python -m src.run_experiment` (the experiment file as a positional)."""
+    parser = flags.FlagParser(prog="demo")
+    if config is None:
+        parser.add_argument("config")
+    else:
+        parser.add_argument("--config", default=str(config))
     flags.add_config_flags(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv: list[str], config: Path | None = DEMO2) -> argparse.Namespace:
+    return _parser(config).parse_args(argv)
 
 
 def test_every_experiment_file_loads():
@@ -115,7 +127,7 @@ def test_flags_override_and_resolve_against_cwd(tmp_path, monkeypatch):
             "run.run_name=x y",
         ]
     )
-    c = flags.load_from_args(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", args)
+    c = flags.load_from_args(args.config, args)
     assert c.train.epochs == 7 and c.optimizer.lr == 0.5 and c.data.num_workers == 2
     assert c.data.args["data_dir"] == str(tmp_path / "mydata")
     assert c.run.results_dir == str(tmp_path / "out")
@@ -133,10 +145,9 @@ def test_flat_and_toml_round_trip(tmp_path):
 
 
 def test_pascal_flags_set_dataset_and_model_arguments():
-    args = _parse(
-        ["--voc-dir", "v", "--image-size", "128", "--no-pretrained", "--max-batches", "3"]
-    )
-    demo3 = flags.load_from_args(REPO / "experiments" / "demo3_vgg16_pascal.toml", args)
+    argv = ["--voc-dir", "v", "--image-size", "128", "--no-pretrained", "--max-batches", "3"]
+    args = _parse(argv, DEMO3)
+    demo3 = flags.load_from_args(DEMO3, args)
     assert demo3.data.args["voc_dataset_dir"] == str(Path("v").resolve())
     assert demo3.data.args["image_size"] == demo3.model.args["image_size"] == 128
     assert demo3.model.args["pretrained"] is False  # VGG16 takes `pretrained`
@@ -151,21 +162,123 @@ def test_pascal_flags_set_dataset_and_model_arguments():
     [
         (["--image-size", "64"], "--image-size does not apply to"),
         (["--no-pretrained"], "--no-pretrained does not apply to the model"),
-        (["--voc-dir", "x"], "--voc-dir does not apply to the dataset"),
         (["--max-batches", "-1"], r"\[train\] max_batches must be 0"),
     ],
 )
 def test_flags_that_do_not_apply_are_errors_not_silent(argv, message):
-    demo2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
     with pytest.raises(cfg.ConfigError, match=message):
-        flags.load_from_args(demo2, _parse(argv))
+        flags.load_from_args(DEMO2, _parse(argv))
 
 
 def test_an_empty_sbd_dir_flag_leaves_sbd_out():
-    demo3 = REPO / "experiments" / "demo3_vgg16_pascal.toml"
-    assert flags.load_from_args(demo3, _parse(["--sbd-dir", ""])).data.args["sbd_dataset_dir"] == ""
-    default = flags.load_from_args(demo3, _parse([])).data.args["sbd_dataset_dir"]
+    args = _parse(["--sbd-dir", ""], DEMO3)
+    assert flags.load_from_args(DEMO3, args).data.args["sbd_dataset_dir"] == ""
+    default = flags.load_from_args(DEMO3, _parse([], DEMO3)).data.args["sbd_dataset_dir"]
     assert default == str(REPO / "data" / "sbd")
+
+
+def test_help_lists_the_folder_flags_of_the_experiments_dataset(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--help"], DEMO3)
+    pascal = capsys.readouterr().out
+    assert "folders of the dataset load_dataset.custom_pascal:PascalVOC2012" in pascal
+    for line in ["--voc-dir DIR", "--sbd-dir DIR", "--cache-dir DIR", "VOCdevkit/VOC2012"]:
+        assert line in pascal
+    assert "--data-dir" not in pascal
+    with pytest.raises(SystemExit):
+        _parse(["--help"], DEMO2)
+    tiny = capsys.readouterr().out
+    assert "--data-dir DIR" in tiny and "tiny_labels.csv" in tiny and "--voc-dir" not in tiny
+
+
+def test_a_folder_flag_of_another_dataset_is_one_line_naming_the_dataset(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parse(["--voc-dir", "x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --voc-dir is not a flag of this command and does not apply to the dataset "
+        "load_dataset.custom_tiny:TinyData (its path flags: --data-dir); see --help.\n"
+    )
+
+
+def test_the_positional_experiment_file_may_follow_its_folder_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _parse(["--voc-dir", "v", "--epochs", "2", str(DEMO3), "--cache-dir", "c"], None)
+    c = flags.load_from_args(args.config, args)
+    assert c.data.args["voc_dataset_dir"] == str(tmp_path / "v")
+    assert c.data.args["cache_dir"] == str(tmp_path / "c")
+    assert c.train.epochs == 2
+
+
+def test_an_unreadable_experiment_file_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parse([str(tmp_path / "nope.toml"), "--voc-dir", "v"], None)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: Config file ")
+
+
+@pytest.mark.parametrize(
+    "toml, arg, expected",
+    [
+        ("imagefolder_tinyconv.toml", "root", "d/{setname}"),  # the TOML's root has {setname}
+        ("cifar10_tinyconv.toml", "root", "d"),  # TorchvisionClassification declares it
+        ("demo2_tinyconv_tinydata.toml", "data_dir", "d"),
+    ],
+)
+def test_data_dir_sets_the_datasets_folder_argument(tmp_path, monkeypatch, toml, arg, expected):
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "experiments" / toml
+    c = flags.load_from_args(path, _parse(["--data-dir", "d"], path))
+    assert c.data.args[arg] == str(tmp_path / expected)
+
+
+def test_the_flags_follow_a_dataset_set_on_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--set", "data.dataset=torchvision.datasets:ImageFolder", "--data-dir", "d"]
+    c = flags.load_from_args(DEMO3, _parse(argv, DEMO3))
+    assert c.data.dataset == "torchvision.datasets:ImageFolder"
+    assert c.data.args["root"] == str(tmp_path / "d")
+    with pytest.raises(SystemExit):
+        _parse([*argv, "--voc-dir", "v"], DEMO3)
+    assert "--voc-dir is not a flag" in capsys.readouterr().err
+
+
+FORK = """
+from torch.utils.data import Dataset
+
+
+class Shapes(Dataset):
+    path_flags = {"--labels-csv": ("labels_path", "the CSV of labels")}
+
+    def __init__(self, setname, labels_path, root="data/shapes"):
+        self.setname = setname
+
+
+class Broken(Shapes):
+    path_flags = {"--labels-csv": ("label_path", "a typo of labels_path")}
+"""
+
+
+def test_a_forked_dataset_brings_its_own_folder_flags(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fork_shapes.py").write_text(FORK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    toml = DEMO2.read_text().replace("load_dataset.custom_tiny:TinyData", "fork_shapes:Shapes")
+    path = _write(tmp_path, toml)
+    args = _parse(["--labels-csv", "l.csv", "--data-dir", "d"], path)
+    c = flags.load_from_args(path, args)
+    assert c.data.args["labels_path"] == str(tmp_path / "l.csv")
+    assert c.data.args["root"] == str(tmp_path / "d")  # the generic --data-dir: its `root`
+    with pytest.raises(SystemExit):
+        _parse(["--help"], path)
+    assert "--labels-csv PATH" in capsys.readouterr().out
+    broken = _write(tmp_path, toml.replace("fork_shapes:Shapes", "fork_shapes:Broken"))
+    with pytest.raises(SystemExit):
+        _parse([], broken)
+    assert capsys.readouterr().err == (
+        "error: fork_shapes:Broken.path_flags gives --labels-csv for the argument "
+        "'label_path', which the class does not take.\n"
+    )
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
@@ -206,3 +319,17 @@ def test_a_transform_table_in_data_args_survives_the_stored_toml():
     }
     assert c.data.args["root"] == str(REPO / "data" / "my_images" / "{setname}")
     assert cfg.from_dict(tomllib.loads(cfg.to_toml(c))) == c
+
+
+def test_the_old_name_data_task_is_read_as_data_problem_with_a_note(tmp_path, capsys):
+    old = (REPO / "experiments" / "demo2_tinyconv_tinydata.toml").read_text()
+    path = tmp_path / "old.toml"
+    path.write_text(old.replace('problem = "multilabel"', 'task = "multiclass"'))
+    cfg._renames_noted.clear()
+    assert cfg.load(path).data.problem == "multiclass"
+    cfg.load(path)
+    assert capsys.readouterr().err.count("note: [data] task is now called [data] problem") == 1
+    both = old.replace('problem = "multilabel"', 'problem = "multilabel"\ntask = "multilabel"')
+    path.write_text(both)
+    with pytest.raises(cfg.ConfigError, match="keep only problem"):
+        cfg.load(path)

@@ -80,7 +80,7 @@ BROKEN = {
     "an integer class in a multilabel task": (
         ListDataset([(IMG, 1)], classes=NAMES),
         "multilabel",
-        'set [data] task = "multiclass"',
+        'set [data] problem = "multiclass"',
     ),
     "a class beyond the labels": (
         ListDataset([(IMG, 3)], classes=NAMES),
@@ -178,7 +178,7 @@ def test_integer_classes_without_img_idx_train_as_a_multiclass_task(mlflow_uri, 
             **{
                 "train.epochs": 2,
                 "data.dataset": "tests.contract_data:IntClassTinyData",
-                "data.task": "multiclass",
+                "data.problem": "multiclass",
             },
         )
     )

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from src.checkpoint import CheckpointError
 from src.run_experiment import run
+from tests.faulty_data import CTRL_C_IN_FINALIZER_AT
 from tests.test_run_experiment import DEMO2, REPO, all_series, tiny_config
 
 DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
@@ -160,8 +161,27 @@ def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def _first_checkpoint(results: Path, proc: subprocess.Popen, limit_s: float = 120) -> None:
+    """Wait until the run has written its first last.pt, whatever its epoch number."""
+    deadline = time.monotonic() + limit_s
+    while not any(results.glob("*/*/last.pt")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"no last.pt within {limit_s} s; exit code {proc.returncode}\n"
+                f"--- stdout\n{out}\n--- stderr\n{err}"
+            )
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path):
+@pytest.mark.parametrize("where", ["from outside", "inside a finalizer"])
+def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where):
+    """Ctrl-C ends the run KILLED with exit code 130 and the command that resumes it, also
+    when Python raises the KeyboardInterrupt inside a finalizer (a `__del__`), where CPython
+    drops it: SIGINT can arrive while one runs (SQLAlchemy's, for one), and the run then went
+    on and ended FINISHED with exit code 0."""
     args = [
         "--epochs",
         "3",
@@ -172,18 +192,38 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path):
         "--set",
         "data.args.delay_s=0.004",
     ]
-    proc = start_demo(args, tmp_path)
-    folder = wait_for_epoch(tmp_path / "results", 0, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert f"--resume {folder}" in err
+    env = dict(os.environ)
+    if where == "inside a finalizer":
+        env[CTRL_C_IN_FINALIZER_AT] = "160"  # a read of the second epoch (150 images)
+    proc = subprocess.Popen(
+        [sys.executable, DEMO, "--results-dir", str(tmp_path / "results"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        # Ctrl-C as in a terminal. Started in the background by a non-interactive shell
+        # (`make test &`, nohup), pytest inherits SIGINT ignored and so does this child:
+        # Python then has no KeyboardInterrupt to raise and the run ends FINISHED, exit code 0.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    if where == "from outside":
+        _first_checkpoint(tmp_path / "results", proc)
+        proc.send_signal(signal.SIGINT)  # to the run's process only, as the tests can
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    shown = f"exit code {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
+    assert proc.returncode == 130, shown
+    (last,) = (tmp_path / "results").glob("*/*/last.pt")
+    assert f"--resume {last.parent}" in err, shown
     (r,) = runs_of(mlflow_uri, "intr")
-    assert r.info.status == "KILLED"
-    done = demo([*args, "--resume", str(folder)], tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert r.info.status == "KILLED", shown
+    done = demo([*args, "--resume", str(last.parent)], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
     (r,) = runs_of(mlflow_uri, "intr")
-    assert r.info.status == "FINISHED"
+    assert r.info.status == "FINISHED", done.stdout + done.stderr
 
 
 def _tiny_copy(tmp_path: Path) -> Path:
@@ -254,7 +294,7 @@ BAD_INPUT = {
     ),
     "integer class in a multilabel task": (
         lambda p: ["--set", 'data.dataset="tests.contract_data:IntClassTinyData"'],
-        'set [data] task = "multiclass"',
+        'set [data] problem = "multiclass"',
     ),
     "a function named as the dataset": (
         lambda p: ["--set", 'data.dataset="os:system"'],
