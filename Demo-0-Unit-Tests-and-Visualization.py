@@ -37,7 +37,7 @@ EXPERIMENT = "Demo-0-Unit-Tests-and-Visualization"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from load_dataset.pascal_augment import AUGMENTATIONS
+    from load_dataset.pascal.augment import AUGMENTATIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--voc-dir", default=str(REPO / "data" / "voc"), help="holds VOCdevkit/")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     from load_dataset.errors import DataError
-    from load_dataset.pascal_visualize import build_augmentation_gallery
+    from load_dataset.pascal.visualize import build_augmentation_gallery
     from src import tracking
     from src.config import ExperimentConfig, RunConfig
     from src.errors import UserError, print_user_error

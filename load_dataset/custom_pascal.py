@@ -9,7 +9,7 @@ Per sample the work is: decode the JPEG with Pillow, resize it while still uint8
 (antialiased), and, only when a mask is needed (seglabel or cropping), decode and resize
 the mask. `data` is uint8; the training loop scales and normalizes whole batches on the
 device with `mean_std`. With `cache_dir`, the resized images and masks are decoded once into
-memory-mapped arrays (pascal_cache.py) and every epoch reads them from there instead.
+memory-mapped arrays (pascal/cache.py) and every epoch reads them from there instead.
 
 Data layout and downloads: data_README.md.
 """
@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from load_dataset import pascal_cache
 from load_dataset.errors import DataError
-from load_dataset.pascal_augment import AUGMENTATIONS, PascalAugment, check_augment
-from load_dataset.pascal_labels import (
+from load_dataset.pascal import cache as pascal_cache
+from load_dataset.pascal.augment import AUGMENTATIONS, PascalAugment, check_augment
+from load_dataset.pascal.labels import (
     VOC_CLASSES,
     get_all_labels_string,
     get_label_vector,
@@ -35,7 +35,7 @@ from load_dataset.pascal_labels import (
     return_label_names,
     voc_colormap,
 )
-from load_dataset.pascal_layout import (
+from load_dataset.pascal.layout import (
     README,
     Entry,
     find_sbd_root,
@@ -43,7 +43,7 @@ from load_dataset.pascal_layout import (
     sbd_entries,
     voc_entries,
 )
-from load_dataset.pascal_visualize import build_augmentation_gallery, save_visualization
+from load_dataset.pascal.visualize import build_augmentation_gallery, save_visualization
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD  # what the pretrained VGG-16 expects
 
 __all__ = [
@@ -90,7 +90,7 @@ class PascalVOC2012(Dataset):
             resized, into memory-mapped .npy files (S = 320: 409,600 bytes per image),
             plus the label table as a small .npz; later constructions reuse them while
             the files' names, sizes and modification times are unchanged
-            (pascal_cache.py). For augment 'none' and 'flip' a cached sample is exactly the
+            (pascal/cache.py). For augment 'none' and 'flip' a cached sample is exactly the
             uncached one. With crops ('flip_scale_crop', 'full') the crop is taken from the
             cached S x S image and mask, and the label from the cropped resized mask.
 

@@ -64,7 +64,7 @@ def draw_mask(objects: Objects, void_border: bool) -> np.ndarray:
 
 def draw_image(objects: Objects, seed: int) -> np.ndarray:
     """uint8 [HEIGHT, WIDTH, 3]: a noisy gradient with each object in its VOC colour."""
-    from load_dataset.pascal_labels import voc_colormap
+    from load_dataset.pascal.labels import voc_colormap
 
     rng = np.random.default_rng(seed)
     ramp = np.linspace(40, 200, WIDTH)[None, :, None]
@@ -77,7 +77,7 @@ def draw_image(objects: Objects, seed: int) -> np.ndarray:
 
 def write_voc_mask(path: Path, mask: np.ndarray) -> None:
     """A palette ("P") PNG with the VOC colours, as in SegmentationClass/."""
-    from load_dataset.pascal_labels import voc_colormap
+    from load_dataset.pascal.labels import voc_colormap
 
     image = Image.fromarray(mask, mode="P")
     image.putpalette(voc_colormap().ravel().tolist())

@@ -1,4 +1,4 @@
-"""src.benchmark_loader on a tiny synthetic tree (figures are printed, never asserted), the
+"""src.tools.benchmark_loader on a tiny synthetic tree (figures are printed, never asserted), the
 synthetic VOC writer, and the training loop's speed switches on the CPU."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from load_dataset.custom_pascal import PascalVOC2012
-from load_dataset.make_synthetic_voc import SIZES, write_synthetic_voc
-from src import benchmark_loader as bench
+from load_dataset.generators.make_synthetic_voc import SIZES, write_synthetic_voc
+from src.tools import benchmark_loader as bench
 from tests.test_evaluate import png_pixels
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""src.compare_runs: an experiment's runs as a table, CSV and plot; two runs step by step."""
+"""src.tools.compare_runs: an experiment's runs as a table, CSV and plot; two runs step by step."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from src import tracking
-from src.compare_runs import compare_metrics, differing_params, main
 from src.config import ExperimentConfig, RunConfig
 from src.run_experiment import run
+from src.tools.compare_runs import compare_metrics, differing_params, main
 from tests.test_evaluate import TAB10, count_colour, png_pixels
 from tests.test_run_experiment import tiny_config
 

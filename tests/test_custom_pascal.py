@@ -23,7 +23,7 @@ from load_dataset.custom_pascal import (
     voc_colormap,
 )
 from load_dataset.errors import DataError
-from load_dataset.pascal_visualize import caption
+from load_dataset.pascal.visualize import caption
 from tests.pascal_fixtures import (
     ONE_PIXEL,
     SBD_TRAIN_NOVAL,

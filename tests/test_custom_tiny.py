@@ -13,7 +13,7 @@ from PIL import Image
 
 from load_dataset.custom_tiny import SHIPPED_DATA_DIR, TinyData
 from load_dataset.errors import DataError
-from load_dataset.make_tiny_data import LABEL_COLOURS, main, make_tiny_data
+from load_dataset.generators.make_tiny_data import LABEL_COLOURS, main, make_tiny_data
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from tests.tiny_fixtures import (
     TINY_LABELS,

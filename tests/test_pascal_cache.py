@@ -1,4 +1,4 @@
-"""load_dataset.pascal_cache through PascalVOC2012(cache_dir=...), and the uint8 fast path."""
+"""load_dataset.pascal.cache through PascalVOC2012(cache_dir=...), and the uint8 fast path."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from load_dataset import custom_pascal, pascal_cache
+from load_dataset import custom_pascal
 from load_dataset.custom_pascal import PascalVOC2012, read_image
 from load_dataset.errors import DataError
-from load_dataset.pascal_augment import PascalAugment
-from load_dataset.pascal_cache import CacheWarning
-from load_dataset.pascal_labels import label_vector_from_mask
+from load_dataset.pascal import cache as pascal_cache
+from load_dataset.pascal.augment import PascalAugment
+from load_dataset.pascal.cache import CacheWarning
+from load_dataset.pascal.labels import label_vector_from_mask
 from load_dataset.utils import IMAGENET_STD, to_tensor_and_normalize
 from src.loop import BatchPrep
 from tests.pascal_fixtures import ONE_PIXEL, make_pascal_tree, write_voc_mask

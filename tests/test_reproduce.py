@@ -1,4 +1,4 @@
-"""src.reproduce: what a run records, and reproducing it on the CPU with TinyData."""
+"""src.tools.reproduce: what a run records, and reproducing it on the CPU with TinyData."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from mlflow.tracking import MlflowClient
 
 from src import config as cfg
 from src import tracking
-from src.compare_runs import MetricDiff
-from src.reproduce import (
+from src.run_experiment import run
+from src.tools.compare_runs import MetricDiff
+from src.tools.reproduce import (
     ComparisonResult,
     format_comparison,
     main,
     reproduce,
     resumed_overrides,
 )
-from src.run_experiment import run
 from tests.test_run_experiment import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""src.tutorial_differences: the label comparison on hand-made masks, and the printed table."""
+"""src.tools.tutorial_differences: the label comparison on hand-made masks, the printed table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from src import tutorial_differences as diffs
+from src.tools import tutorial_differences as diffs
 from tests.pascal_fixtures import make_pascal_tree
 
 BOTTLE, PERSON, SHEEP = 5, 15, 17  # mask values; label index = value - 1

@@ -1,8 +1,8 @@
 """Reproduce a tracked run and prove it: the same config as a new run, every metric compared.
 
-    python -m src.reproduce RUN_ID                     # exit 0 only if every metric is identical
-    python -m src.reproduce RUN_ID --tolerance 1e-6    # accept differences up to 1e-6
-    python -m src.reproduce RUN_ID --set optimizer.lr=0.01   # see what one change does
+    python -m src.tools.reproduce RUN_ID                 # exit 0 only if every metric is identical
+    python -m src.tools.reproduce RUN_ID --tolerance 1e-6    # accept differences up to 1e-6
+    python -m src.tools.reproduce RUN_ID --set optimizer.lr=0.01   # what one change does
 
 The config is the run's stored `config/config.toml` (the fully resolved config, so defaults
 that change later do not change the reproduction). The new run lands in the same experiment,
@@ -27,9 +27,9 @@ from typing import Any
 
 from src import config as cfg
 from src import tracking
-from src.compare_runs import MetricDiff, compare_metrics, get_run, open_client
 from src.errors import ConfigError, TrackingError, UserError, print_user_error
 from src.flags import overrides_from_args
+from src.tools.compare_runs import MetricDiff, compare_metrics, get_run, open_client
 
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
@@ -372,7 +372,7 @@ def reproduce(
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.reproduce",
+        prog="python -m src.tools.reproduce",
         description="Run a tracked MLflow run again as a new run and compare every metric.",
     )
     parser.add_argument("run_id", help="the MLflow run id of the original run")

@@ -1,8 +1,10 @@
 """How fast PASCAL samples reach the model: the tutorial's pipeline against this project's.
 
-    python -m src.benchmark_loader --synthetic 200
-    python -m src.benchmark_loader --voc-dir data/voc --sbd-dir data/sbd --split train --repeats 1
-    python -m src.benchmark_loader --synthetic 200 --cached --num-workers 0 1 2 --batch-size 32
+    python -m src.tools.benchmark_loader --synthetic 200
+    python -m src.tools.benchmark_loader --voc-dir data/voc --sbd-dir data/sbd --split train \
+        --repeats 1
+    python -m src.tools.benchmark_loader --synthetic 200 --cached --num-workers 0 1 2 \
+        --batch-size 32
 
 Stage 1, one core: the process is pinned to one CPU (where the OS allows) with
 torch.set_num_threads(1), samples are iterated in-process, every pipeline reads the same files:
@@ -27,8 +29,8 @@ batch on) counts, and the fastest setting is recommended.
 Printed: the machine, the table, and the ratios against this project's targets (uncached
 >= 5x tutorial and >= 0.6x decode alone, cached >= 50x tutorial). Written to --out
 (default results/benchmark_loader): results.csv and images_per_s.png. --synthetic N writes
-a temporary VOC tree of N photo-sized JPEGs (load_dataset/make_synthetic_voc.py) and removes
-it afterwards. Exit codes: 0 done (a missed target is a figure, not a failure), 2 a user
+a temporary VOC tree of N photo-sized JPEGs (load_dataset/generators/make_synthetic_voc.py)
+and removes it afterwards. Exit codes: 0 done (a missed target is a figure, not a failure), 2 a user
 error such as a missing data folder.
 """
 
@@ -49,11 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from load_dataset.pascal_cache import usable_cores
+from load_dataset.pascal.cache import usable_cores
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from src.config import REPO_ROOT
 from src.errors import DataError
-from src.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
+from src.tools.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_loader"
 # (pipeline, reference, minimum ratio of their images/s)
@@ -312,7 +314,7 @@ def write_chart(rows: list[Row], title: str, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m src.benchmark_loader",
+        prog="python -m src.tools.benchmark_loader",
         description="Images/s of the tutorial's PASCAL pipeline and of this project's.",
     )
     add_source_flags(parser, default_split="train")
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """The benchmark with parsed arguments; `tmp` holds the synthetic tree and the cache."""
     from load_dataset.custom_pascal import PascalVOC2012
-    from load_dataset.make_synthetic_voc import write_synthetic_voc
+    from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
 
     if args.synthetic is not None:
         start = time.perf_counter()

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from load_dataset.pascal_augment import PascalAugment, check_augment
-from load_dataset.pascal_labels import (
+from load_dataset.pascal.augment import PascalAugment, check_augment
+from load_dataset.pascal.labels import (
     VOC_CLASSES,
     colorize_mask,
     label_names,

@@ -1,7 +1,7 @@
 """Generates the shipped TinyData: 32 x 32 PNGs of coloured strokes and blobs, and their labels.
 
-    python -m load_dataset.make_tiny_data                    # rewrites load_dataset/tiny_data
-    python -m load_dataset.make_tiny_data --out /tmp/td --seed 1
+    python -m load_dataset.generators.make_tiny_data        # rewrites load_dataset/tiny_data
+    python -m load_dataset.generators.make_tiny_data --out /tmp/td --seed 1
 
 Each image has a background, 0-2 shapes in distractor colours (green, purple, grey,
 orange, cyan, pink, brown) and 0-3 of the three labelled colours (red, blue, yellow),
@@ -50,7 +50,7 @@ BACKGROUND_COLOURS = [
     (180, 170, 200),
 ]
 SPLITS = ("train", "val", "test")
-DEFAULT_OUT = Path(__file__).resolve().parent / "tiny_data"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tiny_data"
 
 
 def draw_background(rng: np.random.Generator) -> Image.Image:

@@ -53,8 +53,8 @@ import torch
 import torchvision
 
 from load_dataset.errors import DataError
-from load_dataset.pascal_labels import N_CLASSES
-from load_dataset.pascal_layout import Entry
+from load_dataset.pascal.labels import N_CLASSES
+from load_dataset.pascal.layout import Entry
 
 FORMAT_VERSION = 1
 N_CHECKED_ROWS = 8  # rows whose CRC is checked on every open: cheap (~1 ms), catches junk files

@@ -1,6 +1,6 @@
 """Writes a synthetic PASCAL VOC 2012 tree with photo-sized JPEGs, for benchmarks anywhere.
 
-    python -m load_dataset.make_synthetic_voc --out /tmp/synthvoc --n 200
+    python -m load_dataset.generators.make_synthetic_voc --out /tmp/synthvoc --n 200
 
 Layout (what PascalVOC2012 reads): <out>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg,
 SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val,trainval}.txt}.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from load_dataset.pascal_labels import VOID, voc_colormap
+from load_dataset.pascal.labels import VOID, voc_colormap
 
 # (height, width) of VOC photos: the longer side is 500; landscape 4:3 is the commonest.
 SIZES = ((375, 500), (375, 500), (375, 500), (333, 500), (500, 375))

@@ -1,8 +1,8 @@
 """By how much this project's PASCAL samples differ from the tutorial's: labels, pixels, SBD.
 
-    python -m src.tutorial_differences --synthetic 200
-    python -m src.tutorial_differences --voc-dir data/voc --split val
-    python -m src.tutorial_differences --voc-dir data/voc --sbd-dir data/sbd --split train
+    python -m src.tools.tutorial_differences --synthetic 200
+    python -m src.tools.tutorial_differences --voc-dir data/voc --split val
+    python -m src.tools.tutorial_differences --voc-dir data/voc --sbd-dir data/sbd --split train
 
 Over the images of one VOC 2012 split, the tutorial's sample (benchmark_loader.tutorial_sample:
 ToTensor -> Normalize -> bicubic F.interpolate on float; labels from the mask resized to S x S
@@ -15,7 +15,7 @@ and maximum of |tutorial - ours| over all values of the float32 [3, S, S] ImageN
 inputs, also in 0-255 grey levels (times std * 255 per channel); with --sbd-dir, how many of
 VOC train + SBD train_noval are one image twice (the tutorial concatenates both lists, this
 project keeps one entry per image id). --synthetic N writes a temporary VOC tree whose
---split holds N images (load_dataset/make_synthetic_voc.py). Exit codes: 0 done, 2 a user
+--split holds N images (load_dataset/generators/make_synthetic_voc.py). Exit codes: 0 done, 2 a user
 error such as a missing data folder.
 """
 
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from src.errors import DataError
-from src.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
+from src.tools.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 if TYPE_CHECKING:
     from load_dataset.custom_pascal import PascalVOC2012
@@ -41,7 +41,7 @@ def label_changes(mask: np.ndarray, size: int) -> tuple[list[int], list[int]]:
     size x size with PIL NEAREST (the tutorial) instead of the full-resolution mask [H, W]."""
     from PIL import Image
 
-    from load_dataset.pascal_labels import label_vector_from_mask
+    from load_dataset.pascal.labels import label_vector_from_mask
 
     full = label_vector_from_mask(mask) > 0
     small = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
@@ -80,7 +80,7 @@ def compare_split(dataset: PascalVOC2012, size: int) -> tuple[dict, AbsDiffStats
     import torch
 
     from load_dataset.custom_pascal import read_mask
-    from src.benchmark_loader import tutorial_sample
+    from src.tools.benchmark_loader import tutorial_sample
 
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in dataset.mean_std)
     grey_per_unit = (std * 255).numpy()
@@ -104,7 +104,7 @@ def compare_split(dataset: PascalVOC2012, size: int) -> tuple[dict, AbsDiffStats
 def sbd_duplicates(voc_dir: str, sbd_dir: str) -> tuple[int, int, int]:
     """(entries, unique image ids, duplicates) of VOC 2012 train + SBD train_noval."""
     from load_dataset.custom_pascal import merge_by_id
-    from load_dataset.pascal_layout import find_sbd_root, find_voc_root, sbd_entries, voc_entries
+    from load_dataset.pascal.layout import find_sbd_root, find_voc_root, sbd_entries, voc_entries
 
     voc = voc_entries(find_voc_root(voc_dir), "train")
     sbd = sbd_entries(find_sbd_root(sbd_dir))
@@ -123,7 +123,7 @@ def format_report(
     grey: AbsDiffStats,
     sbd: tuple[int, int, int] | None,
 ) -> list[str]:
-    from load_dataset.pascal_labels import VOC_CLASSES
+    from load_dataset.pascal.labels import VOC_CLASSES
 
     lost = labels["lost"]
     n_lost = sum(lost.values())
@@ -160,7 +160,7 @@ def format_report(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m src.tutorial_differences",
+        prog="python -m src.tools.tutorial_differences",
         description="By how much this project's PASCAL labels and inputs differ from the "
         "tutorial's.",
     )
@@ -177,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """The comparison with parsed arguments; `tmp` holds the synthetic tree."""
     from load_dataset.custom_pascal import PascalVOC2012
-    from load_dataset.make_synthetic_voc import write_synthetic_voc
-    from src.benchmark_loader import machine_line
+    from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
+    from src.tools.benchmark_loader import machine_line
 
     if args.synthetic is not None:
         n_train, n_val = (args.synthetic, 1) if args.split == "train" else (1, args.synthetic)
         voc_dir = write_synthetic_voc(tmp / "voc", n_train, n_val)
-        source = f"synthetic {args.synthetic} (load_dataset/make_synthetic_voc.py)"
+        source = f"synthetic {args.synthetic} (load_dataset/generators/make_synthetic_voc.py)"
     else:
         voc_dir = Path(args.voc_dir)
         source = args.voc_dir

@@ -1,7 +1,7 @@
 """Compare runs without leaving the terminal: an experiment's runs as a table, CSV and plot.
 
-    python -m src.compare_runs --experiment Demo-2-TinyConv-TinyData
-    python -m src.compare_runs --experiment Demo-2-TinyConv-TinyData \\
+    python -m src.tools.compare_runs --experiment Demo-2-TinyConv-TinyData
+    python -m src.tools.compare_runs --experiment Demo-2-TinyConv-TinyData \\
         --filter "params.optimizer.lr = '0.01'" --out results/lr-sweep
 
 One row per run: its name and id, status, the params whose values differ between the runs
@@ -14,7 +14,7 @@ syntax (`params.<key>`, `metrics.<key>`, `tags.<key>`, `attributes.status`). Par
 set of seeds or a grid) hold no params and are left out; their children are shown.
 
 This module also compares two runs metric by metric and epoch by epoch (`compare_metrics`),
-which `src.reproduce` uses to prove a reproduction.
+which `src.tools.reproduce` uses to prove a reproduction.
 
 Exit codes: 0 done, 1 no run matches, 2 a user error (unknown experiment, bad filter).
 """
@@ -71,7 +71,7 @@ def get_run(client: Any, run_id: str) -> Any:
             raise
         raise TrackingError(
             f"MLflow run {run_id!r} is not in the store {client.tracking_uri}; copy the run id "
-            "from the MLflow UI or from `python -m src.compare_runs`, or pass --tracking-uri."
+            "from the MLflow UI or from `python -m src.tools.compare_runs`, or pass --tracking-uri."
         ) from None
 
 
@@ -295,7 +295,7 @@ def compare_experiment(
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.compare_runs",
+        prog="python -m src.tools.compare_runs",
         description="Print, save as CSV and plot the runs of one MLflow experiment.",
     )
     parser.add_argument("--experiment", required=True, help="the MLflow experiment name")

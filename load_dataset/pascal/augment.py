@@ -11,7 +11,7 @@ The crop is taken from the full-resolution image and mask, and the label is reco
 from the cropped full-resolution mask (a crop can remove an object; resizing first could
 erase small ones). Flips keep the classes present, so the stored label still holds.
 
-From a cache of already resized images (`presized=True`, see pascal_cache.py) "none" and
+From a cache of already resized images (`presized=True`, see pascal/cache.py) "none" and
 "flip" give exactly what they give from the files. A crop is then taken from the resized
 S x S image and mask and resized back to S x S, and its label comes from the cropped
 resized mask, so an object that the first resize erased cannot count (the crop box is
@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from load_dataset.pascal_labels import label_vector_from_mask
+from load_dataset.pascal.labels import label_vector_from_mask
 
 AUGMENTATIONS: tuple[str, ...] = ("none", "flip", "flip_scale_crop", "full")
 CROP_SCALE = (0.3, 1.0)  # milder than ImageNet's 0.08: a multi-label image should keep objects

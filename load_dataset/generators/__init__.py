@@ -1,0 +1,2 @@
+"""Scripts that write data: the shipped TinyData and synthetic VOC-like trees for tests and
+benchmarks."""
