@@ -286,6 +286,22 @@ def _class_path(tree: dict[str, Any], set_items: list[str] | None, section: str,
     return str(path) if path is not None else default
 
 
+# Flags that set one config key as they are given.
+SIMPLE_FLAGS = {
+    "epochs": "train.epochs",
+    "patience": "train.patience",
+    "batch_size": "data.batch_size",
+    "seed": "run.seed",
+    "device": "run.device",
+    "lr": "optimizer.lr",
+    "tracking_uri": "run.tracking_uri",
+    "experiment_name": "run.experiment_name",
+    "run_name": "run.run_name",
+    "task": "run.task",
+    "max_batches": "train.max_batches",
+}
+
+
 def overrides_from_args(
     args: argparse.Namespace,
     dataset_path: str,
@@ -298,26 +314,13 @@ def overrides_from_args(
     `add_path_flags`); an empty value stays empty, and a folder whose TOML value holds
     `{setname}` (ImageFolder's root) gets `/{setname}` appended. `--image-size` and
     `--no-pretrained` check that the class takes the argument they set, so a flag never
-    silently does nothing.
+    silently does nothing. `--set KEY=VALUE` comes last and wins.
     """
-    out: dict[str, Any] = {}
-    dataset_args = dataset_args or {}
-    simple = {
-        "epochs": "train.epochs",
-        "patience": "train.patience",
-        "batch_size": "data.batch_size",
-        "seed": "run.seed",
-        "device": "run.device",
-        "lr": "optimizer.lr",
-        "tracking_uri": "run.tracking_uri",
-        "experiment_name": "run.experiment_name",
-        "run_name": "run.run_name",
-        "task": "run.task",
-        "max_batches": "train.max_batches",
+    out = {
+        key: getattr(args, a)
+        for a, key in SIMPLE_FLAGS.items()
+        if getattr(args, a, None) is not None
     }
-    for attr, key in simple.items():
-        if getattr(args, attr, None) is not None:
-            out[key] = getattr(args, attr)
     if getattr(args, "num_workers", None) is not None:
         nw = args.num_workers
         out["data.num_workers"] = nw if nw == "auto" else _parse_value(nw)
@@ -325,6 +328,23 @@ def overrides_from_args(
         out["run.results_dir"] = str(Path(args.results_dir).expanduser().resolve())
     if getattr(args, "deterministic", False):
         out["run.deterministic"] = True
+    out.update(_path_overrides(args, dataset_args or {}))
+    if getattr(args, "download", False):
+        out["data.args.download"] = True
+    if getattr(args, "image_size", None) is not None:
+        out.update(_image_size_overrides(args.image_size, dataset_path, model_path))
+    if getattr(args, "no_pretrained", False):
+        out.update(_no_pretrained_override(model_path))
+    for item in getattr(args, "set", []) or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must have the form KEY=VALUE.")
+        out[key.strip()] = _parse_value(text.strip())
+    return out
+
+
+def _path_overrides(args: argparse.Namespace, dataset_args: dict[str, Any]) -> dict[str, str]:
+    out = {}
     for key, value in vars(args).items():
         if not key.startswith(PATH_FLAG_DEST) or value is None:
             continue
@@ -333,41 +353,37 @@ def overrides_from_args(
         if path and SETNAME_PLACEHOLDER in str(dataset_args.get(key[len(PATH_FLAG_DEST) :], "")):
             path = str(Path(path) / SETNAME_PLACEHOLDER)  # ImageFolder: a folder per split
         out[key] = path
-    if getattr(args, "download", False):
-        out["data.args.download"] = True
-    if getattr(args, "image_size", None) is not None:
-        # The dataset resizes to it and the model sizes its linear layer by it: set both.
-        targets = [
-            f"{section}.args.image_size"
-            for section, path, what in [
-                ("data", dataset_path, "dataset"),
-                ("model", model_path, "model"),
-            ]
-            if "image_size" in _params(path, what)
-        ]
-        if not targets:
-            raise ConfigError(
-                f"--image-size does not apply to {dataset_path} or {model_path}: neither takes "
-                "image_size."
-            )
-        out.update(dict.fromkeys(targets, args.image_size))
-    if getattr(args, "no_pretrained", False):
-        params = _params(model_path, "model")
-        if "vgginit" in params:
-            out["model.args.vgginit"] = "random"
-        elif "pretrained" in params:
-            out["model.args.pretrained"] = False
-        else:
-            raise ConfigError(
-                f"--no-pretrained does not apply to the model {model_path}, which takes neither "
-                "vgginit nor pretrained."
-            )
-    for item in getattr(args, "set", []) or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} must have the form KEY=VALUE.")
-        out[key.strip()] = _parse_value(text.strip())
     return out
+
+
+def _image_size_overrides(size: int, dataset_path: str, model_path: str) -> dict[str, int]:
+    # The dataset resizes to it and the model sizes its linear layer by it: set both.
+    targets = [
+        f"{section}.args.image_size"
+        for section, path, what in [
+            ("data", dataset_path, "dataset"),
+            ("model", model_path, "model"),
+        ]
+        if "image_size" in _params(path, what)
+    ]
+    if not targets:
+        raise ConfigError(
+            f"--image-size does not apply to {dataset_path} or {model_path}: neither takes "
+            "image_size."
+        )
+    return dict.fromkeys(targets, size)
+
+
+def _no_pretrained_override(model_path: str) -> dict[str, Any]:
+    params = _params(model_path, "model")
+    if "vgginit" in params:
+        return {"model.args.vgginit": "random"}
+    if "pretrained" in params:
+        return {"model.args.pretrained": False}
+    raise ConfigError(
+        f"--no-pretrained does not apply to the model {model_path}, which takes neither "
+        "vgginit nor pretrained."
+    )
 
 
 def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConfig:
