@@ -9,8 +9,8 @@ import math
 from src import tracking
 from src.config import ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
+from src.experiment import RunResult, run
 from src.flags import FlagParser, add_config_flags, load_from_args
-from src.run_experiment import RunResult, run
 
 
 def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from typing import Any
 from src import tracking
 from src.config import ExperimentConfig
 from src.distributed import is_main_process
-from src.run_experiment import RunResult, run
+from src.experiment import RunResult, run
 
 SUMMARY_KEYS = ("val_auroc_mean", "val_ap_mean")
 

@@ -224,3 +224,21 @@ def test_epochs_count_from_1_in_every_place_a_person_reads_them(mlflow_uri, tmp_
     report(config, result)
     line = capsys.readouterr().out.strip().splitlines()[0]
     assert line.startswith(f"Best epoch (lowest val_loss): {best[0]} of 3: val_loss {best[1]:.4f}")
+
+
+@pytest.mark.slow
+def test_the_command_line_loads_each_module_once(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "src.run_experiment", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0 and "--epochs" in out.stdout, out.stderr[-2000:]
+    loaded = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()]
+    ours = [m for m in loaded if m.split(".")[0] in ("src", "load_dataset", "models")]
+    assert "src.experiment" in ours and "src.cli" in ours
+    # Run as __main__, src.run_experiment must not be imported again under its own name.
+    assert "src.run_experiment" not in ours
+    assert len(ours) == len(set(ours)), sorted(m for m in ours if ours.count(m) > 1)

@@ -1,0 +1,264 @@
+"""The experiment: config -> datasets, loaders, model, training loop, early stopping, outputs.
+
+Its public entry is `src.run_experiment` (the tutorial's name): `run(config)` and the command
+line `python -m src.run_experiment experiments/X.toml`.
+
+`run(config)` trains in three steps: `set_up` (src/build.py: seeds, device, the datasets checked
+against the dataset contract, loaders, model, and the training state, restored when resuming)
+returns the trainer; `fit` is the epoch loop (train, validate, log, checkpoint, stop early);
+`finish` evaluates the best weights again and logs their plots, predictions and per-class
+table with the run. The training state (src/training_state.py) saves and restores itself.
+
+The other pieces: `src/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch_metrics`),
+`src/outputs.py` (what a finished run leaves); `src/cli.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src import checkpoint as ckpt_io
+from src import distributed as ddp
+from src import tracking
+from src.build import (
+    Trainer,
+    build_dataset,
+    build_loader,
+    build_model,
+    check_outputs,
+    device_name,
+    pick_device,
+    seed_everything,
+    set_up,
+)
+from src.config import ExperimentConfig
+from src.errors import ConfigError, NonFiniteLossError
+from src.loop import (
+    BatchPrep,
+    BatchSettings,
+    epoch_metrics,
+    gather_predictions,
+    make_loss,
+    predict,
+    train_one_epoch,
+)
+from src.outputs import log_best_outputs, write_split_outputs
+from src.training_state import check_weights_fit, weights_epoch
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    experiment_id: str
+    results_dir: Path | None
+    best_epoch: int
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+
+def _uses_cuda(config: ExperimentConfig) -> bool:
+    name = config.run.device
+    return name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+
+
+def run(
+    config: ExperimentConfig,
+    resume: str | Path | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, Any] | None = None,
+) -> RunResult:
+    """Run the experiment `config` (train_eval, predict_on_valid or predict_on_test)."""
+    info = ddp.init_distributed(_uses_cuda(config))
+    try:
+        if info.is_main:  # a server that is down: say so now, not after the data is read
+            tracking.check_server(tracking.tracking_uri(config))
+        if config.run.task == "train_eval":
+            return _train_eval(config, info, resume, parent_run_id, extra_tags)
+        return _predict_only(config, info, parent_run_id)
+    finally:
+        ddp.cleanup()
+
+
+def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
+    """set_up -> start (or resume) the MLflow run -> fit -> finish; the run's status says how
+    it ended (FINISHED, KILLED by Ctrl-C, FAILED)."""
+    t = set_up(config, info, resume)
+    _start_tracking(t, parent_run_id, extra_tags)
+    try:
+        fit(t)
+        return finish(t)
+    except KeyboardInterrupt:
+        t.tracker.end("KILLED")
+        if info.is_main:
+            print(
+                f"\nInterrupted; last.pt holds the last complete epoch. Resume with the same "
+                f"command and flags plus: --resume {t.results_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
+    except NonFiniteLossError as e:
+        t.tracker.end("FAILED")
+        raise NonFiniteLossError(
+            f"Training stopped: {e}; the last good checkpoint is {t.results_dir / 'last.pt'} "
+            "(try a lower learning rate, or amp = 'off')."
+        ) from None
+    except BaseException:
+        t.tracker.end("FAILED")
+        raise
+
+
+def _start_tracking(t: Trainer, parent_run_id: str | None, extra_tags: dict | None) -> None:
+    """Start the MLflow run (rank 0; others get a NullTracker), or reopen the resumed one and
+    log the epochs its checkpoint holds but the run missed (the process died in between)."""
+    if t.resume_path is not None:
+        t.tracker = tracking.resume(t.config, t.state.run_id, enabled=t.info.is_main)
+        t.results_dir = t.resume_path.parent
+    else:
+        tags = {**(extra_tags or {}), "world_size": t.info.world_size}
+        t.tracker = tracking.start(t.config, t.info.is_main, parent_run_id, tags)
+        t.state.run_id = t.tracker.run_id
+        t.results_dir = _results_dir(t.config, t.tracker.run_id)
+    if not t.info.is_main:
+        return
+    if t.resume_path is None:
+        _record_data(t)
+    logged = set(t.tracker.logged_steps("val_loss"))
+    for h in t.state.history:
+        if h["epoch"] not in logged:
+            t.tracker.log_epoch(_metrics_of(h), int(h["epoch"]))
+    print(f"Run {t.tracker.run_id}: results in {t.results_dir}", flush=True)
+
+
+def fit(t: Trainer) -> None:
+    """The epoch loop: train, validate, log, checkpoint; until the last epoch or early stop."""
+    state, epochs = t.state, t.config.train.epochs
+    while state.epoch < epochs and not state.early.stopped:
+        epoch = state.epoch + 1
+        t.train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(
+            t.train_net, t.train_loader, state.optimizer, t.scaler, t.batches,
+            f"epoch {epoch}/{epochs}",
+        )  # fmt: skip
+        metrics = _epoch_metrics(t, stats)
+        improved = state.end_epoch(metrics)
+        if state.scheduler is not None:
+            state.scheduler.step()  # after the epoch: the checkpoint holds the next epoch's lr
+        if t.info.is_main:
+            state.save(t.results_dir, t.config.to_dict(), improved)
+            t.tracker.log_epoch(metrics, epoch)
+            _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
+
+
+def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:
+    """The epoch's training figures summed over ranks, and the validation metrics."""
+    info = t.info
+    loss_sum, images, wait, seconds = ddp.sum_across_ranks(
+        [stats["loss_sum"], stats["images"], stats["wait"], stats["seconds"]], info
+    )
+    val = gather_predictions(predict(t.eval_net, t.val_loader, t.batches), info)
+    return {
+        "train_loss": loss_sum / max(1, images),
+        **epoch_metrics(val, t.label_meanings, t.config.data.problem, "val"),
+        "train_images_per_s": images / max(1e-9, seconds / info.world_size),
+        "data_wait_fraction": wait / max(1e-9, seconds),
+        "lr": t.state.optimizer.param_groups[0]["lr"],
+    }
+
+
+def finish(t: Trainer) -> RunResult:
+    """The best weights evaluated again, their outputs logged, the run FINISHED."""
+    ddp.barrier(t.info)
+    early = t.state.early
+    result = RunResult(
+        t.tracker.run_id,
+        t.tracker.experiment_id,
+        t.results_dir if t.info.is_main else None,
+        early.best_epoch,
+        {},
+        len(t.state.history),
+        early.stopped,
+    )
+    if t.info.is_main:
+        result.best_metrics = log_best_outputs(t)
+    ddp.barrier(t.info)
+    t.tracker.end("FINISHED")
+    return result
+
+
+def _record_data(t: Trainer) -> None:
+    """Tags: world size, device, and each split's size and data fingerprint."""
+    tags: dict[str, Any] = {
+        "world_size": t.info.world_size,
+        "device": device_name(t.batches.device),
+    }
+    for split, ds in t.datasets.items():
+        if hasattr(ds, "image_ids") and hasattr(ds, "labels"):
+            fp = tracking.data_fingerprint(ds)
+            tags[f"data.{split}.fingerprint"] = fp["fingerprint"]
+            tags[f"data.{split}.count"] = fp["count"]
+        else:
+            tags[f"data.{split}.count"] = len(ds)
+        for key, value in getattr(ds, "split_info", {}).items():
+            tags[f"data.{split}.{key}"] = value
+        for key, value in getattr(ds, "source_counts", {}).items():
+            tags[f"data.{split}.{key}"] = value
+    t.tracker.set_tags(tags)
+
+
+def _results_dir(config: ExperimentConfig, run_id: str) -> Path:
+    return Path(config.run.results_dir) / tracking.slug(config.run.experiment_name) / run_id
+
+
+def _metrics_of(h: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in h.items() if k != "epoch"}
+
+
+def _print_epoch(epoch: int, epochs: int, m: dict[str, float], seconds: float) -> None:
+    print(
+        f"epoch {epoch:>3}/{epochs}  train_loss {m['train_loss']:.4f}  "
+        f"val_loss {m['val_loss']:.4f}  val_auroc_mean {m['val_auroc_mean']:.4f}  "
+        f"val_ap_mean {m['val_ap_mean']:.4f}  {m['train_images_per_s']:.0f} img/s  "
+        f"{seconds:.1f} s",
+        flush=True,
+    )
+
+
+def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
+    """predict_on_valid / predict_on_test: the weights of `run.checkpoint` on one split."""
+    if not config.run.checkpoint:
+        raise ConfigError(
+            f"task = '{config.run.task}' needs run.checkpoint: the best.pt (or results folder) "
+            "of a trained run, e.g. --set run.checkpoint='results/...'."
+        )
+    split = "val" if config.run.task == "predict_on_valid" else "test"
+    device = pick_device(config.run.device)
+    seed_everything(config.run.seed)
+    weights = ckpt_io.load_checkpoint(config.run.checkpoint, "best.pt")
+    check_weights_fit(weights, config, Path(config.run.checkpoint))
+    ds = build_dataset(config, split)
+    model = build_model(config).to(device)
+    check_outputs(model, list(ds.label_meanings), config)
+    model.load_state_dict(weights["model"])
+    prep = BatchPrep(ds, device, channels_last=False)
+    batches = BatchSettings(prep, make_loss(config.data.problem), problem=config.data.problem)
+    tracker = tracking.start(config, info.is_main, parent_run_id, {"task": config.run.task})
+    results_dir = _results_dir(config, tracker.run_id)
+    epoch = weights_epoch(weights)
+    try:
+        loader = build_loader(ds, config, ddp.DistInfo(), device, train=False)
+        pred = predict(model, loader, batches)
+        metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.problem, split)
+        tracker.log_epoch(metrics, epoch)
+        write_split_outputs(tracker, results_dir, split, ds, pred, metrics)
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return RunResult(tracker.run_id, tracker.experiment_id, results_dir, epoch, metrics)
