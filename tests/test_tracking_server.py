@@ -82,7 +82,7 @@ def test_run_logs_to_a_server_and_reads_back(mlflow_server, tmp_path, monkeypatc
     client = MlflowClient(mlflow_server)
     r = client.get_run(result.run_id)
     assert r.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_auroc_mean")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_auroc_mean")] == [1, 2]
     local = client.download_artifacts(result.run_id, "config/config.toml", str(tmp_path))
     assert 'experiment_name = "tiny-test"' in Path(local).read_text()
     paths = {a.path for a in client.list_artifacts(result.run_id, "model")}
