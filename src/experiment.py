@@ -89,8 +89,9 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     """set_up -> start (or resume) the MLflow run -> fit -> finish; the run's status says how
     it ended (FINISHED, KILLED by Ctrl-C, FAILED)."""
     t = set_up(config, info, resume)
-    _start_tracking(t, parent_run_id, extra_tags)
+    _open_run(t, parent_run_id, extra_tags)
     try:
+        _catch_up(t)
         fit(t)
         return finish(t)
     except KeyboardInterrupt:
@@ -114,9 +115,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
         raise
 
 
-def _start_tracking(t: Trainer, parent_run_id: str | None, extra_tags: dict | None) -> None:
-    """Start the MLflow run (rank 0; others get a NullTracker), or reopen the resumed one and
-    log the epochs its checkpoint holds but the run missed (the process died in between)."""
+def _open_run(t: Trainer, parent_run_id: str | None, extra_tags: dict | None) -> None:
+    """Start the MLflow run (rank 0; others get a NullTracker), or reopen the resumed one."""
     if t.resume_path is not None:
         t.tracker = tracking.resume(t.config, t.state.run_id, enabled=t.info.is_main)
         t.results_dir = t.resume_path.parent
@@ -125,6 +125,11 @@ def _start_tracking(t: Trainer, parent_run_id: str | None, extra_tags: dict | No
         t.tracker = tracking.start(t.config, t.info.is_main, parent_run_id, tags)
         t.state.run_id = t.tracker.run_id
         t.results_dir = _results_dir(t.config, t.tracker.run_id)
+
+
+def _catch_up(t: Trainer) -> None:
+    """Tag a new run with its data; log the epochs a resumed run's checkpoint holds but the
+    run missed (the process died in between)."""
     if not t.info.is_main:
         return
     if t.resume_path is None:
