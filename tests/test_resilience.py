@@ -220,6 +220,8 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where)
     assert f"--resume {last.parent}" in err, shown
     (r,) = runs_of(mlflow_uri, "intr")
     assert r.info.status == "KILLED", shown
+    if where == "inside a finalizer":
+        return  # resuming after Ctrl-C is the same as in the case "from outside"
     done = demo([*args, "--resume", str(last.parent)], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (r,) = runs_of(mlflow_uri, "intr")
@@ -320,14 +322,31 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.slow
+def demo_in_process(args: list[str], tmp_path: Path, capsys) -> tuple[int, str, str]:
+    """Demo-2's command line (`src.cli.main` with its config) in this process: exit code,
+    stdout, stderr. The same code as `python Demo-2-TinyConv-TinyData.py ARGS` without paying
+    for a new interpreter; `test_bad_input_in_a_real_process` runs two cases as a subprocess."""
+    from src.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["--results-dir", str(tmp_path / "results"), *args], default_config=str(DEMO2))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_fails_in_one_clear_line(mlflow_uri, tmp_path, case):
+def test_bad_input_fails_in_one_clear_line(mlflow_uri, tmp_path, case, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     make_args, needle = BAD_INPUT[case]
-    out = demo(["--epochs", "2", "--experiment-name", "bad", *make_args(tmp_path)], tmp_path)
-    assert out.returncode == 2, out.stdout + out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    code, out, err = demo_in_process(
+        ["--epochs", "2", "--experiment-name", "bad", *make_args(tmp_path)], tmp_path, capsys
+    )
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert needle in lines[0]
     # A corrupt image is found while training, after the run started; the rest before.
     runs = runs_of(mlflow_uri, "bad")
@@ -336,6 +355,16 @@ def test_bad_input_fails_in_one_clear_line(mlflow_uri, tmp_path, case):
 
 
 RUN_STARTS_BEFORE_THE_ERROR = {"corrupt png"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["device gpu", "corrupt png"])
+def test_bad_input_in_a_real_process(mlflow_uri, tmp_path, case):
+    make_args, needle = BAD_INPUT[case]
+    out = demo(["--epochs", "2", "--experiment-name", "bad", *make_args(tmp_path)], tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
 
 
 @pytest.mark.slow

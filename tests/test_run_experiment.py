@@ -110,9 +110,8 @@ def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "demo", ["Demo-1-TinyConvWithoutSequential-TinyData.py", "Demo-2-TinyConv-TinyData.py"]
-)
+# Demo-2 runs as a process in test_resilience.py and test_forks.py too.
+@pytest.mark.parametrize("demo", ["Demo-1-TinyConvWithoutSequential-TinyData.py"])
 def test_demo_scripts_run(mlflow_uri, tmp_path, demo):
     out = subprocess.run(
         [
