@@ -354,7 +354,7 @@ def print_setup(device: torch.device, datasets: dict[str, Any], config, info) ->
     procs = f" x {info.world_size} processes" if info.world_size > 1 else ""
     print(f"Device: {device_name(device)} ({device}){procs}. Images: {sizes}.", flush=True)
     n_train = len(datasets["train"]) // info.world_size
-    if n_train < config.data.batch_size:
+    if not train_drop_last(len(datasets["train"]), info.world_size, config.data.batch_size):
         print(
             f"Note: the training split ({n_train} images per process) is smaller than "
             f"batch_size {config.data.batch_size}: each epoch trains on one batch of "
