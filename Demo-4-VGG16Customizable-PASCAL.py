@@ -18,6 +18,7 @@ from src import tracking
 from src.cli import make_parser
 from src.errors import ConfigError, UserError, print_user_error
 from src.flags import load_from_args
+from src.interrupts import exit_code
 from src.multirun import run_children
 
 CONFIG = Path(__file__).resolve().parent / "experiments" / "demo4_vgg16customizable_pascal.toml"
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume or args.seeds:
             flag = "--resume" if args.resume else "--seeds"
             raise ConfigError(
-                f"{flag} does not apply to the Demo-4 grid; resume or repeat one cell with "
-                "Demo-3's script or `python -m src.run_experiment` on this Demo's TOML."
+                f"{flag} does not apply to the Demo-4 grid; to go on with a stopped grid, run "
+                "the same command again (finished cells are skipped, the stopped one resumes)."
             )
         config = load_from_args(args.config, args)
         vgginits = grid_vgginits(args.vgginits, args.no_pretrained)
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as e:
         return print_user_error(e)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # the grid said how it stopped and how to go on
+        return exit_code(e)
     if children and children[0].experiment_id:  # rank 0 (or no torchrun)
         print(tracking.ui_hint(tracking.tracking_uri(config), children[0].experiment_id))
     return 0

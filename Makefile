@@ -18,8 +18,10 @@ $(STAMP): requirements.txt
 demo: install
 	$(BIN)/python Demo-2-TinyConv-TinyData.py
 
+# One pytest worker per core, at most 4 (pytest-xdist); TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= auto
 test: install
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 lint: install
 	$(BIN)/ruff format --check .

@@ -11,6 +11,7 @@ from src.config import ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
 from src.experiment import RunResult, run
 from src.flags import FlagParser, add_config_flags, load_from_args
+from src.interrupts import exit_code
 
 
 def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:
@@ -46,14 +47,17 @@ def main(
             from src.multirun import run_seeds
 
             if args.resume:
-                raise ConfigError("--seeds and --resume cannot be combined; resume one child run.")
+                raise ConfigError(
+                    "--seeds and --resume cannot be combined; to go on with a stopped set of "
+                    "seeds, run the same --seeds command again (without --resume)."
+                )
             run_seeds(config, args.seeds)
             return 0
         result = run(config, resume=args.resume)
     except UserError as e:
         return print_user_error(e)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # the run said how it stopped and how to resume
+        return exit_code(e)
     if result.results_dir is not None:
         report(config, result)
     return 0

@@ -16,6 +16,7 @@ The other pieces: `src/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 
 from src import checkpoint as ckpt_io
 from src import distributed as ddp
-from src import tracking
+from src import interrupts, tracking
 from src.build import (
     Trainer,
     build_dataset,
@@ -48,6 +49,7 @@ from src.loop import (
     train_one_epoch,
 )
 from src.outputs import log_best_outputs, write_split_outputs
+from src.run_lock import run_lock
 from src.training_state import check_weights_fit, weights_epoch
 
 
@@ -75,56 +77,85 @@ def run(
 ) -> RunResult:
     """Run the experiment `config` (train_eval, predict_on_valid or predict_on_test)."""
     info = ddp.init_distributed(_uses_cuda(config))
-    try:
-        if info.is_main:  # a server that is down: say so now, not after the data is read
-            tracking.check_server(tracking.tracking_uri(config))
-        if config.run.task == "train_eval":
-            return _train_eval(config, info, resume, parent_run_id, extra_tags)
-        return _predict_only(config, info, parent_run_id)
-    finally:
-        ddp.cleanup()
+    # Every rank stops at a safe point on Ctrl-C or SIGTERM (rank 0's tracker holds them too).
+    with interrupts.held():
+        try:
+            if info.is_main:  # a server that is down: say so now, not after the data is read
+                tracking.check_server(tracking.tracking_uri(config))
+            if config.run.task == "train_eval":
+                return _train_eval(config, info, resume, parent_run_id, extra_tags)
+            return _predict_only(config, info, parent_run_id)
+        finally:
+            ddp.cleanup()
 
 
 def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
     """set_up -> start (or resume) the MLflow run -> fit -> finish; the run's status says how
-    it ended (FINISHED, KILLED by Ctrl-C, FAILED)."""
+    it ended (FINISHED, KILLED by Ctrl-C or SIGTERM, FAILED)."""
     t = set_up(config, info, resume)
-    _open_run(t, parent_run_id, extra_tags)
-    try:
-        _catch_up(t)
-        fit(t)
-        return finish(t)
-    except KeyboardInterrupt:
-        t.tracker.end("KILLED")
-        if info.is_main:
-            print(
-                f"\nInterrupted; last.pt holds the last complete epoch. Resume with the same "
-                f"command and flags plus: --resume {t.results_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-        raise
-    except NonFiniteLossError as e:
-        t.tracker.end("FAILED")
-        raise NonFiniteLossError(
-            f"Training stopped: {e}; the last good checkpoint is {t.results_dir / 'last.pt'} "
-            "(try a lower learning rate, or amp = 'off')."
-        ) from None
-    except BaseException:
-        t.tracker.end("FAILED")
-        raise
+    with ExitStack() as lock:
+        _open_run(t, parent_run_id, extra_tags, lock)
+        try:
+            _catch_up(t)
+            fit(t)
+            return finish(t)
+        except NonFiniteLossError as e:
+            t.tracker.end("FAILED")
+            raise _non_finite(t, e) from None
+        except BaseException as e:
+            # A signal can also surface as another error: under torchrun, the rank whose
+            # peer stopped first fails in its collective call.
+            stop = e if isinstance(e, KeyboardInterrupt) else interrupts.received()
+            if stop is None:
+                t.tracker.end("FAILED")
+                raise
+            _end_stopped(t, stop, in_group=parent_run_id is not None)
+            if stop is e:
+                raise
+            raise stop from None
 
 
-def _open_run(t: Trainer, parent_run_id: str | None, extra_tags: dict | None) -> None:
-    """Start the MLflow run (rank 0; others get a NullTracker), or reopen the resumed one."""
+def _non_finite(t: Trainer, e: NonFiniteLossError) -> NonFiniteLossError:
+    last = t.results_dir / "last.pt"
+    kept = (
+        f"the last good checkpoint is {last}"
+        if last.is_file()
+        else "no epoch completed, so there is no checkpoint"
+    )
+    return NonFiniteLossError(
+        f"Training stopped: {e}; {kept} (try a lower learning rate, or amp = 'off')."
+    )
+
+
+def _end_stopped(t: Trainer, stop: KeyboardInterrupt, in_group: bool) -> None:
+    """KILLED, and the command that resumes (a group of runs says how to go on itself)."""
+    t.tracker.end("KILLED")
+    if t.info.is_main and not in_group:
+        by = "Stopped by SIGTERM" if isinstance(stop, interrupts.Preempted) else "Interrupted"
+        print(
+            f"\n{by}; last.pt holds the last complete epoch. Resume with the same command and "
+            f"flags plus: --resume {t.results_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _open_run(t: Trainer, parent_run_id: str | None, extra_tags: dict | None, lock) -> None:
+    """Start the MLflow run (rank 0; others get a NullTracker), or reopen the resumed one;
+    rank 0 holds the run folder's lock (`lock`, an ExitStack) from here to the end."""
     if t.resume_path is not None:
-        t.tracker = tracking.resume(t.config, t.state.run_id, enabled=t.info.is_main)
         t.results_dir = t.resume_path.parent
+        if t.info.is_main:  # before the MLflow run is reopened
+            lock.enter_context(run_lock(t.results_dir))
+        t.tracker = tracking.resume(t.config, t.state.run_id, enabled=t.info.is_main)
     else:
         tags = {**(extra_tags or {}), "world_size": t.info.world_size}
         t.tracker = tracking.start(t.config, t.info.is_main, parent_run_id, tags)
         t.state.run_id = t.tracker.run_id
-        t.results_dir = _results_dir(t.config, t.tracker.run_id)
+        t.results_dir = results_dir(t.config, t.tracker.run_id)
+        if t.info.is_main:
+            with tracking.ended_on_error(t.tracker):
+                lock.enter_context(run_lock(t.results_dir))
 
 
 def _catch_up(t: Trainer) -> None:
@@ -217,8 +248,13 @@ def _record_data(t: Trainer) -> None:
     t.tracker.set_tags(tags)
 
 
-def _results_dir(config: ExperimentConfig, run_id: str) -> Path:
-    return Path(config.run.results_dir) / tracking.slug(config.run.experiment_name) / run_id
+def results_dir(config: ExperimentConfig, run_id: str) -> Path:
+    """Where a run's checkpoints and tables go: <results_dir>/<experiment>/<run id>."""
+    base = Path(config.run.results_dir)
+    folder = base / tracking.slug(config.run.experiment_name) / run_id
+    if not folder.resolve().is_relative_to(base.resolve()):  # a run id is hex: never
+        raise ConfigError(f"Run folder {folder} is outside --results-dir {base}.")
+    return folder
 
 
 def _metrics_of(h: dict[str, float]) -> dict[str, float]:
@@ -254,16 +290,17 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
     prep = BatchPrep(ds, device, channels_last=False)
     batches = BatchSettings(prep, make_loss(config.data.problem), problem=config.data.problem)
     tracker = tracking.start(config, info.is_main, parent_run_id, {"task": config.run.task})
-    results_dir = _results_dir(config, tracker.run_id)
+    folder = results_dir(config, tracker.run_id)
     epoch = weights_epoch(weights)
     try:
         loader = build_loader(ds, config, ddp.DistInfo(), device, train=False)
         pred = predict(model, loader, batches)
         metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.problem, split)
         tracker.log_epoch(metrics, epoch)
-        write_split_outputs(tracker, results_dir, split, ds, pred, metrics)
+        write_split_outputs(tracker, folder, split, ds, pred, metrics)
         tracker.end("FINISHED")
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        stopped = isinstance(e, KeyboardInterrupt) or interrupts.received()
+        tracker.end("KILLED" if stopped else "FAILED")
         raise
-    return RunResult(tracker.run_id, tracker.experiment_id, results_dir, epoch, metrics)
+    return RunResult(tracker.run_id, tracker.experiment_id, folder, epoch, metrics)

@@ -6,16 +6,21 @@ cell) so the MLflow UI shows the group as one expandable line.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from src import tracking
+from src import interrupts, tracking
 from src.config import ExperimentConfig
 from src.distributed import is_main_process
-from src.experiment import RunResult, run
+from src.experiment import RunResult, results_dir, run
 
 SUMMARY_KEYS = ("val_auroc_mean", "val_ap_mean")
 
@@ -26,29 +31,77 @@ def run_children(
     parent_name: str,
     parent_tags: dict[str, Any] | None = None,
 ) -> tuple[str, list[RunResult]]:
-    """Run `config` once per (child name, dotted overrides) as child runs of a new parent.
+    """Run `config` once per (child name, dotted overrides) as child runs of one parent.
 
     Returns the parent run id and the children's results. The parent ends FAILED (and the
-    error propagates) if a child fails, KILLED on Ctrl-C.
+    error propagates) if a child fails, KILLED on Ctrl-C or SIGTERM. Running the same group
+    again (same config, same children) after it stopped goes on where it stopped: the parent
+    is reopened, finished children are skipped, a stopped child resumes from its last.pt.
     """
     # Under torchrun every rank runs every child together; only rank 0 tracks and reports.
     main = is_main_process()
-    parent = tracking.start_parent(config, parent_name, parent_tags or {}, enabled=main)
+    key = group_key(config, children)
+    parent_id, before = tracking.find_group(config, key)
+    tags = {**(parent_tags or {}), "group.key": key}
+    parent = tracking.start_parent(config, parent_name, tags, enabled=main, reopen=parent_id)
+    if parent_id is not None and main:
+        done = sum(1 for r in before.values() if r.info.status == "FINISHED")
+        print(f"Going on with {parent_name} ({parent_id}): {done} of {len(children)} finished.")
     results: list[RunResult] = []
     try:
         for name, overrides in children:
             child = config.replace(**{"run.run_name": name, **overrides})
-            results.append(run(child, parent_run_id=parent.run_id))
+            results.append(_run_child(child, before.get(name), parent.run_id))
         if main:
             _log_summary(parent, children, results)
         parent.end("FINISHED")
-    except KeyboardInterrupt:
-        parent.end("KILLED")
-        raise
-    except BaseException:
-        parent.end("FAILED")
+    except BaseException as e:
+        stop = e if isinstance(e, KeyboardInterrupt) else interrupts.received()
+        parent.end("FAILED" if stop is None else "KILLED")
+        if stop is not None and main:
+            print(
+                f"\n{parent_name} stopped; finished runs are kept. Run the same command again "
+                f"to go on (finished runs are skipped, the stopped one resumes): {same_command()}",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     return parent.run_id, results
+
+
+def group_key(config: ExperimentConfig, children: list[tuple[str, dict[str, Any]]]) -> str:
+    """What makes two commands the same group: the config and the children's overrides."""
+    text = json.dumps([config.flat(), children], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _run_child(child: ExperimentConfig, before: Any, parent_id: str) -> RunResult:
+    """Run one child; one that finished before is skipped, one that stopped resumes."""
+    if before is None:
+        return run(child, parent_run_id=parent_id)
+    if before.info.status == "FINISHED":
+        print(f"{child.run.run_name}: finished before (run {before.info.run_id}), skipped.")
+        metrics = before.data.metrics
+        return RunResult(
+            before.info.run_id,
+            before.info.experiment_id,
+            None,
+            int(metrics.get("best_epoch", 0)),
+            {k: v for k, v in metrics.items() if k.startswith("best_")},
+        )
+    folder = results_dir(child, before.info.run_id)
+    if (folder / "last.pt").is_file():
+        print(f"{child.run.run_name}: resuming run {before.info.run_id} from {folder}.")
+        return run(child, resume=folder, parent_run_id=parent_id)
+    return run(child, parent_run_id=parent_id)  # stopped before its first epoch ended
+
+
+def same_command() -> str:
+    """This process's command line, as the user can type it again."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name != "__main__" else sys.argv[:1]
+    launcher = "torchrun <same options>" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
+    return f"{launcher} {shlex.join([*head, *sys.argv[1:]])}"
 
 
 def _best(result: RunResult, key: str) -> float:

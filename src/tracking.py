@@ -3,22 +3,22 @@
 The tracking URI is `MLFLOW_TRACKING_URI` (or the config's `run.tracking_uri`) when set, else
 `sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns`, so `mlflow ui` started in
 the repository root shows every run. Only rank 0 of a distributed launch tracks anything:
-the other ranks get a `NullTracker` with the same methods. A `Tracker` holds Ctrl-C (SIGINT)
-until its run ends, so that a Ctrl-C is never lost and never cuts an MLflow write in half.
+the other ranks get a `NullTracker` with the same methods. A `Tracker` holds Ctrl-C and SIGTERM
+until its run ends (src/interrupts.py): a signal is never lost and never cuts an MLflow write in
+half.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import math
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from src import interrupts
 from src.config import REPO_ROOT, RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
 from src.errors import TrackingError
 
@@ -166,70 +167,9 @@ def data_fingerprint(dataset: Any) -> dict[str, Any]:
 
 
 def slug(name: str) -> str:
-    """`name` as a folder name: runs of other characters become one '-'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "experiment"
-
-
-# ------------------------------------------------------------------ Ctrl-C
-
-
-class _CtrlC:
-    pending = False  # pressed since `_on_ctrl_c` went in
-    in_mlflow_call = 0
-    holders = 0  # trackers not yet ended
-
-
-def _on_ctrl_c(signum: int, frame: Any) -> None:
-    """Python's KeyboardInterrupt, made to keep the run's record right.
-
-    Pressed during an MLflow call it is raised when the call returns (pressed twice, at once):
-    a write cut in half keeps the SQLite store locked, and marking the run KILLED then fails.
-    Raised while Python runs a finalizer (a `__del__` or weakref callback, e.g. SQLAlchemy's),
-    it is lost: CPython prints "Exception ignored in ..." and the run would end FINISHED with
-    exit code 0. `pending` remembers it; the next tracker call raises it again.
-    """
-    first = not _CtrlC.pending
-    _CtrlC.pending = True
-    if not (first and _CtrlC.in_mlflow_call):
-        raise KeyboardInterrupt
-
-
-def _hold_ctrl_c() -> bool:
-    """Put `_on_ctrl_c` in (main thread, in place of Python's default handler only)."""
-    if not _CtrlC.holders:
-        if threading.current_thread() is not threading.main_thread():
-            return False
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return False  # the program handles Ctrl-C itself
-        signal.signal(signal.SIGINT, _on_ctrl_c)
-        _CtrlC.pending = False
-    _CtrlC.holders += 1
-    return True
-
-
-def _release_ctrl_c() -> None:
-    _CtrlC.holders -= 1
-    if not _CtrlC.holders and signal.getsignal(signal.SIGINT) is _on_ctrl_c:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _raise_pending_ctrl_c() -> None:
-    if _CtrlC.holders and _CtrlC.pending:
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def _mlflow_call(interruptible: bool = True) -> Iterator[None]:
-    """Ctrl-C waits for the call; `interruptible`: raise one pressed before or during it."""
-    if interruptible:
-        _raise_pending_ctrl_c()
-    _CtrlC.in_mlflow_call += 1
-    try:
-        yield
-    finally:
-        _CtrlC.in_mlflow_call -= 1
-    if interruptible:
-        _raise_pending_ctrl_c()
+    """`name` as one folder name: runs of other characters become one '-', and leading and
+    trailing dots and dashes go ('..' or '../x' never leave the folder they are put in)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "experiment"
 
 
 # ------------------------------------------------------------------ trackers
@@ -259,7 +199,8 @@ class NullTracker:
 class Tracker(NullTracker):
     """One MLflow run, driven through `MlflowClient` (no global 'active run' state).
 
-    It holds Ctrl-C until `end` (see `_on_ctrl_c`): its calls raise a Ctrl-C that Python lost.
+    It holds Ctrl-C and SIGTERM until `end` (src/interrupts.py): its calls raise a signal's
+    interrupt that Python lost.
     """
 
     def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
@@ -267,7 +208,7 @@ class Tracker(NullTracker):
         self.uri = uri
         self.experiment_id = experiment_id
         self.run_id = run_id
-        self.holds_ctrl_c = _hold_ctrl_c()
+        self.holds_signals = interrupts.hold()
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         """All of an epoch's metrics in one call, at step=epoch (NaN values are skipped)."""
@@ -279,7 +220,7 @@ class Tracker(NullTracker):
             for key, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]
-        with _mlflow_call():
+        with interrupts.mlflow_call():
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
@@ -287,7 +228,7 @@ class Tracker(NullTracker):
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
-        with _mlflow_call():
+        with interrupts.mlflow_call():
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -295,45 +236,58 @@ class Tracker(NullTracker):
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        with _mlflow_call():
+        with interrupts.mlflow_call():
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        with _mlflow_call():
+        with interrupts.mlflow_call():
             self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
 
     def log_text(self, text: str, name: str) -> None:
-        with _mlflow_call():
+        with interrupts.mlflow_call():
             self.client.log_text(self.run_id, text, name)
 
     def logged_steps(self, key: str) -> list[int]:
-        with _mlflow_call():
+        with interrupts.mlflow_call():
             history = self.client.get_metric_history(self.run_id, key)
         return sorted(m.step for m in history)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Mark the run `status` and let Ctrl-C go.
+        """Mark the run `status` and let the signals go.
 
-        `end("FINISHED")` raises a pending Ctrl-C instead (before or after the write), so the
-        caller marks the run KILLED and the program exits with 130.
+        `end("FINISHED")` raises a pending Ctrl-C or SIGTERM instead (before or after the
+        write), so the caller marks the run KILLED and the program exits with 130 or 143.
         """
         try:
-            with _mlflow_call(interruptible=status == "FINISHED"):
+            with interrupts.mlflow_call(interruptible=status == "FINISHED"):
                 self.client.set_terminated(self.run_id, status=status)
         finally:
-            if self.holds_ctrl_c:
-                self.holds_ctrl_c = False
-                _release_ctrl_c()
+            if self.holds_signals:
+                self.holds_signals = False
+                interrupts.release()
 
 
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     sqlite_dir = _sqlite_dir(uri)
-    if sqlite_dir is not None:
-        sqlite_dir.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if sqlite_dir is None or uri in _READY_STORES:
+        return MlflowClient(tracking_uri=uri)
+    sqlite_dir.mkdir(parents=True, exist_ok=True)
+    # MLflow creates a new SQLite store's tables on first use; runs that start together (a
+    # job array) would each create them and all but one crash ("table ... already exists"):
+    # the first use is one process at a time.
+    with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with interrupts.mlflow_call():
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+    return client
+
+
+_READY_STORES: set[str] = set()
 
 
 def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
@@ -394,7 +348,7 @@ def start(
         tags={k: str(v) for k, v in tags.items()},
     )
     tracker = Tracker(client, uri, experiment_id, run.info.run_id)
-    with _ended_on_error(tracker):
+    with ended_on_error(tracker):
         tracker.log_params(config.flat())
         tracker.log_text(to_toml(config), "config/config.toml")
         tracker.log_text(pip_freeze(), "environment/pip_freeze.txt")
@@ -404,12 +358,14 @@ def start(
 
 
 @contextmanager
-def _ended_on_error(tracker: Tracker) -> Iterator[None]:
-    """A run whose set-up fails ends KILLED on Ctrl-C, else FAILED (not RUNNING forever)."""
+def ended_on_error(tracker: Tracker) -> Iterator[None]:
+    """A run whose set-up fails ends KILLED on Ctrl-C or SIGTERM, else FAILED (not RUNNING
+    forever)."""
     try:
         yield
     except BaseException as e:
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        stopped = isinstance(e, KeyboardInterrupt) or interrupts.received()
+        tracker.end("KILLED" if stopped else "FAILED")
         raise
 
 
@@ -443,19 +399,53 @@ def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullT
     }
     client.update_run(run_id, status="RUNNING")
     tracker = Tracker(client, uri, run.info.experiment_id, run_id)
-    with _ended_on_error(tracker):
+    with ended_on_error(tracker):
         tracker.set_tags(changed)
     return tracker
 
 
+def find_group(config: ExperimentConfig, key: str) -> tuple[str | None, dict[str, Any]]:
+    """The parent run of the group `key` (tag `group.key`) if its newest one did not finish,
+    and that parent's child runs by run name (the newest of each name); else (None, {})."""
+    client = _client(tracking_uri(config))
+    with interrupts.mlflow_call():
+        exp = client.get_experiment_by_name(config.run.experiment_name)
+        if exp is None:
+            return None, {}
+        parents = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`group.key` = '{key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not parents or parents[0].info.status == "FINISHED":
+            return None, {}
+        parent_id = parents[0].info.run_id
+        children = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+    return parent_id, {r.info.run_name: r for r in children}
+
+
 def start_parent(
-    config: ExperimentConfig, run_name: str, tags: dict[str, Any], enabled: bool = True
+    config: ExperimentConfig,
+    run_name: str,
+    tags: dict[str, Any],
+    enabled: bool = True,
+    reopen: str | None = None,
 ) -> NullTracker:
     """A run in the config's experiment without the config's params: the parent that groups
-    child runs (a grid or a set of seeds), or a run that only holds pictures (Demo-0)."""
+    child runs (a grid or a set of seeds), or a run that only holds pictures (Demo-0).
+    `reopen`: the id of a parent that did not finish, marked RUNNING again."""
     if not enabled:
         return NullTracker()
     client, uri, experiment_id = _open_experiment(config)
+    if reopen is not None:
+        with interrupts.mlflow_call():
+            client.update_run(reopen, status="RUNNING")
+        return Tracker(client, uri, experiment_id, reopen)
     git = git_state()
     all_tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
     run = client.create_run(

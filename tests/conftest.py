@@ -15,6 +15,10 @@ if str(REPO_ROOT) not in sys.path:
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the tests in one worker per core (pytest-xdist): one thread each, and
+    # the same for the processes the tests start, or the workers fight for the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

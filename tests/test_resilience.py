@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -176,12 +177,14 @@ def _first_checkpoint(results: Path, proc: subprocess.Popen, limit_s: float = 12
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["from outside", "inside a finalizer"])
+@pytest.mark.parametrize("where", ["from outside", "inside a finalizer", "SIGTERM"])
 def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where):
     """Ctrl-C ends the run KILLED with exit code 130 and the command that resumes it, also
     when Python raises the KeyboardInterrupt inside a finalizer (a `__del__`), where CPython
     drops it: SIGINT can arrive while one runs (SQLAlchemy's, for one), and the run then went
-    on and ended FINISHED with exit code 0."""
+    on and ended FINISHED with exit code 0. SIGTERM (what SLURM, Kubernetes and spot
+    instances send) does the same with exit code 143, and the DataLoader's worker processes
+    end with the run (they outlived it by 5-13 s when SIGTERM killed it outright)."""
     args = [
         "--epochs",
         "3",
@@ -192,6 +195,8 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where)
         "--set",
         "data.args.delay_s=0.004",
     ]
+    if where == "SIGTERM":
+        args += ["--num-workers", "2"]
     env = dict(os.environ)
     if where == "inside a finalizer":
         env[CTRL_C_IN_FINALIZER_AT] = "160"  # a read of the second epoch (150 images)
@@ -207,25 +212,45 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where)
         # Python then has no KeyboardInterrupt to raise and the run ends FINISHED, exit code 0.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    workers = []
     if where == "from outside":
         _first_checkpoint(tmp_path / "results", proc)
         proc.send_signal(signal.SIGINT)  # to the run's process only, as the tests can
+    elif where == "SIGTERM":
+        _first_checkpoint(tmp_path / "results", proc)
+        workers = _loader_workers(proc)
+        proc.send_signal(signal.SIGTERM)
     try:
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     shown = f"exit code {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
-    assert proc.returncode == 130, shown
+    assert proc.returncode == (143 if where == "SIGTERM" else 130), shown
     (last,) = (tmp_path / "results").glob("*/*/last.pt")
     assert f"--resume {last.parent}" in err, shown
     (r,) = runs_of(mlflow_uri, "intr")
     assert r.info.status == "KILLED", shown
-    if where == "inside a finalizer":
-        return  # resuming after Ctrl-C is the same as in the case "from outside"
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    if where != "SIGTERM":
+        return  # resuming after Ctrl-C is the same as after SIGTERM
+    assert "Stopped by SIGTERM; last.pt holds the last complete epoch." in err, shown
     done = demo([*args, "--resume", str(last.parent)], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (r,) = runs_of(mlflow_uri, "intr")
     assert r.info.status == "FINISHED", done.stdout + done.stderr
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(r.info.run_id, "val_loss")]
+    assert steps == [1, 2, 3]
+
+
+def _loader_workers(proc: subprocess.Popen, limit_s: float = 60) -> list:
+    """The run's DataLoader worker processes, once an epoch has started them."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if len(children) >= 2:
+            return children
+        time.sleep(0.01)
+    raise AssertionError(f"no DataLoader workers within {limit_s} s")
 
 
 def _tiny_copy(tmp_path: Path) -> Path:
