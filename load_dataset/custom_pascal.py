@@ -5,6 +5,10 @@ segmentation data into a 20-label multi-label classification data set (the tutor
 Labels are computed once per image from the full-resolution mask (resizing first can erase
 small objects) and kept in memory, optionally also in a small .npz file in `cache_dir`.
 
+Every mask must have its image's size; this is checked when the labels are computed (the
+image's size comes from its file header, nothing more is decoded), so the data set refuses a
+mismatch when it is built, with or without augmentation or a cache.
+
 Per sample the work is: decode the JPEG with Pillow, resize it while still uint8
 (antialiased), and, only when a mask is needed (seglabel or cropping), decode and resize
 the mask. `data` is uint8; the training loop scales and normalizes whole batches on the
@@ -44,7 +48,13 @@ from load_dataset.pascal.layout import (
     voc_entries,
 )
 from load_dataset.pascal.visualize import build_augmentation_gallery, save_visualization
-from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD  # what the pretrained VGG-16 expects
+from load_dataset.utils import (
+    IMAGENET_MEAN,  # ImageNet's statistics: what the pretrained VGG-16 expects
+    IMAGENET_STD,
+    image_size,
+    open_image,
+    open_rgb,
+)
 
 __all__ = [
     "AUGMENTATIONS",
@@ -61,6 +71,11 @@ __all__ = [
 ]
 
 SETNAMES = ("train", "val")
+RESTORE_IMAGE = f"the file is corrupt or truncated: restore it from the original archive ({README})"
+RESTORE_MASK = (
+    "the file is corrupt or not a VOC/SBD annotation: restore it from the original archive "
+    f"({README})"
+)
 
 
 class PascalVOC2012(Dataset):
@@ -178,7 +193,7 @@ class PascalVOC2012(Dataset):
             mask = None
             if needs_mask:
                 mask = torch.from_numpy(read_mask(entry.mask_path))
-                _check_same_size(image, mask, entry)
+                _check_same_size(_wh(image), _wh(mask), entry)
             image, mask, label = self.transform(image, mask)
         if label is None:  # no crop: the stored full-resolution label holds
             label = self.labels[i]
@@ -197,7 +212,7 @@ class PascalVOC2012(Dataset):
         entry = self.entries[i]
         image = read_image(entry.image_path, padded=True)
         mask = torch.from_numpy(read_mask(entry.mask_path))
-        _check_same_size(image, mask, entry)
+        _check_same_size(_wh(image), _wh(mask), entry)
         label = label_vector_from_mask(mask.numpy(), source=entry.mask_path)
         image, mask, _ = self._resize(image, mask)
         return image, mask, label
@@ -205,8 +220,9 @@ class PascalVOC2012(Dataset):
     def full_resolution(self, i: int) -> tuple[Image.Image, np.ndarray]:
         """Image i as a PIL RGB image and its mask as uint8 [H, W], both unresized."""
         entry = self.entries[i]
-        image = Image.fromarray(read_image(entry.image_path).permute(1, 2, 0).numpy())
-        return image, read_mask(entry.mask_path)
+        image, mask = read_image(entry.image_path), read_mask(entry.mask_path)
+        _check_same_size(_wh(image), _wh(mask), entry)
+        return Image.fromarray(image.permute(1, 2, 0).numpy()), mask
 
 
 def merge_by_id(voc: list[Entry], sbd: list[Entry]) -> tuple[dict[str, Entry], int]:
@@ -240,22 +256,15 @@ def read_image(path: str, padded: bool = False) -> torch.Tensor:
     pixel layout), for `PascalAugment`, which resizes all four and keeps the first three.
     Skipping the RGB packing (Pillow) and unpacking (torch's uint8 resize works on 4-byte
     pixels) saves ~0.07 ms of the ~1.8 ms an image costs; the RGB values are the same.
+    Grey, CMYK and 16-bit images are read as `load_dataset.utils.open_rgb` reads them.
     """
-    try:
-        with Image.open(path) as im:
-            # convert() copies even an RGB image; only other modes (grey, CMYK) need it.
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-            if padded:
-                # bytearray: torch wants writable memory (the resize only reads it).
-                pixels = torch.frombuffer(bytearray(rgb.tobytes("raw", "RGBX")), dtype=torch.uint8)
-                hwc = pixels.view(rgb.height, rgb.width, 4)
-            else:
-                hwc = torch.from_numpy(np.array(rgb))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(
-            f"Image {path} cannot be decoded ({e}); the file is corrupt or truncated: "
-            f"restore it from the original archive ({README})."
-        ) from None
+    rgb = open_rgb(path, fix=RESTORE_IMAGE)
+    if padded:
+        # bytearray: torch wants writable memory (the resize only reads it).
+        pixels = torch.frombuffer(bytearray(rgb.tobytes("raw", "RGBX")), dtype=torch.uint8)
+        hwc = pixels.view(rgb.height, rgb.width, 4)
+    else:
+        hwc = torch.from_numpy(np.array(rgb))
     return hwc.permute(2, 0, 1)
 
 
@@ -269,7 +278,7 @@ def read_mask(path: str) -> np.ndarray:
             # torchvision's SBDataset reads the same field the same way.
             mask = np.asarray(mat["GTcls"][0]["Segmentation"][0])
         else:
-            with Image.open(path) as im:
+            with open_image(path, fix=RESTORE_MASK) as im:
                 if im.mode not in ("P", "L"):
                     raise DataError(
                         f"Mask {path} is a {im.mode!r} image; VOC masks are palette ('P') "
@@ -280,24 +289,39 @@ def read_mask(path: str) -> np.ndarray:
         raise
     except Exception as e:  # a corrupt file can fail in many ways inside a decoder
         raise DataError(
-            f"Mask {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt or "
-            f"not a VOC/SBD annotation: restore it from the original archive ({README})."
+            f"Mask {path} cannot be read ({type(e).__name__}: {e}); {RESTORE_MASK}."
         ) from None
     if mask.ndim != 2:
         raise DataError(f"Mask {path} has shape {mask.shape}; expected [H, W] class indices.")
     return mask.astype(np.uint8, copy=False)
 
 
-def _check_same_size(image: torch.Tensor, mask: torch.Tensor, entry: Entry) -> None:
-    if tuple(image.shape[1:]) != tuple(mask.shape):
+def _wh(pixels: torch.Tensor | np.ndarray) -> tuple[int, int]:
+    """(width, height) of an image [C, H, W] or a mask [H, W]."""
+    return int(pixels.shape[-1]), int(pixels.shape[-2])
+
+
+def _check_same_size(image_wh: tuple[int, int], mask_wh: tuple[int, int], entry: Entry) -> None:
+    """DataError naming both files and both sizes when a mask does not fit its image."""
+    if tuple(image_wh) != tuple(mask_wh):
         raise DataError(
-            f"Mask {entry.mask_path} is {tuple(mask.shape)} but image {entry.image_path} is "
-            f"{tuple(image.shape[1:])} (H, W); the two must match."
+            f"Mask {entry.mask_path} is {mask_wh[0]} x {mask_wh[1]} pixels but its image "
+            f"{entry.image_path} is {image_wh[0]} x {image_wh[1]} (width x height); a mask "
+            f"must have its image's size: restore both from the original archive ({README})."
         )
 
 
-def _mask_label(path: str) -> np.ndarray:
-    return label_vector_from_mask(read_mask(path), source=path)
+def _checked_label(entry: Entry) -> np.ndarray:
+    """The label of the entry's full-resolution mask, once the mask is checked to have the size
+    of its image (read from the image file's header: nothing more is decoded)."""
+    mask = read_mask(entry.mask_path)
+    try:
+        image_wh = image_size(entry.image_path, fix=RESTORE_IMAGE)
+    except DataError:
+        image_wh = None  # a header that cannot be read: reading the sample names the file
+    if image_wh is not None:
+        _check_same_size(image_wh, _wh(mask), entry)
+    return label_vector_from_mask(mask, source=entry.mask_path)
 
 
 def label_table(
@@ -305,8 +329,10 @@ def label_table(
 ) -> np.ndarray:
     """float32 [N, 20]: row n is the multi-hot label of entries[n], from its full-res mask.
 
-    With `cache_dir`, the table is read from / written to an .npz whose name holds a hash
-    of every mask file's name, size and modification time, so a changed mask is noticed.
+    Computing it checks that every mask has its image's size (DataError otherwise). With
+    `cache_dir`, the table is read from / written to an .npz whose name holds a hash of every
+    image and mask file's name, size and modification time, so a changed file is noticed and
+    a table read back stands for masks checked against these very images.
     """
     path = None
     if cache_dir is not None:
@@ -314,14 +340,13 @@ def label_table(
         cached = pascal_cache.read_label_table(path, [e.image_id for e in entries])
         if cached is not None:
             return cached
-    paths = [e.mask_path for e in entries]
     cores = pascal_cache.usable_cores()
     if cores > 1:
         # Decoders release the GIL for most of their work, so threads overlap well here.
         with ThreadPoolExecutor(max_workers=min(8, cores)) as pool:
-            rows = list(pool.map(_mask_label, paths, chunksize=64))
+            rows = list(pool.map(_checked_label, entries, chunksize=64))
     else:  # on one core, threads would only add switching
-        rows = [_mask_label(p) for p in paths]
+        rows = [_checked_label(e) for e in entries]
     labels = np.stack(rows) if rows else np.zeros((0, len(VOC_CLASSES)), np.float32)
     if path is not None:
         pascal_cache.write_label_table(path, [e.image_id for e in entries], labels)

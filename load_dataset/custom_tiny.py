@@ -5,16 +5,19 @@
     train/*.png         file names as in the CSV's first column
     val/*.png
     test/*.png
+
+Every image has the same size. One CSV serves all splits, so a row whose file is in none of
+the three folders is a missing file: an error, or a warning with `missing_files="warn"`.
 """
 
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from load_dataset.errors import DataError
@@ -22,6 +25,8 @@ from load_dataset.utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     compute_mean_std,
+    image_size,
+    open_rgb,
     to_tensor_and_normalize,
 )
 
@@ -30,6 +35,8 @@ LABELS_FILE = "tiny_labels.csv"
 MEAN_STD_CACHE_FILE = "mean_std_cache.json"
 SETNAMES = ("train", "val", "test")
 NORMALIZATIONS = ("imagenet", "train_split")
+MISSING_FILES = ("error", "warn")
+N_NAMED = 5  # missing files named in a message; the rest are counted
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -46,6 +53,13 @@ def _is_image_file(path: Path) -> bool:
     return (
         path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
     )
+
+
+class MissingFilesWarning(UserWarning):
+    """The label CSV names files that are not on disk; the data set goes on without them."""
+
+
+_WARNED: set[str] = set()  # MissingFilesWarning messages given in this process
 
 
 def read_label_csv(csv_path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -91,6 +105,40 @@ def read_label_csv(csv_path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     return label_meanings, labels
 
 
+def check_missing_files(
+    labels_by_name: dict[str, np.ndarray],
+    listed: dict[str, list[Path]],
+    csv_path: Path,
+    missing_files: str = "error",
+) -> None:
+    """DataError, or with missing_files='warn' a MissingFilesWarning, when rows of the label
+    CSV name files that none of the split folders (`listed`: split -> its images) holds.
+
+    Only when train/, val/ and test/ all exist: without one of them, the rows of its images
+    cannot be told from rows whose file is missing (a folder may leave out its test split).
+    """
+    if set(listed) != set(SETNAMES):
+        return
+    on_disk = {p.name for paths in listed.values() for p in paths}
+    absent = sorted(name for name in labels_by_name if name not in on_disk)
+    if not absent:
+        return
+    named = ", ".join(absent[:N_NAMED])
+    if len(absent) > N_NAMED:
+        named += f" and {len(absent) - N_NAMED} more"
+    what = f"{csv_path} names {len(absent)} file(s) found in none of train/, val/, test/ beside it"
+    if missing_files == "error":
+        raise DataError(
+            f"{what}: {named}; restore them, delete their rows, or set "
+            'data.args.missing_files = "warn" (--set data.args.missing_files=warn) to go on '
+            "without them."
+        )
+    message = f"{what}: {named}; going on without them."
+    if message not in _WARNED:  # every split finds the same files: say it once
+        _WARNED.add(message)
+        warnings.warn(message, MissingFilesWarning, stacklevel=2)
+
+
 class TinyData(Dataset):
     """One split of a TinyData-format folder (by default the shipped `load_dataset/tiny_data`).
 
@@ -101,9 +149,16 @@ class TinyData(Dataset):
         normalization: 'imagenet' (the tutorial's ImageNet mean/std) or 'train_split'
             (mean/std of this folder's training images, whatever `setname` is, so that
             validation and test images are normalized as the training images are).
+        missing_files: what a CSV row whose file is in none of train/, val/, test/ leads to:
+            'error' (a DataError naming the files) or 'warn' (a MissingFilesWarning naming
+            them; the data set is the files that are there).
+
+    Every image must have the size of the first training image (the first of this split
+    when train/ is empty); a sample of another size is a DataError naming both files.
 
     Attributes:
         label_meanings: the CSV's label column names, e.g. ['LabelRed', 'LabelBlue', ...].
+        image_size_wh: (width, height) in pixels that every image must have.
         image_ids: the split's image file names, sorted; sample i is image_ids[i].
         labels: float32 [N, K] 0/1, row i belongs to image_ids[i].
         mean_std: None, because samples are already normalized float tensors.
@@ -120,7 +175,11 @@ class TinyData(Dataset):
     }
 
     def __init__(
-        self, setname: str, data_dir: str | Path | None = None, normalization: str = "imagenet"
+        self,
+        setname: str,
+        data_dir: str | Path | None = None,
+        normalization: str = "imagenet",
+        missing_files: str = "error",
     ) -> None:
         if setname not in SETNAMES:
             raise DataError(f"Unknown setname {setname!r} for TinyData; use one of {SETNAMES}.")
@@ -128,6 +187,10 @@ class TinyData(Dataset):
             raise DataError(
                 f"Unknown normalization {normalization!r} for TinyData; use one of "
                 f"{NORMALIZATIONS}."
+            )
+        if missing_files not in MISSING_FILES:
+            raise DataError(
+                f"Unknown missing_files {missing_files!r} for TinyData; use one of {MISSING_FILES}."
             )
         self.setname = setname
         self.data_dir = SHIPPED_DATA_DIR if data_dir is None else Path(data_dir).expanduser()
@@ -143,7 +206,10 @@ class TinyData(Dataset):
         if not self.split_dir.is_dir():
             raise DataError(f"The split folder {self.split_dir} is missing; add it with images.")
 
-        self.image_paths = list_images(self.split_dir)
+        # One CSV serves every split: list each split folder there is, once.
+        folders = {s: self.data_dir / s for s in SETNAMES if (self.data_dir / s).is_dir()}
+        listed = {s: list_images(folder) for s, folder in folders.items()}
+        self.image_paths = listed[setname]
         if not self.image_paths:
             raise DataError(f"{self.split_dir} holds no images; add the {setname} images there.")
         self.label_meanings, labels_by_name = read_label_csv(csv_path)
@@ -154,8 +220,13 @@ class TinyData(Dataset):
                 f"{self.split_dir / missing[0]} has no row in {csv_path} ({len(missing)} "
                 "image(s) without one); add a row per image or remove the image."
             )
+        check_missing_files(labels_by_name, listed, csv_path, missing_files)
         self.labels = np.stack([labels_by_name[name] for name in self.image_ids])
         self.mean_std = None  # samples leave here normalized, as float32
+
+        # One header read (no decode) here; each sample is then checked against it for free.
+        self.size_reference = (listed.get("train") or self.image_paths)[0]
+        self.image_size_wh = image_size(self.size_reference)
 
         self.normalization = normalization
         if normalization == "imagenet":
@@ -178,11 +249,14 @@ class TinyData(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         path = self.image_paths[idx]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")  # convert() also forces the lazy decode
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DataError(f"Cannot read image {path} ({err}); replace or remove it.") from err
+        image = open_rgb(path)
+        if image.size != self.image_size_wh:
+            (w, h), (ref_w, ref_h) = image.size, self.image_size_wh
+            raise DataError(
+                f"Image {path} is {w} x {h} pixels (width x height) but TinyData's images are "
+                f"all {ref_w} x {ref_h}, as {self.size_reference} is; resize it or remove it "
+                "and its CSV row."
+            )
         return {
             "data": to_tensor_and_normalize(image, self.norm_mean, self.norm_std),
             "label": torch.tensor(self.labels[idx]),

@@ -18,10 +18,12 @@ uncached one.
 
 Fingerprints. FP hashes the format version, setname, S, the torchvision and Pillow versions
 (resize and JPEG decoder define the bytes) and, per image, its id and the name, size and
-modification time of its image and mask files. FPM hashes the ids and mask files only (the
-labels do not depend on S). A changed, added or removed file changes the name, so a stale
-cache is never opened: the next construction builds a new one. Old files stay until deleted
-(the cache holds derived data only; delete it at any time).
+modification time of its image and mask files. FPM hashes the ids and the image and mask files
+only (the labels depend neither on S nor on the decoders; the images count because the table
+is computed only after every mask has been checked to have its image's size). A changed,
+added or removed file changes the name, so a stale cache is never opened: the next
+construction builds a new one. Old files stay until deleted (the cache holds derived data
+only; delete it at any time).
 
 Never silently wrong. A build writes each file to a temporary name, fsyncs it and renames it
 into place (`os.replace`); the JSON is renamed last and marks the build complete, so a killed
@@ -79,12 +81,16 @@ class CacheWarning(UserWarning):
 
 
 def label_table_path(cache_dir: str | os.PathLike, setname: str, entries: list[Entry]) -> Path:
-    """Where the label table of these entries lies: the name holds a hash of the mask files."""
+    """Where the label table of these entries lies: the name holds a hash of the image and mask
+    files (the images count because computing the table checks each mask against its image's
+    size: a table found again means that check passed for these files)."""
     h = hashlib.sha256()
     for e in entries:
-        st = os.stat(e.mask_path)
-        h.update(f"{e.image_id}\t{os.path.basename(e.mask_path)}\t{st.st_size}\t".encode())
-        h.update(f"{st.st_mtime_ns}\n".encode())
+        h.update(e.image_id.encode())
+        for path in (e.image_path, e.mask_path):
+            st = os.stat(path)
+            h.update(f"\t{os.path.basename(path)}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        h.update(b"\n")
     return Path(cache_dir) / f"pascal_{setname}_labels_{h.hexdigest()[:20]}.npz"
 
 

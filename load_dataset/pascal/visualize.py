@@ -22,6 +22,7 @@ from load_dataset.pascal.labels import (
     label_vector_from_mask,
     voc_colormap,
 )
+from load_dataset.utils import to_rgb
 
 
 def caption(label_vector: Sequence[float] | np.ndarray | torch.Tensor) -> str:
@@ -34,7 +35,7 @@ def caption(label_vector: Sequence[float] | np.ndarray | torch.Tensor) -> str:
 def _to_rgb_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """PIL image, [H, W, 3] array or [3, H, W] tensor (uint8, or float in [0, 1]) -> uint8 HWC."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))  # 16-bit images scaled, not clipped
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3):
