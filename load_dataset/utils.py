@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -202,17 +202,40 @@ def _read_cache(cache_path: Path, key: str) -> MeanStd | None:
         return None  # absent, unreadable or stale: recompute
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """A file object whose contents appear at `path` only when the block completes.
+
+    Written as `.<name>.<random>.tmp` in the same folder, fsynced (a crash cannot leave a
+    renamed file whose blocks never reached the disk), then renamed over `path`: a reader,
+    or a crash at any moment, sees the old file or the new one, never half of one. Created
+    with mode 0666 less the process's umask like any other output (not `tempfile.mkstemp`'s
+    0600), so a team sharing a folder reads it too.
+    """
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 64 random bits taken
+            continue
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_cache(cache_path: Path, key: str, result: MeanStd, n_images: int) -> None:
-    cache_path = Path(cache_path)
     entry = {"key": key, "n_images": n_images, "mean": result[0], "std": result[1]}
     try:
-        # Temp file + rename: readers in other processes never see half a file.
-        fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.name, suffix=".tmp")
+        with atomic_file(cache_path, "w") as f:
+            json.dump(entry, f, indent=1)
     except OSError:
         return  # a read-only data folder: the caller still gets the statistics
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f, indent=1)
-        os.replace(tmp, cache_path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)

@@ -18,10 +18,12 @@ from load_dataset.errors import DataError
 from src import checkpoint as ckpt_io
 from src import distributed as ddp
 from src.config import (
+    IMPORT_PATH,
     SETNAME_PLACEHOLDER,
     ConfigError,
     ExperimentConfig,
     import_object,
+    import_paths,
 )
 from src.dataset_contract import checked_dataset
 from src.loop import BatchPrep, BatchSettings, make_loss
@@ -45,7 +47,8 @@ def _seed_worker(worker_id: int) -> None:
 def set_determinism(deterministic: bool, cudnn_benchmark: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)  # imports torch._inductor: 3 s
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
 
@@ -80,6 +83,50 @@ def resolve_num_workers(value: int | str, local_world_size: int = 1) -> int:
     return max(1, (cores or 1) // max(1, local_world_size) - 1)
 
 
+# What each kind of class a config names must be, and what the error says when it is not.
+_CLASS_KINDS = {
+    "dataset": (
+        lambda cls: issubclass(cls, Dataset),
+        "is not a torch.utils.data.Dataset class; name a Dataset subclass",
+    ),
+    "model": (
+        lambda cls: issubclass(cls, nn.Module),
+        "is not an nn.Module class; name an nn.Module subclass",
+    ),
+    "transform": (
+        lambda cls: (
+            issubclass(cls, nn.Module) or cls.__module__.startswith("torchvision.transforms")
+        ),
+        "is neither a torchvision.transforms class nor an nn.Module subclass; name a "
+        "transform class",
+    ),
+}
+
+
+def import_class(path: Any, key: str, kind: str) -> type:
+    """The class at `path` ('package.module:Name') of config key `key`, checked to be a class
+    of its `kind` ("dataset", "model", "transform") right after the import, before anything
+    calls it: a config, or a run's stored config, names classes and is never a way to call a
+    function (`os:system`)."""
+    is_kind, refusal = _CLASS_KINDS[kind]
+    if not (isinstance(path, str) and IMPORT_PATH.fullmatch(path)):
+        raise ConfigError(
+            f"{key} = {path!r} must be an import path of the form 'package.module:ClassName'."
+        )
+    what = f"transform of {key.removesuffix('.class')}" if kind == "transform" else kind
+    cls = import_object(path, what)
+    if not (isinstance(cls, type) and is_kind(cls)):
+        raise ConfigError(f"{key} = {path!r} {refusal}.")
+    return cls
+
+
+def check_classes(config: ExperimentConfig) -> None:
+    """ConfigError unless the dataset, the model and every transform the config names is a
+    class of its kind; before any data is read, so a wrong model is not found minutes later."""
+    for key, path, kind in import_paths(config):
+        import_class(path, key, kind)
+
+
 def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
     """The config's dataset for one split, checked against the dataset contract.
 
@@ -88,12 +135,7 @@ def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
     in. A table with a `class` key (a transform) is built from it first.
     """
     name = config.data.dataset
-    cls = import_object(name, "dataset")
-    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
-        raise ConfigError(
-            f"[data] dataset = {name!r} is not a torch.utils.data.Dataset class; name a "
-            "Dataset subclass."
-        )
+    cls = import_class(name, "[data] dataset", "dataset")
     args = {k: _arg_value(v, f"data.args.{k}", setname) for k, v in config.data.args.items()}
     by_placeholder = any(_has_placeholder(v) for v in config.data.args.values())
     try:
@@ -131,18 +173,8 @@ def _arg_value(value: Any, key: str, setname: str) -> Any:
 
 
 def _build_transform(table: dict[str, Any], key: str, setname: str) -> Any:
-    # Only classes of torchvision.transforms or nn.Module subclasses: a config names data
-    # processing, it is never a way to call an arbitrary function.
     path = table["class"]
-    cls = import_object(path, f"transform of {key}") if isinstance(path, str) else None
-    allowed = isinstance(cls, type) and (
-        issubclass(cls, nn.Module) or cls.__module__.startswith("torchvision.transforms")
-    )
-    if not allowed:
-        raise ConfigError(
-            f"{key}.class = {path!r} is neither a torchvision.transforms class nor an "
-            "nn.Module subclass; name a transform class."
-        )
+    cls = import_class(path, f"{key}.class", "transform")
     kwargs = {k: _arg_value(v, f"{key}.{k}", setname) for k, v in table.items() if k != "class"}
     try:
         return cls(**kwargs)
@@ -151,12 +183,7 @@ def _build_transform(table: dict[str, Any], key: str, setname: str) -> Any:
 
 
 def build_model(config: ExperimentConfig) -> nn.Module:
-    cls = import_object(config.model.model, "model")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ConfigError(
-            f"[model] model = {config.model.model!r} is not an nn.Module class; name an "
-            "nn.Module subclass."
-        )
+    cls = import_class(config.model.model, "[model] model", "model")
     try:
         return cls(**config.model.args)
     except (TypeError, ValueError) as e:
@@ -291,6 +318,7 @@ class Trainer:
 def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | None) -> Trainer:
     """Seeds, device, datasets (checked), loaders, model, optimizer and the training state,
     restored from `resume` (a run's results folder or last.pt) when given."""
+    check_classes(config)
     device = pick_device(config.run.device, info.local_rank)
     seed_everything(config.run.seed)
     set_determinism(
@@ -317,7 +345,7 @@ def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | No
     )
     state, scaler = _training_state(config, batches, list(datasets["train"].label_meanings))
     if saved is not None:
-        state.load_state_dict(saved)
+        state.load_state_dict(saved, resume_path)
     net = torch.compile(state.model) if config.train.compile else state.model
     train_net = net
     if info.enabled:

@@ -7,39 +7,28 @@ weights and the epoch they come from.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from load_dataset.utils import atomic_file
 from src.errors import CheckpointError
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    """
+    """Write `obj` with `torch.save` through `atomic_file`: a crash at any moment leaves
+    either the old file or the new one, never half of one; the mode follows the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A process killed while writing leaves its temporary file; only one process (rank 0)
     # writes a run's checkpoints, so any such file here is stale.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def resolve_checkpoint(path: str | Path, name: str = "last.pt") -> Path:
@@ -85,11 +74,63 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rng_state_problem(state: Any) -> str | None:
+    """What is wrong with a checkpoint's `rng` (as `rng_state` wrote it), naming the part
+    (`'rng.numpy'`), or None when every generator accepts its state."""
+    try:
+        _checked_rng_state(state)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Restore the generators of `rng_state`; ValueError naming the part when one is not a
+    generator state, before any generator is changed."""
+    python, numpy, cpu, cuda = _checked_rng_state(state)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    # A checkpoint from a machine with more GPUs: the generators this one has.
+    for index, cuda_state in enumerate(cuda[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+def _checked_rng_state(state: Any) -> tuple[tuple, tuple, torch.Tensor, list[torch.Tensor]]:
+    """The states of `rng_state` as each generator's setter takes them, each tried on a
+    generator of its own first; ValueError naming the part that is missing or malformed.
+    Whatever a setter raises means the same (the state is not one), hence `except Exception`."""
+    if not isinstance(state, dict):
+        raise ValueError(f"'rng' is a {type(state).__name__}, not a dict of generator states")
+    for part in ("python", "numpy", "torch"):
+        if part not in state:
+            raise ValueError(f"'rng' has no {part!r} state")
+    try:
+        version, internal, gauss_next = state["python"]
+        python = (version, tuple(internal), gauss_next)
+        random.Random().setstate(python)
+    except Exception:
+        raise ValueError("'rng.python' is not a state of Python's random generator") from None
+    try:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        if not (isinstance(keys, torch.Tensor) and keys.dtype == torch.uint32):
+            raise TypeError  # what `rng_state` stores; NumPy would cast any other
+        numpy = (name, keys.numpy(), int(pos), int(has_gauss), float(cached))
+        np.random.RandomState().set_state(numpy)
+    except Exception:
+        raise ValueError("'rng.numpy' is not a state of NumPy's random generator") from None
+    cpu = state["torch"]
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8):
+        raise ValueError("'rng.torch' is not torch's random state (a uint8 tensor)")
+    try:
+        torch.Generator().set_state(cpu)
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"'rng.torch' is not torch's random state ({reason})") from None
+    cuda = state.get("cuda", [])
+    if not (
+        isinstance(cuda, (list, tuple))
+        and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda)
+    ):
+        raise ValueError("'rng.cuda' is not a list of CUDA random states (uint8 tensors)")
+    return python, numpy, cpu, list(cuda)

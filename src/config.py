@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +32,11 @@ TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
 PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULERS = ("none", "cosine", "step")
+# 'package.module:ClassName', the form of every class a config names.
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+# Packages outside this repository whose classes a stored run's config may name without
+# `--trust` (src.tools.reproduce); the repository's own top-level packages are the others.
+TRUSTED_PACKAGES = ("torchvision",)
 # In a string of [data.args], replaced by the split's name ("train", "val", "test"); a dataset
 # whose arguments hold it is called without the split as first argument (ImageFolder).
 SETNAME_PLACEHOLDER = "{setname}"
@@ -47,6 +54,10 @@ class RunConfig:
     deterministic: bool = False
     tracking_uri: str = ""
     checkpoint: str = ""
+    # A tracking server that has not answered for server_wait_s: "continue" (say so once,
+    # keep the metrics, send them when it is back) or "stop" (one-line error).
+    server_unreachable: str = "continue"
+    server_wait_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,7 @@ def _check_choices(config: ExperimentConfig) -> None:
         ("train", "amp", config.train.amp, AMP_MODES),
         ("optimizer", "name", config.optimizer.name, ("SGD", "Adam", "AdamW")),
         ("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS),
+        ("run", "server_unreachable", config.run.server_unreachable, ("continue", "stop")),
     ]
     for section, key, value, allowed in choices:
         if value not in allowed:
@@ -262,6 +274,11 @@ def _check_choices(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"Config key [run] device = {config.run.device!r} is not one of auto, cpu, cuda, "
             "cuda:N (N = a GPU index), mps."
+        )
+    if not 0 < config.run.server_wait_s < float("inf"):
+        raise ConfigError(
+            f"Config key [run] server_wait_s must be a number of seconds above 0, got "
+            f"{config.run.server_wait_s}."
         )
     for section, key, value in [
         ("data", "batch_size", config.data.batch_size),
@@ -282,16 +299,41 @@ def _check_choices(config: ExperimentConfig) -> None:
             "kept out of every run unless the config asks for it."
         )
     for section, path in [("data", config.data.dataset), ("model", config.model.model)]:
-        if ":" not in path:
+        if not IMPORT_PATH.fullmatch(path):
             raise ConfigError(
                 f"Config key [{section}] {'dataset' if section == 'data' else 'model'} = "
                 f"{path!r} must be an import path of the form 'package.module:ClassName'."
             )
+    _check_optimizer_numbers(config.optimizer)
+
+
+def _check_optimizer_numbers(o: OptimizerConfig) -> None:
+    """Each optimizer number finite and in its range: a NaN, infinite or negative learning rate,
+    momentum, weight decay or decay factor would train to NaN (or away from the minimum)
+    silently, epochs later; a momentum of 1 or more never forgets a gradient and diverges."""
+    for key, value, upper in [
+        ("lr", o.lr, None),
+        ("momentum", o.momentum, 1.0),
+        ("weight_decay", o.weight_decay, None),
+        ("gamma", o.gamma, None),
+    ]:
+        if math.isfinite(value) and value >= 0 and (upper is None or value < upper):
+            continue
+        allowed = "0 or more" if upper is None else f"at least 0 and below {upper:g}"
+        raise ConfigError(
+            f"Config key [optimizer] {key} = {value!r} must be a finite number, {allowed}; "
+            "fix it in the TOML or on the command line."
+        )
 
 
 # Config keys a resumed run may change (MLflow params are immutable, so the new value of one
 # of these becomes a tag `resumed.<key>`); every other key that shapes training must match.
-RESUME_MAY_CHANGE = ("train.epochs", "train.patience")
+RESUME_MAY_CHANGE = (
+    "train.epochs",
+    "train.patience",
+    "run.server_unreachable",
+    "run.server_wait_s",
+)
 # The sections whose keys shape what a run learns (not its names, seed or folders).
 TRAINING_SECTIONS = ("data", "model", "optimizer", "train")
 
@@ -350,6 +392,56 @@ def import_object(path: str, what: str) -> Any:
             f"The {what} '{path}' does not exist: module '{module_name}' has no '{attr}'."
         )
     return getattr(module, attr)
+
+
+def import_paths(config: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """Every class the config names, as (key, import path, kind): the dataset, the model and
+    each transform table (`{class = "module:Name", ...}`) in [data.args], in that order.
+    Nothing is imported."""
+    out = [
+        ("[data] dataset", config.data.dataset, "dataset"),
+        ("[model] model", config.model.model, "model"),
+    ]
+
+    def transforms(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            if "class" in value:
+                out.append((f"{key}.class", str(value["class"]), "transform"))
+            for k, v in value.items():
+                if k != "class":
+                    transforms(v, f"{key}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                transforms(v, f"{key}[{i}]")
+
+    for key, value in config.data.args.items():
+        transforms(value, f"data.args.{key}")
+    return out
+
+
+def is_trusted_import(path: str) -> bool:
+    """Whether `path` ('package.module:Name') names a class of one of this repository's
+    top-level packages (a folder or module right in the repository root, found where Python
+    would import it from) or of a TRUSTED_PACKAGES one. The package is found, not imported:
+    importing a module runs its code."""
+    if not IMPORT_PATH.fullmatch(path):
+        return False
+    top = path.partition(":")[0].split(".")[0]
+    if top in TRUSTED_PACKAGES:
+        return True
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    if spec.submodule_search_locations:  # a package (a namespace package: all its folders)
+        places = list(spec.submodule_search_locations)
+    elif spec.has_location and spec.origin:  # a module file
+        places = [spec.origin]
+    else:  # built into the interpreter
+        return False
+    return all(Path(p).resolve().parent == REPO_ROOT for p in places)
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

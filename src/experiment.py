@@ -50,7 +50,7 @@ from src.loop import (
 )
 from src.outputs import log_best_outputs, write_split_outputs
 from src.run_lock import run_lock
-from src.training_state import check_weights_fit, weights_epoch
+from src.training_state import check_weights_fit, check_weights_load, weights_epoch
 
 
 @dataclass
@@ -286,6 +286,7 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
     ds = build_dataset(config, split)
     model = build_model(config).to(device)
     check_outputs(model, list(ds.label_meanings), config)
+    check_weights_load(model, weights, ckpt_io.resolve_checkpoint(config.run.checkpoint, "best.pt"))
     model.load_state_dict(weights["model"])
     prep = BatchPrep(ds, device, channels_last=False)
     batches = BatchSettings(prep, make_loss(config.data.problem), problem=config.data.problem)

@@ -31,8 +31,10 @@ import numpy as np
 
 from src import interrupts
 from src.config import REPO_ROOT, RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
-from src.errors import TrackingError
+from src.errors import TrackingError, one_line
+from src.outbox import Outbox
 
+END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
 
@@ -200,7 +202,10 @@ class Tracker(NullTracker):
     """One MLflow run, driven through `MlflowClient` (no global 'active run' state).
 
     It holds Ctrl-C and SIGTERM until `end` (src/interrupts.py): its calls raise a signal's
-    interrupt that Python lost.
+    interrupt that Python lost. With a tracking server, epochs' metrics go through an
+    `Outbox` (src/outbox.py): training does not wait for the server. When it has not answered
+    for `server_wait_s`, the run says so once and trains on, or stops with a one-line error
+    when `server_unreachable = "stop"`; at its end the run waits up to `END_WAIT_S` for it.
     """
 
     def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
@@ -209,6 +214,16 @@ class Tracker(NullTracker):
         self.experiment_id = experiment_id
         self.run_id = run_id
         self.holds_signals = interrupts.hold()
+        self.remote = uri.startswith(("http://", "https://"))
+        self.outbox: Outbox | None = None
+        self.server_wait_s = 60.0
+        self.server_unreachable = "continue"
+        self._said_unreachable = False
+
+    def configure(self, config: ExperimentConfig) -> Tracker:
+        self.server_wait_s = float(getattr(config.run, "server_wait_s", 60.0))
+        self.server_unreachable = getattr(config.run, "server_unreachable", "continue")
+        return self
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         """All of an epoch's metrics in one call, at step=epoch (NaN values are skipped)."""
@@ -220,37 +235,82 @@ class Tracker(NullTracker):
             for key, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]
-        with interrupts.mlflow_call():
-            for i in range(0, len(batch), 1000):
-                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        if not self.remote:
+            self._call(self._log_metrics, batch)
+            return
+        if self.outbox is None:
+            self.outbox = Outbox(self._log_metrics)
+        self.outbox.put(batch)
+        self._check_server()
+
+    def _log_metrics(self, batch: list) -> None:
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def _check_server(self) -> None:
+        assert self.outbox is not None
+        waited = self.outbox.unreachable_s()
+        if waited < self.server_wait_s:
+            return
+        why = f"The MLflow server {self.uri} has not answered for {waited:.0f} s"
+        why += f" ({self.outbox.last_error})"
+        if self.server_unreachable == "stop":
+            raise TrackingError(
+                f"{why}; stopped (server_unreachable = 'stop'). last.pt holds every epoch: "
+                "resume with --resume once the server is back."
+            )
+        if not self._said_unreachable:
+            self._said_unreachable = True
+            print(
+                f"warning: {why}; training goes on, and {self.outbox.pending()} epochs' "
+                "metrics are kept (also in last.pt) and sent when it is back.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _call(self, fn: Any, *args: Any, interruptible: bool = True, **kwargs: Any) -> Any:
+        """One MLflow call, after the epochs waiting in the outbox; a server that does not
+        answer is one line, not a traceback."""
+        if self.outbox is not None and not self.outbox.drain(END_WAIT_S):
+            raise TrackingError(
+                f"The MLflow server {self.uri} has not answered for "
+                f"{self.outbox.unreachable_s():.0f} s ({self.outbox.last_error}); "
+                f"{self.outbox.pending()} epochs' metrics were not sent. last.pt holds them: "
+                "resume with --resume once the server is back."
+            )
+        with interrupts.mlflow_call(interruptible):
+            if not self.remote:
+                return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                raise TrackingError(
+                    f"The MLflow server {self.uri} failed: {one_line(e)}; resume with "
+                    "--resume once it answers again."
+                ) from None
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
-        with interrupts.mlflow_call():
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        with interrupts.mlflow_call():
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, tags=items[i : i + 100])
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, self.run_id, tags=items[i : i + 100])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        with interrupts.mlflow_call():
-            self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
+        self._call(self.client.log_artifact, self.run_id, str(path), artifact_path=subdir)
 
     def log_text(self, text: str, name: str) -> None:
-        with interrupts.mlflow_call():
-            self.client.log_text(self.run_id, text, name)
+        self._call(self.client.log_text, self.run_id, text, name)
 
     def logged_steps(self, key: str) -> list[int]:
-        with interrupts.mlflow_call():
-            history = self.client.get_metric_history(self.run_id, key)
+        history = self._call(self.client.get_metric_history, self.run_id, key)
         return sorted(m.step for m in history)
 
     def end(self, status: str = "FINISHED") -> None:
@@ -258,10 +318,19 @@ class Tracker(NullTracker):
 
         `end("FINISHED")` raises a pending Ctrl-C or SIGTERM instead (before or after the
         write), so the caller marks the run KILLED and the program exits with 130 or 143.
+        A run that did not finish does not wait for a server that does not answer.
         """
+        finished = status == "FINISHED"
         try:
-            with interrupts.mlflow_call(interruptible=status == "FINISHED"):
-                self.client.set_terminated(self.run_id, status=status)
+            if not finished and self.outbox is not None:
+                self.outbox.drain(5.0)
+                self.outbox = None
+            self._call(
+                self.client.set_terminated, self.run_id, status=status, interruptible=finished
+            )
+        except TrackingError:
+            if finished:
+                raise  # else the error that ended the run is the one to show
         finally:
             if self.holds_signals:
                 self.holds_signals = False
@@ -271,6 +340,12 @@ class Tracker(NullTracker):
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        # MLflow retries a request 7 times with a doubling back-off (minutes in all) before
+        # it fails: a few seconds, then the run's own handling (src/outbox.py) takes over.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     sqlite_dir = _sqlite_dir(uri)
     if sqlite_dir is None or uri in _READY_STORES:
         return MlflowClient(tracking_uri=uri)
@@ -347,7 +422,7 @@ def start(
         run_name=config.run.run_name,
         tags={k: str(v) for k, v in tags.items()},
     )
-    tracker = Tracker(client, uri, experiment_id, run.info.run_id)
+    tracker = Tracker(client, uri, experiment_id, run.info.run_id).configure(config)
     with ended_on_error(tracker):
         tracker.log_params(config.flat())
         tracker.log_text(to_toml(config), "config/config.toml")
@@ -398,7 +473,7 @@ def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullT
         if logged.get(key) != str(flat[key])
     }
     client.update_run(run_id, status="RUNNING")
-    tracker = Tracker(client, uri, run.info.experiment_id, run_id)
+    tracker = Tracker(client, uri, run.info.experiment_id, run_id).configure(config)
     with ended_on_error(tracker):
         tracker.set_tags(changed)
     return tracker

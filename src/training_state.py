@@ -12,9 +12,11 @@ plot axes, checkpoints); checkpoints say so with `first_epoch = 1`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from src import checkpoint as ckpt_io
@@ -100,15 +102,36 @@ class TrainingState:
             "config": config,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "The checkpoint") -> None:
+        """Every part restored from `state` (a last.pt read from `source`); CheckpointError
+        naming the key when a part does not fit. What a part's own `load_state_dict` would take
+        silently and fail on later (weights or buffers of another shape, a garbled schedule or
+        random state) is checked before any part changes."""
         missing = [key for key in self.parts if key not in state]
         if missing:
             raise CheckpointError(
-                f"The checkpoint has no {missing[0]!r} state although this config needs one; "
+                f"{source} has no {missing[0]!r} state although this config needs one; "
                 "resume with the config of the run that wrote it."
             )
+        problem = (
+            _weights_problem(self.model, state["model"])
+            or _optimizer_problem(self.optimizer, state["optimizer"])
+            or (
+                _scheduler_problem(self.scheduler, state["scheduler"])
+                if self.scheduler is not None
+                else None
+            )
+            or ckpt_io.rng_state_problem(state["rng"])
+            or _history_problem(state.get("history"), state.get("run_id"))
+        )
+        if problem:
+            raise _unusable(source, problem)
         for key, part in self.parts.items():
-            part.load_state_dict(state[key])
+            try:
+                part.load_state_dict(state[key])
+            except Exception as e:  # what a part's own check refuses (the scaler's keys, ...)
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                raise _unusable(source, f"{key!r} state does not fit this run ({reason})") from None
         self.history = list(state["history"])
         self.run_id = state["run_id"]
 
@@ -150,13 +173,19 @@ def check_resumable(state: dict[str, Any], config: ExperimentConfig, path: Path)
             f"{path} was written by an earlier version of this repository that counted epochs "
             "from 0; it cannot be resumed here. Start a new run (its best.pt still predicts)."
         )
-    saved_name = state.get("config", {}).get("run", {}).get("experiment_name")
+    saved_name = _saved_config(state, path).get("run", {}).get("experiment_name")
     if saved_name != config.run.experiment_name:
         raise CheckpointError(
             f"{path} is a checkpoint of another experiment ({saved_name!r}, the config says "
             f"{config.run.experiment_name!r}); pass the config it was made with."
         )
     _check_fits(state, config, path, TRAINING_SECTIONS, RESUME_MAY_CHANGE)
+    # Before the datasets are read and the MLflow run is reopened: what needs no model.
+    problem = ckpt_io.rng_state_problem(state.get("rng")) or _history_problem(
+        state.get("history"), state.get("run_id")
+    )
+    if problem:
+        raise _unusable(path, problem)
 
 
 def check_weights_fit(state: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
@@ -164,11 +193,143 @@ def check_weights_fit(state: dict[str, Any], config: ExperimentConfig, path: Pat
     _check_fits(state, config, path, ("model",))
 
 
+def check_weights_load(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """CheckpointError unless the checkpoint's weights load into `model` as they are."""
+    problem = _weights_problem(model, state.get("model"))
+    if problem is not None:
+        raise CheckpointError(
+            f"{path} does not fit this model: its {problem}; predict with the config of the run "
+            "that wrote it."
+        )
+
+
+def _saved_config(state: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    saved = state.get("config", {})
+    if not (isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values())):
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by this repository: its 'config' is not the "
+            "config sections of a run."
+        )
+    return saved
+
+
 def _check_fits(state, config, path, sections, may_differ=()) -> None:
-    mismatch = config_mismatch(flatten(state.get("config", {})), config, sections, may_differ)
+    mismatch = config_mismatch(flatten(_saved_config(state, path)), config, sections, may_differ)
     if mismatch is not None:
         key, saved, now = mismatch
         raise CheckpointError(
             f"{path} does not fit this experiment: it was made with {key} = {saved!r}, the "
             f"config says {now!r}; use the config and flags of the run that wrote it."
         )
+
+
+# ------------------------------------------------------------ a checkpoint that does not fit
+
+
+def _unusable(path: str | Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be resumed: its {problem}. The file is not as this code would write "
+        "it (edited, or written by another version of the code); resume with the code of the "
+        "run that wrote it, or start a new run."
+    )
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _weights_problem(model: nn.Module, weights: Any) -> str | None:
+    """What keeps `weights` from loading into `model` as they are (names, shapes, dtypes)."""
+    if not isinstance(weights, dict):
+        return f"'model' is a {type(weights).__name__}, not a dict of tensors"
+    own = model.state_dict()
+    for name, tensor in own.items():
+        value = weights.get(name)
+        if not isinstance(value, torch.Tensor):
+            return f"'model' has no tensor {name!r}" + (
+                "" if value is None else f" (a {type(value).__name__})"
+            )
+        if value.shape != tensor.shape or value.dtype != tensor.dtype:
+            return (
+                f"'model' tensor {name!r} is {value.dtype} {_shape(value)}, the model's "
+                f"{tensor.dtype} {_shape(tensor)}"
+            )
+    extra = sorted(str(k) for k in weights if k not in own)
+    return f"'model' has a tensor {extra[0]!r} the model does not" if extra else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optimizer_problem(optimizer: Any, saved: Any) -> str | None:
+    """What `optimizer.load_state_dict(saved)` would take but the next step would fail on:
+    per-parameter buffers of another shape, hyperparameters that are no numbers."""
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+    ):
+        return "'optimizer' is not an optimizer's state (a dict of 'state' and 'param_groups')"
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        return (
+            f"'optimizer' has {len(groups)} parameter group(s), the optimizer "
+            f"{len(optimizer.param_groups)}"
+        )
+    for i, (group, own) in enumerate(zip(groups, optimizer.param_groups)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(own["params"]):
+            return f"'optimizer' parameter group {i} does not hold the model's parameters"
+        for key, value in own.items():
+            if _is_number(value) and key in group and not _is_number(group[key]):
+                return f"'optimizer' {key} = {group[key]!r} is not a finite number"
+        for pid, param in zip(ids, own["params"]):
+            buffers = saved["state"].get(pid, {})
+            if not isinstance(buffers, dict):
+                return f"'optimizer' state of parameter {pid} is not a dict"
+            for name, value in buffers.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() > 0
+                    and value.shape != param.shape
+                ):
+                    return (
+                        f"'optimizer' {name!r} of parameter {pid} has shape {_shape(value)}, "
+                        f"the parameter {_shape(param)}"
+                    )
+    return None
+
+
+def _scheduler_problem(scheduler: Any, saved: Any) -> str | None:
+    """A learning-rate schedule takes any dict (`__dict__.update`); its numbers must be numbers."""
+    if not isinstance(saved, dict):
+        return f"'scheduler' is a {type(saved).__name__}, not a dict"
+    for key, value in scheduler.state_dict().items():
+        if key not in saved:
+            continue
+        theirs = saved[key]
+        if _is_number(value) and not _is_number(theirs):
+            return f"'scheduler' {key} = {theirs!r} is not a finite number"
+        if isinstance(value, list) and not (
+            isinstance(theirs, list) and len(theirs) == len(value) and all(map(_is_number, theirs))
+        ):
+            return f"'scheduler' {key} = {theirs!r} is not {len(value)} finite number(s)"
+    return None
+
+
+def _history_problem(history: Any, run_id: Any) -> str | None:
+    """The per-epoch history must count epochs 1, 2, ... with a val_loss each (early stopping
+    and the epoch to resume from follow from it); the run id must be one."""
+    if not isinstance(run_id, str) or not run_id.isalnum():
+        return f"'run_id' = {run_id!r} is not an MLflow run id"
+    if not isinstance(history, list):
+        return f"'history' is a {type(history).__name__}, not a list of epochs"
+    for i, h in enumerate(history):
+        if not (
+            isinstance(h, dict)
+            and h.get("epoch") == FIRST_EPOCH + i
+            and isinstance(h.get("val_loss"), (int, float))
+        ):
+            return f"'history' entry {i} is not epoch {FIRST_EPOCH + i} with a val_loss"
+    return None

@@ -69,3 +69,45 @@ def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(mlflo
             assert abs(x - y) <= 1e-5 * max(1.0, abs(y)), (key, x, y)
     # only rank 0 saved checkpoints: one run folder
     assert len(list((tmp_path / "r").glob("ddp/*/last.pt"))) == 1
+
+
+def test_sigterm_to_torchrun_ends_every_rank_and_marks_the_run_killed(mlflow_uri, tmp_path):
+    """What a scheduler does to a multi-GPU job: SIGTERM to the launcher. torchrun passes it
+    to each rank; each stops at a safe point and the run ends KILLED (it stayed RUNNING)."""
+    import signal
+
+    import psutil
+
+    from tests.test_resilience import _first_checkpoint, runs_of
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + [DEMO, "--epochs", "30", "--device", "cpu", "--results-dir", str(tmp_path / "r")]
+        + [
+            "--experiment-name",
+            "ddp-term",
+            "--set",
+            'data.dataset="tests.faulty_data:SlowTinyData"',
+        ]
+        + ["--set", "data.args.delay_s=0.004"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    _first_checkpoint(tmp_path / "r", proc)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err[-3000:]
+    (last,) = (tmp_path / "r").glob("*/*/last.pt")
+    assert "Stopped by SIGTERM; last.pt holds the last complete epoch." in err, err[-3000:]
+    assert f"--resume {last.parent}" in err
+    (run,) = runs_of(mlflow_uri, "ddp-term")
+    assert run.info.status == "KILLED", err[-3000:]
+    _, alive = psutil.wait_procs(ranks, timeout=5)
+    assert not alive

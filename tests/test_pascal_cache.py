@@ -240,7 +240,7 @@ def test_a_failed_build_leaves_nothing_that_looks_valid(tree, cache, monkeypatch
 
     monkeypatch.setattr(custom_pascal, "read_image", real_read_image)
     stem = stem_files(cache, ".lock")[0].name[: -len(".lock")]
-    leftover = cache / f"{stem}.images.npy.x1y2.tmp"  # what a SIGKILLed build leaves
+    leftover = cache / f".{stem}.images.npy.x1y2.tmp"  # what a SIGKILLed build leaves
     leftover.write_bytes(b"half")
     assert_same_samples(samples(pascal(tree, cache_dir=cache)), samples(pascal(tree)))
     assert not leftover.exists()

@@ -133,7 +133,7 @@ def test_learning_rate_schedule_resumes_where_it_stopped(mlflow_uri, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path):
+def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path, capsys):
     args = [
         "--epochs",
         "4",
@@ -151,8 +151,8 @@ def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path):
     proc.wait()
     (run_before,) = runs_of(mlflow_uri, "kill")
     assert run_before.info.status == "RUNNING"  # what SIGKILL leaves; resume takes it over
-    done = demo([*args, "--resume", str(folder)], tmp_path)
-    assert done.returncode == 0, done.stderr
+    code, out, err = demo_in_process([*args, "--resume", str(folder)], tmp_path, capsys)
+    assert code == 0, err
     (run_after,) = runs_of(mlflow_uri, "kill")
     assert run_after.info.status == "FINISHED"
     steps = [
@@ -178,7 +178,7 @@ def _first_checkpoint(results: Path, proc: subprocess.Popen, limit_s: float = 12
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["from outside", "inside a finalizer", "SIGTERM"])
-def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where):
+def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where, capsys):
     """Ctrl-C ends the run KILLED with exit code 130 and the command that resumes it, also
     when Python raises the KeyboardInterrupt inside a finalizer (a `__del__`), where CPython
     drops it: SIGINT can arrive while one runs (SQLAlchemy's, for one), and the run then went
@@ -234,10 +234,10 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where)
     if where != "SIGTERM":
         return  # resuming after Ctrl-C is the same as after SIGTERM
     assert "Stopped by SIGTERM; last.pt holds the last complete epoch." in err, shown
-    done = demo([*args, "--resume", str(last.parent)], tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+    code, out, err = demo_in_process([*args, "--resume", str(last.parent)], tmp_path, capsys)
+    assert code == 0, out + err
     (r,) = runs_of(mlflow_uri, "intr")
-    assert r.info.status == "FINISHED", done.stdout + done.stderr
+    assert r.info.status == "FINISHED", out + err
     steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(r.info.run_id, "val_loss")]
     assert steps == [1, 2, 3]
 

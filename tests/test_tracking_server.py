@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from src.run_experiment import run
@@ -27,56 +29,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(_store_template: Path, tmp_path: Path):
-    db = tmp_path / "server.db"
-    shutil.copy(_store_template, db)
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{db}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
+class Server:
+    """A real `mlflow server` on 127.0.0.1 over a copy of the session's empty store."""
+
+    def __init__(self, template: Path, folder: Path) -> None:
+        self.folder = folder
+        self.db = folder / "server.db"
+        shutil.copy(template, self.db)
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        with open(self.folder / "server.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+                + ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}"]
+                + ["--artifacts-destination", str(self.folder / "artifacts")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group
+                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            )
         deadline = time.monotonic() + 90
         while True:
             try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from None
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.folder / "server.log").read_text()[-3000:]
+                    raise AssertionError(log) from None
                 time.sleep(0.3)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # uvicorn workers, job runner, huey consumer too
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """The whole process group: uvicorn workers, job runner, huey consumer too."""
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, sig)
         try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
 
 
-def test_run_logs_to_a_server_and_reads_back(mlflow_server, tmp_path, monkeypatch):
+@pytest.fixture
+def server(_store_template: Path, tmp_path: Path):
+    s = Server(_store_template, tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_run_logs_to_a_server_reads_back_and_survives_its_outage(
+    server, tmp_path, monkeypatch, capsys
+):
+    """Then the server dies mid-run and comes back: `check_a_dead_server_does_not_stop_training`
+    (one server start for both: it takes 10-25 s)."""
+    mlflow_server = server.uri
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.tracking_uri": mlflow_server}))
     client = MlflowClient(mlflow_server)
@@ -88,3 +103,52 @@ def test_run_logs_to_a_server_and_reads_back(mlflow_server, tmp_path, monkeypatc
     paths = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert paths == {"model/best.pt"}
     assert (tmp_path / "artifacts").is_dir()  # the server stored them, not the client's cwd
+    check_a_dead_server_does_not_stop_training(server, tmp_path, capsys)
+
+
+def check_a_dead_server_does_not_stop_training(server: Server, tmp_path: Path, capsys) -> None:
+    """The server dies (SIGKILL) after epoch 2 and comes back a while later: training does not
+    wait for it (a dead server stalled it for 497 s, then a traceback, the run left RUNNING),
+    says once that the server does not answer, and every epoch reaches the server (the run's
+    end waits for it)."""
+    results = tmp_path / "outage"
+    config = tiny_config(
+        tmp_path,
+        **{
+            "train.epochs": 6,
+            "run.tracking_uri": server.uri,
+            "run.results_dir": str(results),
+            "run.experiment_name": "outage",
+            "run.server_wait_s": 0.5,
+            "data.dataset": "tests.faulty_data:SlowTinyData",
+            "data.args.delay_s": 0.005,  # about 1 s an epoch
+        },
+    )
+
+    def kill_then_restart() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for last in results.glob("*/*/last.pt"):
+                try:
+                    if torch.load(last, weights_only=True)["epoch"] >= 2:
+                        server.stop(signal.SIGKILL)
+                        time.sleep(3)  # > server_wait_s: the run says so, and trains on
+                        server.start()
+                        return
+                except Exception:  # being replaced right now
+                    pass
+            time.sleep(0.05)
+
+    outage = threading.Thread(target=kill_then_restart)
+    outage.start()
+    try:
+        result = run(config)
+    finally:
+        outage.join()
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: The MLflow server")]
+    assert len(warnings) == 1 and "training goes on" in warnings[0], err
+    client = MlflowClient(server.uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "val_loss")]
+    assert steps == list(range(1, 7))

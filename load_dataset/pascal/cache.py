@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +56,7 @@ import torchvision
 from load_dataset.errors import DataError
 from load_dataset.pascal.labels import N_CLASSES
 from load_dataset.pascal.layout import Entry
+from load_dataset.utils import atomic_file
 
 FORMAT_VERSION = 1
 N_CHECKED_ROWS = 8  # rows whose CRC is checked on every open: cheap (~1 ms), catches junk files
@@ -110,7 +110,7 @@ def read_label_table(path: Path, image_ids: Sequence[str]) -> np.ndarray | None:
 
 def write_label_table(path: Path, image_ids: Sequence[str], labels: np.ndarray) -> None:
     """Writes ids and labels (float32 [N, 20] of 0/1, stored as uint8) atomically to `path`."""
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         np.savez(f, image_ids=np.array(list(image_ids)), labels=labels.astype(np.uint8))
 
 
@@ -211,7 +211,7 @@ def open_or_build(
                 stacklevel=3,
             )
         if locked:  # nobody else is building this stem: leftovers of killed builds can go
-            for leftover in cache_dir.glob(f"{stem.name}.*.tmp"):
+            for leftover in cache_dir.glob(f".{stem.name}.*.tmp"):
                 leftover.unlink(missing_ok=True)
         try:
             labels = _build(cache, fp, ids, setname, decode, workers)
@@ -303,7 +303,7 @@ def _build(
     # Decoders and resizes release the GIL: threads keep all cores busy.
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        with _atomic_file(cache.images_path) as images, _atomic_file(cache.masks_path) as masks:
+        with atomic_file(cache.images_path) as images, atomic_file(cache.masks_path) as masks:
             # Headers first, then the rows in order: plain sequential writes, so a full disk
             # is an OSError here rather than a crash when a memory map is flushed.
             _write_npy_header(images, (n, s, s, 3))
@@ -334,7 +334,7 @@ def _build(
         "image_crc32": image_crcs,
         "mask_crc32": mask_crcs,
     }
-    with _atomic_file(_with_suffix(cache.stem, ".json")) as f:  # last: marks the build done
+    with atomic_file(_with_suffix(cache.stem, ".json")) as f:  # last: marks the build done
         f.write(json.dumps(meta).encode())
     return labels
 
@@ -353,26 +353,6 @@ def _check_free_space(folder: Path, needed: int) -> None:
             f"The PASCAL cache needs {needed / 1e9:.2f} GB in {folder} but only "
             f"{free / 1e9:.2f} GB are free; free some space or set another cache_dir."
         )
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator:
-    """A binary file object that appears at `path` only when the block completes.
-
-    Written under a temporary name in the same folder, fsynced (so a crash cannot leave
-    a renamed file whose blocks never reached the disk), then renamed over `path`.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

@@ -3,6 +3,7 @@
     python -m src.tools.reproduce RUN_ID                 # exit 0 only if every metric is identical
     python -m src.tools.reproduce RUN_ID --tolerance 1e-6    # accept differences up to 1e-6
     python -m src.tools.reproduce RUN_ID --set optimizer.lr=0.01   # what one change does
+    python -m src.tools.reproduce RUN_ID --trust         # classes from outside the repository too
 
 The config is the run's stored `config/config.toml` (the fully resolved config, so defaults
 that change later do not change the reproduction). The new run lands in the same experiment,
@@ -10,6 +11,11 @@ named `<run name>-reproduce` and tagged `reproduces = RUN_ID`. Warnings (stderr)
 code (commit or uncommitted diff), the package versions, the device or a data split's
 fingerprint differ from the original's, because each of these can explain a difference.
 Wall-clock metrics (images/s, data-wait share) are not compared.
+
+A stored config is code: it names the classes (dataset, model, transforms) that are imported
+and called, and anyone who can write to the tracking server can edit it. The import paths are
+printed first, and a class from outside this repository's own packages and torchvision is
+refused unless `--trust` is given.
 
 Exit codes: 0 identical (or within --tolerance), 1 different, 2 a user error.
 """
@@ -114,6 +120,25 @@ def load_run_config(
         path = Path(tmp) / "config.toml"
         path.write_text(text)
         return cfg.load(path, overrides)
+
+
+def check_import_paths(config: cfg.ExperimentConfig, run_id: str, trust: bool = False) -> None:
+    """Print the classes the run's config imports; ConfigError for one from outside this
+    repository's packages and torchvision unless `trust`. Nothing is imported here."""
+    paths = [(key, path, cfg.is_trusted_import(path)) for key, path, _ in cfg.import_paths(config)]
+    print(f"Classes the config of run {run_id} imports:", flush=True)
+    for key, path, trusted in paths:
+        note = "" if trusted else "  (outside this repository and torchvision)"
+        print(f"  {key} = {path}{note}", flush=True)
+    foreign = [(key, path) for key, path, trusted in paths if not trusted]
+    if foreign and not trust:
+        key, path = foreign[0]
+        raise ConfigError(
+            f"The stored config of run {run_id} imports {path!r} ({key}), from outside this "
+            "repository's packages and torchvision; whoever can write to the MLflow store can "
+            "edit that config, and an import runs code. Check the paths printed above, then "
+            "rerun with --trust to use them."
+        )
 
 
 def resumed_overrides(tags: dict[str, str]) -> dict[str, Any]:
@@ -305,13 +330,15 @@ def reproduce(
     tolerance: float = 0.0,
     tracking_uri: str | None = None,
     overrides: dict[str, Any] | None = None,
+    trust: bool = False,
 ) -> ComparisonResult:
     """Run the config of MLflow run `run_id` again as a new run and compare every metric.
 
     `tolerance` is the largest absolute difference per metric value that still counts as
     reproduced. `overrides` (dotted config keys) deliberately change the reproduction, e.g.
     `{'optimizer.lr': 0.01}`; they are reported as a warning. Warnings are printed to stderr
-    as they are found and returned in the result.
+    as they are found and returned in the result. `trust` lets the config name classes from
+    outside this repository and torchvision (see `check_import_paths`).
     """
     from src.run_experiment import run
 
@@ -326,6 +353,7 @@ def reproduce(
         config = config.replace(**{"run.run_name": f"{config.run.run_name}-reproduce"})
     if tracking.tracking_uri(config) != uri:
         config = config.replace(**{"run.tracking_uri": uri})
+    check_import_paths(config, run_id, trust)
 
     warnings: list[str] = []
     if resumed:
@@ -397,6 +425,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--every-row", action="store_true", help="also print every metric at every epoch"
     )
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="import the classes the stored config names also when they come from outside "
+        "this repository and torchvision (the config can be edited by anyone who can write to "
+        "the MLflow store: read the printed import paths first)",
+    )
     return parser
 
 
@@ -405,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         overrides = overrides_from_args(argparse.Namespace(set=args.set), "")
-        result = reproduce(args.run_id, args.tolerance, args.tracking_uri, overrides or None)
+        result = reproduce(
+            args.run_id, args.tolerance, args.tracking_uri, overrides or None, args.trust
+        )
     except UserError as e:
         return print_user_error(e)
     except KeyboardInterrupt:
