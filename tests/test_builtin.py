@@ -397,26 +397,20 @@ def test_fixture_configs_are_valid_experiments(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_mnist_experiment_from_the_command_line(mlflow_uri, mnist_root, tmp_path):
-    import subprocess
-    import sys
-
+def test_mnist_experiment_from_the_command_line(
+    mlflow_uri, mnist_root, tmp_path, capsys, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     from src import config as cfg
+    from tests.command_line import run_here
 
     root, _ = mnist_root
     # TinyConv is built for 32 x 32 inputs: the dataset resizes MNIST's 28 x 28.
     tree = builtin_config("MNIST", root, tmp_path / "results", epochs=2, image_size=32)
     path = tmp_path / "mnist.toml"
     path.write_text(cfg.to_toml(cfg.from_dict(tree)))
-    out = subprocess.run(
-        [sys.executable, "-m", "src.run_experiment", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    out = run_here(["-m", "src.run_experiment", str(path)], REPO, capsys, monkeypatch)
     assert out.returncode == 0, out.stderr
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("builtin-mnist-test").experiment_id])

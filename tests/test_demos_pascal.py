@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import runpy
 import subprocess
 import sys
 from collections import Counter
@@ -12,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tests.command_line import run_here
 from tests.pascal_fixtures import VOC_VAL, make_pascal_tree
 
 pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
@@ -35,19 +35,9 @@ def demo(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 
 
 def demo_here(script: str, args: list[str], cwd: Path, capsys, monkeypatch):
-    """`python SCRIPT ARGS` in this process: the script runs as `__main__` (runpy) with its
-    own argv and working folder, without paying for a new interpreter. For the cases that end
+    """`python SCRIPT ARGS` in this process (tests/command_line.py), for the cases that end
     before training; the ones that train run as real processes (`demo`)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [str(REPO / script), *args])
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(REPO / script), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    return run_here([str(REPO / script), *args], cwd, capsys, monkeypatch)
 
 
 def runs_of(uri: str, experiment: str) -> list:

@@ -8,6 +8,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.command_line import run_here
 from tests.test_run_experiment import REPO, all_series
 
 pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
@@ -15,7 +16,9 @@ pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their ow
 DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
 
 
-def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(mlflow_uri, tmp_path):
+def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
     common = ["--epochs", "2", "--device", "cpu", "--results-dir", str(tmp_path / "r")]
     two = subprocess.run(
         [
@@ -39,23 +42,8 @@ def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(mlflo
         cwd=tmp_path,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run(
-        [
-            sys.executable,
-            DEMO,
-            *common,
-            "--batch-size",
-            "16",
-            "--experiment-name",
-            "single",
-            "--run-name",
-            "one",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    one_args = [*common, "--batch-size", "16", "--experiment-name", "single", "--run-name", "one"]
+    one = run_here([DEMO, *one_args], tmp_path, capsys, monkeypatch)  # one process: this one
     assert one.returncode == 0, one.stderr[-3000:]
     client = MlflowClient(mlflow_uri)
     (ddp_run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])

@@ -4,13 +4,13 @@ TinyData folder (9 training images, smaller than the default batch) given with -
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.command_line import run_here
 from tests.tiny_fixtures import write_png, write_tiny_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,10 +19,9 @@ COLOURS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
 pytestmark = pytest.mark.slow
 
 
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd
-    )
+def cli(args: list[str], cwd: Path, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """`python ARGS` (tests/command_line.py: in this process, as `__main__`)."""
+    return run_here(args, cwd, capsys, monkeypatch)
 
 
 def write_image_folder(root: Path, per_class: dict[str, int]) -> Path:
@@ -37,7 +36,9 @@ def write_image_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
-def test_imagefolder_trains_end_to_end_from_the_toml_alone(mlflow_uri, tmp_path):
+def test_imagefolder_trains_end_to_end_from_the_toml_alone(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
     data = write_image_folder(tmp_path / "shapes", {"train": 8, "val": 3})
     out = cli(
         [
@@ -51,7 +52,9 @@ def test_imagefolder_trains_end_to_end_from_the_toml_alone(mlflow_uri, tmp_path)
             "--results-dir",
             str(tmp_path / "results"),
         ],
-        cwd=REPO,
+        REPO,
+        capsys,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Images: train 24, val 9." in out.stdout
@@ -87,7 +90,9 @@ def tutorial_tiny_folder(root: Path) -> Path:
     return write_tiny_folder(root, splits)
 
 
-def test_demo2_on_the_tutorials_tiny_data_trains_on_all_nine_images(mlflow_uri, tmp_path):
+def test_demo2_on_the_tutorials_tiny_data_trains_on_all_nine_images(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
     data = tutorial_tiny_folder(tmp_path / "tiny_data")
     assert len(list((data / "train").iterdir())) == 9
     out = cli(
@@ -100,7 +105,9 @@ def test_demo2_on_the_tutorials_tiny_data_trains_on_all_nine_images(mlflow_uri, 
             "--results-dir",
             str(tmp_path / "results"),
         ],
-        cwd=tmp_path,
+        tmp_path,
+        capsys,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Images: train 9, val 5." in out.stdout

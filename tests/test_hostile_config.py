@@ -353,3 +353,20 @@ def _shape_of(name: str) -> list[int]:
     from src.config import load
 
     return list(build_model(load(DEMO2)).state_dict()[name].shape)
+
+
+def test_a_loss_that_is_nan_in_the_first_epoch_names_no_checkpoint(mlflow_uri, tmp_path, capsys):
+    """The message named a last.pt that did not exist when the first epoch failed."""
+    results = tmp_path / "results"
+    capsys.readouterr()
+    code = cli_main(
+        ["--epochs", "2", "--results-dir", str(results), "--experiment-name", "nan1"]
+        + ["--set", 'data.dataset="tests.faulty_data:NaNAfterTinyData"']
+        + ["--set", "data.args.good_samples=0"],
+        default_config=str(DEMO2),
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert "no epoch completed, so there is no checkpoint" in line and "last.pt" not in line
+    assert not list(results.glob("**/*.pt"))

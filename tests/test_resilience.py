@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from src.checkpoint import CheckpointError
 from src.run_experiment import run
+from tests.command_line import run_here
 from tests.faulty_data import CTRL_C_IN_FINALIZER_AT
 from tests.test_run_experiment import DEMO2, REPO, all_series, tiny_config
 
@@ -393,23 +394,12 @@ def test_bad_input_in_a_real_process(mlflow_uri, tmp_path, case):
 
 
 @pytest.mark.slow
-def test_resume_of_another_experiment_is_refused(mlflow_uri, tmp_path):
+def test_resume_of_another_experiment_is_refused(mlflow_uri, tmp_path, capsys, monkeypatch):
     first = run(tiny_config(tmp_path, **{"train.epochs": 1}))
     before = (first.results_dir / "last.pt").read_bytes()
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "Demo-1-TinyConvWithoutSequential-TinyData.py"),
-            "--resume",
-            str(first.results_dir),
-            "--experiment-name",
-            "tiny-test",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    demo1 = str(REPO / "Demo-1-TinyConvWithoutSequential-TinyData.py")
+    args = ["--resume", str(first.results_dir), "--experiment-name", "tiny-test"]
+    out = run_here([demo1, *args], tmp_path, capsys, monkeypatch)
     assert out.returncode == 2
     assert "does not fit this experiment" in out.stderr and "model.model" in out.stderr
     assert (first.results_dir / "last.pt").read_bytes() == before
@@ -428,7 +418,7 @@ def test_resume_with_other_model_args_is_refused_and_keeps_the_checkpoint(mlflow
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(mlflow_uri, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(mlflow_uri, tmp_path, capsys, monkeypatch):
     args = [
         "--epochs",
         "4",
@@ -436,8 +426,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(mlflow_uri, tmp_path):
         "nan",
         "--set",
         'data.dataset="tests.faulty_data:NaNAfterTinyData"',
+        "--results-dir",
+        str(tmp_path / "results"),
     ]
-    out = demo(args, tmp_path)
+    out = run_here([DEMO, *args], tmp_path, capsys, monkeypatch)
     assert out.returncode == 2
     assert "loss became nan" in out.stderr.lower() and "last.pt" in out.stderr
     (r,) = runs_of(mlflow_uri, "nan")

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from src import config as cfg
 from src.checkpoint import CheckpointError
 from src.run_experiment import run
+from tests.command_line import run_here
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
@@ -110,25 +111,11 @@ def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
 
 
 @pytest.mark.slow
-# Demo-2 runs as a process in test_resilience.py and test_forks.py too.
+# Demo-2 runs as a process in test_resilience.py too; here the script runs in-process.
 @pytest.mark.parametrize("demo", ["Demo-1-TinyConvWithoutSequential-TinyData.py"])
-def test_demo_scripts_run(mlflow_uri, tmp_path, demo):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / demo),
-            "--epochs",
-            "2",
-            "--results-dir",
-            str(tmp_path / "r"),
-            "--experiment-name",
-            "demo-test",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+def test_demo_scripts_run(mlflow_uri, tmp_path, demo, capsys, monkeypatch):
+    args = ["--epochs", "2", "--results-dir", str(tmp_path / "r"), "--experiment-name", "demo-test"]
+    out = run_here([str(REPO / demo), *args], tmp_path, capsys, monkeypatch)
     assert out.returncode == 0, out.stderr
     assert "val_auroc_mean" in out.stdout and "ui --backend-store-uri" in out.stdout
     runs = MlflowClient(mlflow_uri).search_runs(

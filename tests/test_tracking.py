@@ -117,3 +117,42 @@ def test_cuda_versions_are_none_without_a_gpu(monkeypatch):
     versions = tracking.package_versions()
     assert versions["cuda"] == versions["cudnn"] == "none"
     assert versions["cuda_build"] == (torch.version.cuda or "none")
+
+
+def test_a_server_gone_for_server_wait_s_stops_the_run_when_so_configured(monkeypatch):
+    """`server_unreachable = "stop"`: once the server has not answered for `server_wait_s`,
+    the next epoch ends the run with one line instead of training on."""
+    from mlflow.tracking import MlflowClient as Client
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    config = _config(tracking_uri=uri, server_unreachable="stop", server_wait_s=0.2)
+    tracker = tracking.Tracker(Client(uri), uri, "0", "run-id").configure(config)
+    tracker.log_epoch({"val_loss": 1.0}, 1)  # queued: training does not wait
+    deadline = time.monotonic() + 30
+    while tracker.outbox.unreachable_s() <= 0.2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(tracking.TrackingError) as e:
+        tracker.log_epoch({"val_loss": 0.9}, 2)
+    assert str(e.value).startswith(f"The MLflow server {uri} has not answered for ")
+    assert "stopped (server_unreachable = 'stop')" in str(e.value) and "\n" not in str(e.value)
+    tracker.outbox = None  # nothing to wait for: end() only lets the signals go
+    tracker.end("FAILED")
+
+
+def test_an_experiment_name_cannot_leave_the_results_folder(mlflow_uri, tmp_path, capsys):
+    """`--experiment-name ..` (or ../x) wrote outside the results folder and mlruns/."""
+    from src.cli import main
+    from tests.test_run_experiment import DEMO2
+
+    results = tmp_path / "deep" / "results"
+    args = ["--epochs", "1", "--results-dir", str(results), "--experiment-name", "../../escape"]
+    assert main(args, default_config=str(DEMO2)) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["results"]
+    assert [p.name for p in results.iterdir()] == ["escape"]
+    exp = MlflowClient(mlflow_uri).get_experiment_by_name("../../escape")
+    store = mlflow_uri[len("sqlite:///") :].rsplit("/", 1)[0]
+    assert exp.artifact_location.startswith(f"file://{store}/mlruns/escape")
+    assert tracking.slug("..") == "experiment" and tracking.slug("../x") == "x"
