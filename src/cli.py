@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
-from src import tracking
 from src.config import ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
-from src.experiment import RunResult, run
 from src.flags import FlagParser, add_config_flags, load_from_args
 from src.interrupts import exit_code
+
+if TYPE_CHECKING:
+    from src.experiment import RunResult
+
+# torch, MLflow and the training code are imported once the flags and the config are read:
+# `--help` and a mistyped flag or key answer at once, not after seconds of imports.
 
 
 def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:
@@ -53,6 +58,8 @@ def main(
                 )
             run_seeds(config, args.seeds)
             return 0
+        from src.experiment import run
+
         result = run(config, resume=args.resume)
     except UserError as e:
         return print_user_error(e)
@@ -82,4 +89,6 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
             f"({config.run.checkpoint}): {split}_auroc_mean {auroc:.4f}, {split}_ap_mean {ap:.4f}"
         )
         print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
+    from src import tracking
+
     print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id))

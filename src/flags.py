@@ -18,6 +18,8 @@ expects.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import inspect
 import sys
 from collections.abc import Sequence
@@ -102,10 +104,15 @@ def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
     when it declares no `--data-dir` itself. ConfigError when the declaration is malformed or
     names an argument the class does not take.
     """
-    cls = import_object(dataset_path, "dataset")
-    params = _signature(cls)
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    declared = getattr(cls, "path_flags", None) or {}
+    read = _read_without_importing(dataset_path)
+    if read is None:
+        cls = import_object(dataset_path, "dataset")
+        signature = _signature(cls)
+        params = set(signature)
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+        declared = getattr(cls, "path_flags", None) or {}
+    else:
+        declared, params, takes_any = read
     if not isinstance(declared, dict):
         raise ConfigError(
             f"{dataset_path}.path_flags must be a dict {{'--flag': (argument, help)}}."
@@ -134,6 +141,48 @@ def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
         if arg is not None:
             flags["--data-dir"] = (arg, "the dataset's main folder")
     return flags
+
+
+def _read_without_importing(dataset_path: str) -> tuple[Any, set[str], bool] | None:
+    """(path_flags, constructor argument names, takes **kwargs) of a dataset class read from
+    its source, without importing its module (torch and torchvision take seconds): when the
+    class itself defines `__init__` and `path_flags`, as a literal. None when it does not
+    (inherited, computed, a compiled module): the caller imports the class."""
+    module_name, _, name = dataset_path.partition(":")
+    try:
+        spec = importlib.util.find_spec(module_name)
+        source = Path(spec.origin).read_text() if spec and spec.origin else None
+        tree = ast.parse(source) if source else None
+    except (ImportError, ValueError, OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    body = next(
+        (
+            n.body
+            for n in getattr(tree, "body", [])
+            if isinstance(n, ast.ClassDef) and n.name == name
+        ),
+        None,
+    )
+    if body is None:
+        return None
+    init = next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is None:
+        return None
+    a = init.args
+    params = {p.arg for p in [*a.posonlyargs, *a.args, *a.kwonlyargs][1:]}
+    declared: Any = None
+    for node in body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == "path_flags" and node.value is not None:
+            try:
+                declared = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    if declared is None:  # maybe inherited: only the class itself knows
+        return None
+    return declared, params, a.kwarg is not None
 
 
 def add_path_flags(

@@ -41,3 +41,9 @@ def mlflow_uri(_store_template: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     uri = f"sqlite:///{store / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `slow` tests (seconds to a minute each) first: with one worker per core
+    (`make test`), the short ones then fill the gaps instead of one long test ending last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

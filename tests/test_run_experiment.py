@@ -213,18 +213,40 @@ def test_epochs_count_from_1_in_every_place_a_person_reads_them(mlflow_uri, tmp_
 
 
 @pytest.mark.slow
-def test_the_command_line_loads_each_module_once(tmp_path):
+def test_the_command_line_loads_each_module_once(mlflow_uri, tmp_path):
+    """A whole run, as `python -m src.run_experiment`: no module of ours is loaded twice
+    (run as __main__, src.run_experiment must not be imported again under its own name)."""
+    loaded = _imported(
+        ["-m", "src.run_experiment", str(DEMO2), "--epochs", "1", "--max-batches", "1"]
+        + ["--results-dir", str(tmp_path / "r")]
+    )
+    ours = [m for m in loaded if m.split(".")[0] in ("src", "load_dataset", "models")]
+    assert "src.experiment" in ours and "src.cli" in ours
+    assert "src.run_experiment" not in ours
+    assert len(ours) == len(set(ours)), sorted(m for m in ours if ours.count(m) > 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--help"], ["--set", "optimizer.lr=nan"], ["--epochs", "x"]])
+def test_help_and_user_errors_answer_before_torch_or_mlflow_is_imported(args, tmp_path):
+    """`--help`, a bad key or a bad flag: read and answered before the seconds of imports that
+    training needs (torch, torchvision, MLflow, scikit-learn, matplotlib, pandas)."""
+    loaded = set(_imported([str(REPO / "Demo-2-TinyConv-TinyData.py"), *args]))
+    heavy = {"torch", "torchvision", "mlflow", "sklearn", "matplotlib", "pandas", "numpy"}
+    assert not heavy & loaded, sorted(heavy & loaded)
+    assert "src.cli" in loaded
+
+
+def _imported(args: list[str]) -> list[str]:
+    """The modules a `python ARGS` process imports, in order (`-X importtime`)."""
     out = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "src.run_experiment", "--help"],
+        [sys.executable, "-X", "importtime", *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
     )
-    assert out.returncode == 0 and "--epochs" in out.stdout, out.stderr[-2000:]
-    loaded = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()]
-    ours = [m for m in loaded if m.split(".")[0] in ("src", "load_dataset", "models")]
-    assert "src.experiment" in ours and "src.cli" in ours
-    # Run as __main__, src.run_experiment must not be imported again under its own name.
-    assert "src.run_experiment" not in ours
-    assert len(ours) == len(set(ours)), sorted(m for m in ours if ours.count(m) > 1)
+    assert out.returncode in (0, 2), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
+    return [line.rsplit("|", 1)[-1].strip() for line in lines]
