@@ -36,6 +36,8 @@ MEAN_STD_CACHE_FILE = "mean_std_cache.json"
 SETNAMES = ("train", "val", "test")
 NORMALIZATIONS = ("imagenet", "train_split")
 MISSING_FILES = ("error", "warn")
+# The decoded images a TinyData keeps in memory at most (see `keep_decoded`).
+KEEP_DECODED_BYTES = 512 * 2**20
 N_NAMED = 5  # missing files named in a message; the rest are counted
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -152,6 +154,10 @@ class TinyData(Dataset):
         missing_files: what a CSV row whose file is in none of train/, val/, test/ leads to:
             'error' (a DataError naming the files) or 'warn' (a MissingFilesWarning naming
             them; the data set is the files that are there).
+        keep_decoded: keep each sample's decoded, normalized image in memory after its first
+            read, so later epochs decode nothing (the shipped data is 1.8 MB so kept; at most
+            `KEEP_DECODED_BYTES` per dataset, then the rest is read from disk each time).
+            With DataLoader workers each worker keeps its own, for as long as it lives.
 
     Every image must have the size of the first training image (the first of this split
     when train/ is empty); a sample of another size is a DataError naming both files.
@@ -180,6 +186,7 @@ class TinyData(Dataset):
         data_dir: str | Path | None = None,
         normalization: str = "imagenet",
         missing_files: str = "error",
+        keep_decoded: bool = True,
     ) -> None:
         if setname not in SETNAMES:
             raise DataError(f"Unknown setname {setname!r} for TinyData; use one of {SETNAMES}.")
@@ -223,6 +230,9 @@ class TinyData(Dataset):
         check_missing_files(labels_by_name, listed, csv_path, missing_files)
         self.labels = np.stack([labels_by_name[name] for name in self.image_ids])
         self.mean_std = None  # samples leave here normalized, as float32
+        self.keep_decoded = keep_decoded
+        self._decoded: dict[int, torch.Tensor] = {}
+        self._decoded_bytes = 0
 
         # One header read (no decode) here; each sample is then checked against it for free.
         self.size_reference = (listed.get("train") or self.image_paths)[0]
@@ -248,6 +258,12 @@ class TinyData(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, idx: int) -> dict:
+        data = self._decoded.get(idx)
+        if data is None:
+            data = self._decode(idx)
+        return {"data": data.clone(), "label": torch.tensor(self.labels[idx]), "img_idx": idx}
+
+    def _decode(self, idx: int) -> torch.Tensor:
         path = self.image_paths[idx]
         image = open_rgb(path)
         if image.size != self.image_size_wh:
@@ -257,8 +273,9 @@ class TinyData(Dataset):
                 f"all {ref_w} x {ref_h}, as {self.size_reference} is; resize it or remove it "
                 "and its CSV row."
             )
-        return {
-            "data": to_tensor_and_normalize(image, self.norm_mean, self.norm_std),
-            "label": torch.tensor(self.labels[idx]),
-            "img_idx": idx,
-        }
+        data = to_tensor_and_normalize(image, self.norm_mean, self.norm_std)
+        size = data.numel() * data.element_size()
+        if self.keep_decoded and self._decoded_bytes + size <= KEEP_DECODED_BYTES:
+            self._decoded[idx] = data
+            self._decoded_bytes += size
+        return data

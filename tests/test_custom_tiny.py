@@ -300,3 +300,25 @@ def test_make_tiny_data_rewrites_a_folder_without_stale_files(tmp_path, capsys):
     ]
     assert not (out / "mean_std_cache.json").exists()
     assert len(TinyData("train", data_dir=out)) == 3
+
+
+def test_decoded_images_are_kept_after_their_first_read(monkeypatch):
+    """Later epochs decode nothing (the loop read the same 150 PNGs again every epoch), and a
+    kept sample is the sample a fresh read gives, in a tensor of its own."""
+    from load_dataset import custom_tiny
+
+    reads = []
+    real_open_rgb = custom_tiny.open_rgb
+    monkeypatch.setattr(custom_tiny, "open_rgb", lambda p: reads.append(p) or real_open_rgb(p))
+    kept, fresh = TinyData("val"), TinyData("val", keep_decoded=False)
+    first = [kept[i]["data"] for i in range(len(kept))]
+    again = [kept[i]["data"] for i in range(len(kept))]
+    assert len(reads) == len(kept)  # once each
+    for a, b, i in zip(first, again, range(len(kept))):
+        assert torch.equal(a, b) and torch.equal(a, fresh[i]["data"])
+    first[0].mul_(0)  # changing a returned sample does not change what is kept
+    assert torch.equal(kept[0]["data"], fresh[0]["data"])
+    monkeypatch.setattr(custom_tiny, "KEEP_DECODED_BYTES", 0)
+    capped = TinyData("val")
+    capped[0]
+    assert capped._decoded == {} and capped._decoded_bytes == 0  # over the cap: not kept
