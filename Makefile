@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean-runs
+.PHONY: install demo test smoke lint clean-runs
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: install
 TEST_WORKERS ?= auto
 test: install
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
+
+# Demo-0, Demo-3 and Demo-4 on a synthetic VOC + SBD tree in a temporary folder (no download).
+smoke: install
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m src.tools.smoke
 
 lint: install
 	$(BIN)/ruff format --check .
