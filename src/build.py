@@ -342,6 +342,7 @@ def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | No
         config.train.amp if device.type == "cuda" else "off",
         config.data.problem,
         config.train.max_batches,
+        config.run.progress_every_s,
     )
     state, scaler = _training_state(config, batches, list(datasets["train"].label_meanings))
     if saved is not None:

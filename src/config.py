@@ -58,6 +58,8 @@ class RunConfig:
     # keep the metrics, send them when it is back) or "stop" (one-line error).
     server_unreachable: str = "continue"
     server_wait_s: float = 60.0
+    # Without a terminal (nohup, sbatch, a log file): a training progress line this often.
+    progress_every_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -275,11 +277,12 @@ def _check_choices(config: ExperimentConfig) -> None:
             f"Config key [run] device = {config.run.device!r} is not one of auto, cpu, cuda, "
             "cuda:N (N = a GPU index), mps."
         )
-    if not 0 < config.run.server_wait_s < float("inf"):
-        raise ConfigError(
-            f"Config key [run] server_wait_s must be a number of seconds above 0, got "
-            f"{config.run.server_wait_s}."
-        )
+    for key in ("server_wait_s", "progress_every_s"):
+        value = getattr(config.run, key)
+        if not 0 < value < float("inf"):
+            raise ConfigError(
+                f"Config key [run] {key} must be a number of seconds above 0, got {value}."
+            )
     for section, key, value in [
         ("data", "batch_size", config.data.batch_size),
         ("train", "epochs", config.train.epochs),
@@ -333,6 +336,7 @@ RESUME_MAY_CHANGE = (
     "train.patience",
     "run.server_unreachable",
     "run.server_wait_s",
+    "run.progress_every_s",
 )
 # The sections whose keys shape what a run learns (not its names, seed or folders).
 TRAINING_SECTIONS = ("data", "model", "optimizer", "train")

@@ -250,3 +250,17 @@ def _imported(args: list[str]) -> list[str]:
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.startswith("import time:")]
     return [line.rsplit("|", 1)[-1].strip() for line in lines]
+
+
+def test_a_log_file_gets_progress_lines_while_an_epoch_trains(mlflow_uri, tmp_path, capsys):
+    """Under nohup or sbatch (no terminal) a bar prints nothing until the epoch ends: a line
+    every `run.progress_every_s` seconds says how far it is."""
+    import re
+
+    run(tiny_config(tmp_path, **{"train.epochs": 1, "run.progress_every_s": 1e-6}))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch 1/1: batch ")]
+    assert lines, out
+    pattern = r"epoch 1/1: batch \d/9, [\d,]+ images, \d+ img/s, loss \d\.\d{4}, epoch ETA \d+ s"
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+    assert lines[-1].startswith("epoch 1/1: batch 9/9, 144 images")
