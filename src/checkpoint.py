@@ -3,11 +3,17 @@
 A checkpoint holds only tensors, numbers, strings, lists and dicts, so loading it never
 runs pickled code. `last.pt` carries everything a resumed run needs; `best.pt` the best
 weights and the epoch they come from.
+
+`BackgroundWriter` takes the writing off the training's critical path: the caller hands it a
+copy (`cpu_copy`) and a background thread does `torch.save`, fsync and rename.
 """
 
 from __future__ import annotations
 
+import copy
 import random
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,66 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
         stale.unlink(missing_ok=True)
     with atomic_file(path) as f:
         torch.save(obj, f)
+
+
+def cpu_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A copy of `obj` that nothing the training does afterwards can change: tensors copied to
+    the CPU (a CUDA tensor's copy waits for the GPU), dicts, lists and tuples rebuilt, other
+    values deep-copied. A state dict's `_metadata` (module versions, which `load_state_dict`
+    reads) is kept; an object reached twice (the weights of best.pt and last.pt) is copied once."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out: Any = obj.detach().to("cpu", copy=True)
+    elif type(obj) in (dict, OrderedDict):
+        out = type(obj)((k, cpu_copy(v, memo)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = copy.deepcopy(obj._metadata)
+    elif type(obj) in (list, tuple):
+        out = type(obj)(cpu_copy(v, memo) for v in obj)
+    else:  # numbers, strings, and what a part's state_dict may hold besides
+        out = copy.deepcopy(obj)
+    memo[id(obj)] = out
+    return out
+
+
+class BackgroundWriter:
+    """`save_atomic` of a list of (object, path) in a background thread, one list at a time.
+
+    `submit` first waits for the previous list, so at most one write is in flight and the
+    files appear in the order given. A write's error (disk full, folder gone) is raised in the
+    caller's thread by the next `submit` or `wait`, the exception `save_atomic` would have
+    raised. The thread is no daemon: an interpreter that exits still finishes the write; a
+    killed process leaves the old file (`atomic_file`). The objects must not change while
+    they are written: pass copies (`cpu_copy`).
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, files: list[tuple[dict[str, Any], Path]]) -> None:
+        self.wait()
+        thread = threading.Thread(target=self._write, args=(files,), name="checkpoint-writer")
+        thread.start()
+        self._thread = thread
+
+    def wait(self) -> None:
+        """Block until the write in flight is done; raise its error, if it had one."""
+        if self._thread is not None:
+            self._thread.join()  # Ctrl-C may interrupt this: the thread stays to be waited for
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write(self, files: list[tuple[dict[str, Any], Path]]) -> None:
+        try:
+            for obj, path in files:
+                save_atomic(obj, path)
+        except BaseException as e:  # handed to the caller's thread
+            self._error = e
 
 
 def resolve_checkpoint(path: str | Path, name: str = "last.pt") -> Path:

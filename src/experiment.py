@@ -16,6 +16,7 @@ The other pieces: `src/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,23 +174,44 @@ def _catch_up(t: Trainer) -> None:
 
 
 def fit(t: Trainer) -> None:
-    """The epoch loop: train, validate, log, checkpoint; until the last epoch or early stop."""
+    """The epoch loop: train, validate, log, checkpoint; until the last epoch or early stop.
+
+    Checkpoints are written by a background thread while the next epoch trains; the loop
+    spends only the copy (and any wait for the previous write) on them, logged as
+    `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
+    last write is complete, so `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
-    while state.epoch < epochs and not state.early.stopped:
-        epoch = state.epoch + 1
-        t.train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            t.train_net, t.train_loader, state.optimizer, t.scaler, t.batches,
-            f"epoch {epoch}/{epochs}",
-        )  # fmt: skip
-        metrics = _epoch_metrics(t, stats)
-        improved = state.end_epoch(metrics)
-        if state.scheduler is not None:
-            state.scheduler.step()  # after the epoch: the checkpoint holds the next epoch's lr
-        if t.info.is_main:
-            state.save(t.results_dir, t.config.to_dict(), improved)
-            t.tracker.log_epoch(metrics, epoch)
-            _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
+    # An epoch is logged while its checkpoint is still being written: a process killed then
+    # resumes from the epoch before and runs this one again, without logging it twice.
+    logged = set(t.tracker.logged_steps("val_loss")) if t.resume_path is not None else set()
+    with state.saves_in_background():
+        while state.epoch < epochs and not state.early.stopped:
+            epoch = state.epoch + 1
+            t.train_loader.sampler.set_epoch(epoch)
+            stats = train_one_epoch(
+                t.train_net, t.train_loader, state.optimizer, t.scaler, t.batches,
+                f"epoch {epoch}/{epochs}",
+            )  # fmt: skip
+            metrics = _epoch_metrics(t, stats)
+            improved = state.end_epoch(metrics)
+            if state.scheduler is not None:
+                state.scheduler.step()  # after the epoch: the checkpoint holds the next lr
+            if t.info.is_main:
+                _save_and_log(t, epoch, metrics, improved, logged)
+                _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
+
+
+def _save_and_log(
+    t: Trainer, epoch: int, metrics: dict[str, float], improved: bool, logged: set[int]
+) -> None:
+    """Checkpoint the epoch (its write goes on in the background), then log its metrics and
+    `checkpoint_seconds`, what the loop spent on the checkpoint (wall-clock, like
+    train_images_per_s; not kept in the history)."""
+    started = time.perf_counter()
+    t.state.save(t.results_dir, t.config.to_dict(), improved)
+    seconds = time.perf_counter() - started
+    if epoch not in logged:
+        t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
 
 
 def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:

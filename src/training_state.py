@@ -6,6 +6,10 @@ checkpoint is the list of parts read in one direction and a resume the same list
 other. The per-epoch history is stored; what follows from it is not: the last epoch, the best
 epoch, the count of bad epochs and whether early stopping has stopped the run.
 
+Inside `saves_in_background` a save copies the state and a background thread writes it (at
+most one save in flight); leaving that block waits for the last save, so nothing reads a
+checkpoint that is still being written.
+
 Epochs count from 1 everywhere a person reads them (printed lines, MLflow steps, `best_epoch`,
 plot axes, checkpoints); checkpoints say so with `first_epoch = 1`.
 """
@@ -13,6 +17,9 @@ plot axes, checkpoints); checkpoints say so with `first_epoch = 1`.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +77,7 @@ class TrainingState:
         if scaler is not None:
             self.parts["scaler"] = scaler
         self.parts["rng"] = RandomState()
+        self._writer: ckpt_io.BackgroundWriter | None = None  # set by `saves_in_background`
 
     # ------------------------------------------------------------ derived from the history
 
@@ -148,10 +156,60 @@ class TrainingState:
         }
 
     def save(self, results_dir: Path, config: dict[str, Any], improved: bool) -> None:
-        """`best.pt` when the epoch improved, then `last.pt`; each written atomically."""
-        if improved:
-            ckpt_io.save_atomic(self.best_state_dict(config), results_dir / "best.pt")
-        ckpt_io.save_atomic(self.state_dict(config), results_dir / "last.pt")
+        """`best.pt` when the epoch improved, then `last.pt`; each written atomically.
+
+        Inside `saves_in_background`: waits for the previous save (raising its error), copies
+        the state (tensors to the CPU) and leaves the writing to a background thread; the
+        random states are taken here, as they are now, either way."""
+        if self._writer is not None:
+            self._writer.wait()  # one copy in memory at a time; a failed write is raised here
+        last = self.state_dict(config)
+        files = [(last, results_dir / "last.pt")]
+        if improved:  # the same weights: copied once
+            best = {**self.best_state_dict(config), "model": last["model"]}
+            files.insert(0, (best, results_dir / "best.pt"))
+        if self._writer is None:
+            for obj, path in files:
+                ckpt_io.save_atomic(obj, path)
+            return
+        copies = ckpt_io.cpu_copy([obj for obj, _ in files])
+        self._writer.submit([(obj, path) for obj, (_, path) in zip(copies, files)])
+
+    @contextmanager
+    def saves_in_background(self) -> Iterator[None]:
+        """Within the block, `save` writes in a background thread. Leaving it waits for the
+        last save, also when an error or Ctrl-C ends the block: `last.pt` and `best.pt` are
+        then complete. A failed write is raised on the way out; when another exception ends
+        the block, that one goes on and the failed write is said on stderr."""
+        writer = self._writer = ckpt_io.BackgroundWriter()
+        try:
+            yield
+        except BaseException:
+            _wait_reporting_failure(writer)
+            raise
+        finally:
+            self._writer = None
+        try:
+            writer.wait()
+        except KeyboardInterrupt:  # a signal during the wait: the write still completes first
+            _wait_reporting_failure(writer)
+            raise
+
+
+def _wait_reporting_failure(writer: ckpt_io.BackgroundWriter) -> None:
+    """Wait for the write in flight while another exception ends the run; a failed write is
+    said on stderr, not raised over that exception. (A second Ctrl-C ends the wait; the
+    writer thread is no daemon, so the write still completes before the process exits.)"""
+    try:
+        writer.wait()
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        print(
+            f"warning: the last checkpoint was not written ({type(e).__name__}: {reason}); "
+            "last.pt holds an earlier epoch.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def weights_epoch(state: dict[str, Any]) -> int:

@@ -38,7 +38,11 @@ def metric_series(client: MlflowClient, run_id: str, key: str) -> list[tuple[int
 
 def all_series(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
     keys = client.get_run(run_id).data.metrics
-    wall = ("train_images_per_s", "data_wait_fraction")  # wall-clock figures differ per run
+    wall = (
+        "train_images_per_s",
+        "data_wait_fraction",
+        "checkpoint_seconds",
+    )  # wall-clock figures differ per run
     return {k: metric_series(client, run_id, k) for k in keys if k not in wall}
 
 

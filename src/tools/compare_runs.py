@@ -33,7 +33,7 @@ from src.config import REPO_ROOT
 from src.errors import TrackingError, UserError, print_user_error
 
 # Throughput figures depend on the machine's load, not on the computation; never compared.
-WALL_CLOCK_METRICS = ("train_images_per_s", "data_wait_fraction")
+WALL_CLOCK_METRICS = ("train_images_per_s", "data_wait_fraction", "checkpoint_seconds")
 # Best-epoch summaries, logged once at the end (at the best epoch's step).
 SUMMARY_PREFIX = "best_"
 # Shown first, in this order; any other best-epoch metric (e.g. of the test set) follows.
