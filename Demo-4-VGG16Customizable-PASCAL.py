@@ -14,8 +14,7 @@ from pathlib import Path
 
 from models.components import CONV_TYPES
 from models.custom_models_base import VGGINITS
-from src import tracking
-from src.cli import make_parser
+from src.cli import group_hint, make_parser
 from src.errors import ConfigError, UserError, print_user_error
 from src.flags import load_from_args
 from src.interrupts import exit_code
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             for conv in args.conv_types
             for init in vgginits
         ]
-        _, children = run_children(
+        parent_id, children = run_children(
             config, cells, f"{config.run.run_name}-grid", {"grid": "conv_type x vgginit"}
         )
     except UserError as e:
@@ -60,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # the grid said how it stopped and how to go on
         return exit_code(e)
     if children and children[0].experiment_id:  # rank 0 (or no torchrun)
-        print(tracking.ui_hint(tracking.tracking_uri(config), children[0].experiment_id))
+        print(f"\nParent run of the grid: {parent_id}")
+        print(group_hint(config, children[0].experiment_id, parent_id))
     return 0
 
 

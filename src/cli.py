@@ -56,7 +56,10 @@ def main(
                     "--seeds and --resume cannot be combined; to go on with a stopped set of "
                     "seeds, run the same --seeds command again (without --resume)."
                 )
-            run_seeds(config, args.seeds)
+            parent_id, children = run_seeds(config, args.seeds)
+            if children and children[0].experiment_id:  # rank 0 (or no torchrun)
+                print(f"\nParent run of the {len(children)} seeds: {parent_id}")
+                print(group_hint(config, children[0].experiment_id, parent_id))
             return 0
         from src.experiment import run
 
@@ -68,6 +71,12 @@ def main(
     if result.results_dir is not None:
         report(config, result)
     return 0
+
+
+def group_hint(config: ExperimentConfig, experiment_id: str, parent_id: str) -> str:
+    from src import tracking
+
+    return tracking.ui_hint(tracking.tracking_uri(config), experiment_id, parent_id)
 
 
 def report(config: ExperimentConfig, result: RunResult) -> None:
@@ -91,4 +100,4 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
         print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
     from src import tracking
 
-    print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id))
+    print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id, result.run_id))

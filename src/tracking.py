@@ -70,12 +70,15 @@ def _sqlite_dir(uri: str) -> Path | None:
     return None
 
 
-def ui_hint(uri: str, experiment_id: str) -> str:
-    """The command that opens the MLflow UI on this store, and the link to the runs table."""
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The command that opens the MLflow UI on this store, the link to the runs table and,
+    given `run_id`, to that run's own page (its Model metrics tab, the curves)."""
     sqlite_dir = _sqlite_dir(uri)
+    base = uri.rstrip("/") if sqlite_dir is None else "http://127.0.0.1:5000"
+    run_page = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+    this_run = f"\nThis run: {run_page}" if run_id else ""
     if sqlite_dir is None:
-        base = uri.rstrip("/")
-        return f"Runs: {base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}"
+        return f"Runs: {base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}{this_run}"
     try:
         shown = os.path.relpath(uri[len("sqlite:///") :], REPO_ROOT)
         if shown.startswith(".."):
@@ -88,7 +91,7 @@ def ui_hint(uri: str, experiment_id: str) -> str:
         mlflow_bin = "mlflow"
     return (
         f"Open the MLflow UI (from {REPO_ROOT}): {mlflow_bin} ui --backend-store-uri {store}\n"
-        f"then http://127.0.0.1:5000/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}"
+        f"then {base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}{this_run}"
     )
 
 

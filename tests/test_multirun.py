@@ -66,11 +66,16 @@ def test_demo_cli_with_seeds(mlflow_uri, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(REPO / "Demo-2-TinyConv-TinyData.py"), run_name="__main__")
     assert stop.value.code == 0
-    assert "best_val_auroc_mean.std" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best_val_auroc_mean.std" in out
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("seeds-cli").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(runs) == 3 and len(parents) == 1
+    # The parent's id and the link to its page: the group's summary is there.
+    pid, eid = parents[0].info.run_id, parents[0].info.experiment_id
+    assert f"Parent run of the 2 seeds: {pid}" in out
+    assert f"This run: http://127.0.0.1:5000/#/experiments/{eid}/runs/{pid}/model-metrics" in out
     children = children_of(client, parents[0])
     assert sorted(c.data.params["run.seed"] for c in children) == ["0", "1"]
     assert set(parents[0].data.metrics) >= {"best_val_auroc_mean.mean", "best_val_auroc_mean.std"}
