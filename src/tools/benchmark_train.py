@@ -1,0 +1,636 @@
+"""What the training loop costs: this repository's training step against a bare PyTorch step,
+and the whole Demo-2 process against a bare script doing the same work.
+
+    python -m src.tools.benchmark_train                  # Demo-3's VGG16 on synthetic batches
+    python -m src.tools.benchmark_train --image-size 96 --batch-size 8 --device cpu
+    python -m src.tools.benchmark_train --amp off bf16 --channels-last off on --compile
+    python -m src.tools.benchmark_train --whole-run --repeats 3
+
+Step benchmark. The model of --config (default experiments/demo3_vgg16_pascal.toml: VGG16
+with 20 outputs) with its --set overrides, randomly initialized (as --no-pretrained: nothing
+is downloaded), at --image-size (default 320 on CUDA; on the CPU 96, the smallest the VGG-16
+models take), is trained on one synthetic batch of --batch-size (default: the config's on
+CUDA, 8 on the CPU) shaped as the repository's samples: {'data': uint8 [B, 3, S, S]
+(normalized on the device, as PascalVOC2012's; --pixels float32: already normalized, as
+TinyData's), 'label': float32 [B, K] multi-hot}, pinned on CUDA as the DataLoader hands it
+over. No dataset is read. Two steps share the model, the config's optimizer, the batch and
+the device:
+
+| step | per batch                                                                         |
+| ---- | --------------------------------------------------------------------------------- |
+| repo | src.loop.train_one_epoch over a list of --steps batches: BatchPrep, autocast,      |
+|      | loss, zero_grad, backward, step, the loss sum, a NaN check every 20 steps, tqdm    |
+| bare | written below: to the device (uint8 normalized there), forward, BCEWithLogits,     |
+|      | backward, optimizer.step, zero_grad                                                |
+
+After --warmup steps of each (not timed; torch.compile compiles here), --repeats passes of
+--steps steps, the two taking turns; the median pass counts. A row per variant of the grid
+--amp x --channels-last x --compile (defaults: the config's; amp and channels_last off on the
+CPU, where the loop ignores them): images/s of both, the overhead ratio (repo / bare seconds
+per step), the loop's own data_wait_fraction, and on CUDA the model FLOPs utilisation of the
+repo step: the FLOPs of one training step (forward + backward, counted by FlopCounterMode)
+per second, over the GPU's dense bf16 peak (BF16_PEAK_TFLOPS; another GPU: no MFU), whatever
+the --amp. A variant that fails (torch.compile on the CPU, out of memory) is a row with a
+note. Written to --out (default results/benchmark_train): results.csv and images_per_s.png.
+
+--whole-run: `python Demo-2-TinyConv-TinyData.py --epochs N --patience 0` (N = --epochs,
+default the config's; patience 0 so that both train N epochs) with MLflow and its results in
+a temporary folder, against a bare script (BARE_DEMO2) training the same TinyConv on the
+same TinyData with the same SGD for N epochs, with validation and per-class AUROC each
+epoch and no tracking; also the Demo's --help and a config error (exit code 2). Separate
+processes, --repeats rounds taking turns, medians; written to whole_run.csv.
+
+Exit codes: 0 done, 1 a Demo or bare process failed, 2 bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from src.config import AMP_MODES, REPO_ROOT
+from src.errors import ConfigError, UserError, one_line, print_user_error
+from src.tools.measure_cli import run_in_temporary_folder
+
+DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_train"
+DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo3_vgg16_pascal.toml"
+# On the CPU: the smallest images the VGG-16 models take (models.components.MIN_IMAGE_SIZE).
+CPU_IMAGE_SIZE = 96
+DEMO2 = REPO_ROOT / "Demo-2-TinyConv-TinyData.py"
+DEMO2_CONFIG = REPO_ROOT / "experiments" / "demo2_tinyconv_tinydata.toml"
+# Dense bf16 peak in TFLOP/s by a piece of torch.cuda.get_device_name(); the first match wins.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.0),
+)
+CSV_COLUMNS = [
+    "device", "model", "image_size", "batch", "amp", "channels_last", "compile",
+    "repo_images_per_s", "bare_images_per_s", "overhead_ratio", "data_wait_fraction", "mfu",
+    "note",
+]  # fmt: skip
+
+
+@dataclass
+class Variant:
+    amp: str
+    channels_last: bool
+    compile: bool
+
+    @property
+    def label(self) -> str:
+        on = {True: "on", False: "off"}
+        return f"amp {self.amp}, channels_last {on[self.channels_last]}, compile {on[self.compile]}"
+
+
+@dataclass
+class Row:
+    """One variant: median seconds per step of both steps, or the note of its failure."""
+
+    variant: Variant
+    batch: int
+    repo_s: float = float("nan")
+    bare_s: float = float("nan")
+    wait_fraction: float = float("nan")
+    mfu: float | None = None
+    note: str = ""
+
+    @property
+    def repo_images_per_s(self) -> float:
+        return self.batch / self.repo_s
+
+    @property
+    def bare_images_per_s(self) -> float:
+        return self.batch / self.bare_s
+
+    @property
+    def overhead_ratio(self) -> float:
+        return self.repo_s / self.bare_s
+
+
+# ------------------------------------------------------------------ the two steps
+
+
+def synthetic_batch(batch: int, size: int, n_labels: int, pixels: str, pin: bool) -> dict:
+    """A collated batch as the DataLoader gives it: 'data' uint8 [B, 3, S, S] (or float32
+    [B, 3, S, S], normalized), 'label' float32 [B, K] of 0/1, 'img_idx' int64 [B]."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if pixels == "uint8":
+        data = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+    else:
+        data = torch.randn(batch, 3, size, size, generator=g)
+    label = torch.randint(0, 2, (batch, n_labels), generator=g).float()
+    out = {"data": data, "label": label, "img_idx": torch.arange(batch)}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+
+def bare_steps(model, optimizer, batches, device, amp: str, channels_last: bool, mean_std) -> None:
+    """Plain PyTorch: one training step per batch; nothing counted, nothing checked."""
+    import torch
+
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    model.train()
+    for batch in batches:
+        x = batch["data"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255 - mean_std[0]) / mean_std[1]
+        x = x.contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp != "off"):
+            loss = loss_fn(model(x)["out"].float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def training_step_flops(config, x_shape: tuple[int, ...], n_labels: int) -> float | None:
+    """FLOPs of one forward + backward pass, counted on the meta device (nothing computed);
+    None when the model cannot be built or run there."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from src.build import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+            x, y = torch.empty(x_shape), torch.empty(x_shape[0], n_labels)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)["out"].float()
+            torch.nn.functional.binary_cross_entropy_with_logits(out, y).backward()
+        return float(counter.get_total_flops())
+    except Exception:  # a model that cannot run on meta has no FLOP count, hence no MFU
+        return None
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    for piece, tflops in BF16_PEAK_TFLOPS:
+        if piece.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def time_steps(config, variant: Variant, args: argparse.Namespace, device) -> tuple[list, ...]:
+    """Seconds per step of each timed pass of the repo step and of the bare step, and the
+    loop's data_wait_fraction of each repo pass; after the warm-up, the two taking turns."""
+    import torch
+
+    from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
+    from src.build import build_model, build_optimizer, seed_everything
+    from src.loop import BatchPrep, BatchSettings, make_loss, train_one_epoch
+
+    cuda = device.type == "cuda"
+    seed_everything(config.run.seed)
+    model = build_model(config).to(device)
+    if variant.channels_last:  # as src.build does
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if variant.compile else model
+    optimizer = build_optimizer(config, model)
+    scaler = torch.amp.GradScaler("cuda") if variant.amp == "fp16" else None
+    uint8 = args.pixels == "uint8"
+    dataset = argparse.Namespace(mean_std=(IMAGENET_MEAN, IMAGENET_STD) if uint8 else None)
+    prep = BatchPrep(dataset, device, variant.channels_last)
+    settings = BatchSettings(prep, make_loss("multilabel"), variant.amp)
+    batch = synthetic_batch(args.batch_size, args.image_size, args.n_labels, args.pixels, cuda)
+
+    def repo(n: int) -> float:
+        stats = train_one_epoch(net, [batch] * n, optimizer, scaler, settings, "repo step")
+        return stats["wait"] / max(1e-9, stats["seconds"])
+
+    def bare(n: int) -> None:
+        mean_std = (prep.mean, prep.std)
+        bare_steps(
+            net, optimizer, [batch] * n, device, variant.amp, variant.channels_last, mean_std
+        )
+
+    repo(args.warmup)
+    bare(args.warmup)
+    repo_s, bare_s, waits = [], [], []
+    for _ in range(args.repeats):
+        for step, seconds in ((repo, repo_s), (bare, bare_s)):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            wait = step(args.steps)
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds.append((time.perf_counter() - start) / args.steps)
+            if wait is not None:
+                waits.append(wait)
+    return repo_s, bare_s, waits
+
+
+def measure_variant(config, variant: Variant, args: argparse.Namespace, device, flops) -> Row:
+    """The variant's row: medians of `time_steps`, MFU on a known GPU; a failure is a note."""
+    row = Row(variant, args.batch_size)
+    try:
+        repo_s, bare_s, waits = time_steps(config, variant, args, device)
+    except Exception as e:  # torch.compile, out of memory: a row with a note, not a traceback
+        row.note = f"{type(e).__name__}: {one_line(e)}"[:300]
+        return row
+    row.repo_s, row.bare_s = statistics.median(repo_s), statistics.median(bare_s)
+    row.wait_fraction = statistics.median(waits)
+    if device.type == "cuda" and flops:
+        import torch
+
+        peak = bf16_peak_tflops(torch.cuda.get_device_name(device))
+        row.mfu = flops / row.repo_s / (peak * 1e12) if peak else None
+    return row
+
+
+# ------------------------------------------------------------------ step benchmark: report
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = f"{'variant':<45} {'repo img/s':>10} {'bare img/s':>10} {'overhead':>8} "
+    head += f"{'wait':>6} {'MFU':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.note:
+            lines.append(f"{r.variant.label:<45} failed: {r.note}")
+            continue
+        mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+        lines.append(
+            f"{r.variant.label:<45} {r.repo_images_per_s:>10.1f} {r.bare_images_per_s:>10.1f} "
+            f"{r.overhead_ratio:>7.3f}x {r.wait_fraction:>6.3f} {mfu:>6}"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], common: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            v = r.variant
+            figures = ["", "", "", "", ""]
+            if not r.note:
+                mfu = "" if r.mfu is None else f"{r.mfu:.4f}"
+                figures = [f"{r.repo_images_per_s:.2f}", f"{r.bare_images_per_s:.2f}"]
+                figures += [f"{r.overhead_ratio:.4f}", f"{r.wait_fraction:.4f}", mfu]
+            writer.writerow(
+                [common["device"], common["model"], common["image_size"], r.batch, v.amp]
+                + [v.channels_last, v.compile, *figures, r.note]
+            )
+
+
+def write_chart(rows: list[Row], title: str, path: Path) -> None:
+    """Two horizontal bars per variant that ran: the repo step (blue), the bare step (grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [r for r in rows if not r.note][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.8 * max(1, len(done)) + 1.6))
+    y = np.arange(len(done))
+    for offset, name, colour, values in (
+        (0.2, "repo step", "tab:blue", [r.repo_images_per_s for r in done]),
+        (-0.2, "bare step", "tab:gray", [r.bare_images_per_s for r in done]),
+    ):
+        bars = ax.barh(y + offset, values, height=0.38, color=colour, label=name)
+        ax.bar_label(bars, labels=[f"{v:,.1f}" for v in values], padding=3, fontsize=8)
+    ax.set_yticks(y, [r.variant.label for r in done], fontsize=8)
+    ax.set_xlabel("images per second")
+    ax.set_title(title, fontsize=9)
+    ax.margins(x=0.15)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_step_config(args: argparse.Namespace):
+    """The experiment config with --set, --image-size and random weights (--no-pretrained,
+    where the model takes vgginit or pretrained)."""
+    import inspect
+
+    from src.build import import_class
+    from src.flags import load_from_args
+
+    flags = argparse.Namespace(set=args.set, image_size=args.image_size, no_pretrained=False)
+    config = load_from_args(args.config, flags)
+    params = inspect.signature(import_class(config.model.model, "[model] model", "model"))
+    if {"vgginit", "pretrained"} & set(params.parameters):
+        flags.no_pretrained = True
+        config = load_from_args(args.config, flags)
+    return config
+
+
+def step_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from src.build import build_model, device_name, pick_device, set_determinism
+    from src.flags import load_from_args
+    from src.tools.benchmark_loader import cpu_model
+
+    config = load_from_args(args.config, argparse.Namespace(set=args.set))
+    device = pick_device(args.device or config.run.device)
+    cuda = device.type == "cuda"
+    args.image_size = args.image_size or (320 if cuda else CPU_IMAGE_SIZE)
+    args.batch_size = args.batch_size or (config.data.batch_size if cuda else 8)
+    args.steps = args.steps or (20 if cuda else 3)
+    args.warmup = args.warmup or (5 if cuda else 1)
+    amps = args.amp or [config.train.amp if cuda else "off"]
+    if not cuda and amps != ["off"]:
+        raise ConfigError(
+            "--amp bf16/fp16 needs CUDA: the training loop runs float32 on the CPU; use --amp off."
+        )
+    layouts = args.channels_last or [config.train.channels_last and cuda]
+    compiles = args.compile or [config.train.compile]
+    config = load_step_config(args)
+    set_determinism(config.run.deterministic, config.train.cudnn_benchmark and cuda)
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
+        probe = build_model(config)
+        linear = [m for m in probe.modules() if isinstance(m, torch.nn.Linear)]
+        x = torch.empty(1, 3, args.image_size, args.image_size)
+        args.n_labels = linear[-1].out_features if linear else probe(x)["out"].shape[1]
+    n_params = sum(p.numel() for p in probe.parameters())
+    x_shape = (args.batch_size, 3, args.image_size, args.image_size)
+    flops = training_step_flops(config, x_shape, args.n_labels)
+    model_name = config.model.model.rsplit(":", 1)[-1]
+    name = device_name(device) if cuda else cpu_model()
+    print(
+        f"device: {name} ({device}); torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    gflop = "not counted" if flops is None else f"{flops / args.batch_size / 1e9:.2f} GFLOP"
+    print(
+        f"model: {model_name} ({n_params:,} parameters, {args.n_labels} outputs, random init) at "
+        f"{args.image_size} px, batch {args.batch_size} of {args.pixels} images; training step "
+        f"(forward + backward) {gflop} per image"
+    )
+    print(
+        f"timing: {args.warmup} warm-up steps, then {args.repeats} x {args.steps} steps of each, "
+        "taking turns; medians"
+    )
+    variants = [Variant(a, c, k) for a in amps for c in layouts for k in compiles]
+    rows = [measure_variant(config, v, args, device, flops) for v in variants]
+    print()
+    print(format_rows(rows))
+    if cuda and bf16_peak_tflops(name) is None:
+        print(f"MFU not reported: no bf16 peak known for {name} (BF16_PEAK_TFLOPS).")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / "results.csv", out / "images_per_s.png"
+    common = {"device": name, "model": model_name, "image_size": args.image_size}
+    write_csv(rows, common, csv_path)
+    title = f"Training step, {model_name} at {args.image_size} px, batch {args.batch_size}: "
+    title += f"this repository's loop against a bare step\n{name}"
+    write_chart(rows, title, png_path)
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+# ------------------------------------------------------------------ whole run (Demo-2)
+
+# The Demo-2 run without the repository's machinery: the same data, model, optimizer and
+# epochs, validation with per-class AUROC each epoch; no tracking, checkpoints or reports.
+BARE_DEMO2 = """\
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+
+from load_dataset.custom_tiny import TinyData
+from models.custom_models_base import TinyConv
+
+torch.manual_seed({seed})
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+train, val = TinyData("train", **{data_args!r}), TinyData("val", **{data_args!r})
+pin = device.type == "cuda"
+train_loader = DataLoader(train, batch_size={batch_size}, shuffle=True, pin_memory=pin,
+                          drop_last=len(train) >= {batch_size})
+val_loader = DataLoader(val, batch_size={batch_size}, pin_memory=pin)
+model = TinyConv(**{model_args!r}).to(device)
+optimizer = torch.optim.SGD(model.parameters(), lr={lr!r}, momentum={momentum!r},
+                            weight_decay={weight_decay!r})
+loss_fn = torch.nn.BCEWithLogitsLoss()
+for epoch in range(1, {epochs} + 1):
+    model.train()
+    for batch in train_loader:
+        x, y = batch["data"].to(device), batch["label"].to(device)
+        loss = loss_fn(model(x)["out"], y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    val_loss, probs, labels = 0.0, [], []
+    with torch.no_grad():
+        for batch in val_loader:
+            x, y = batch["data"].to(device), batch["label"].to(device)
+            logits = model(x)["out"]
+            val_loss += loss_fn(logits, y).item() * len(y)
+            probs.append(logits.sigmoid().cpu())
+            labels.append(y.cpu())
+    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    auroc = [roc_auc_score(labels[:, k], probs[:, k]) for k in range(labels.shape[1])]
+    print(f"epoch {{epoch}}  val_loss {{val_loss / len(val):.4f}}  "
+          f"val_auroc_mean {{np.mean(auroc):.4f}}", flush=True)
+"""
+
+
+def bare_demo2_script(config, epochs: int) -> str:
+    """BARE_DEMO2 with the settings of `config` (Demo-2's) filled in, for `python -c`."""
+    o = config.optimizer
+    return BARE_DEMO2.format(
+        repo=str(REPO_ROOT), seed=config.run.seed, data_args=dict(config.data.args),
+        batch_size=config.data.batch_size, model_args=dict(config.model.args), lr=o.lr,
+        momentum=o.momentum, weight_decay=o.weight_decay, epochs=epochs,
+    )  # fmt: skip
+
+
+class ProcessFailed(Exception):
+    """A timed process ended with another exit code than expected."""
+
+
+def time_processes(
+    commands: dict[str, tuple[list[str], int]], repeats: int, env: dict[str, str], cwd: Path
+) -> dict[str, list[float]]:
+    """Seconds of each command (name: (argv, expected exit code)), run `repeats` times, the
+    commands taking turns. ProcessFailed, at once, when one exits with another code."""
+    runs: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, (argv, code) in commands.items():
+            start = time.perf_counter()
+            done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+            runs[name].append(time.perf_counter() - start)
+            if done.returncode != code:
+                tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [""]
+                raise ProcessFailed(
+                    f"{name} exited with code {done.returncode} (expected {code}): {tail[0]}"
+                )
+    return runs
+
+
+def summary_lines(medians: dict[str, float]) -> list[str]:
+    demo, bare = medians["Demo-2"], medians["bare loop"]
+    return [
+        f"whole run: Demo-2 {demo:.1f} s, bare loop {bare:.1f} s, ratio {demo / bare:.2f}",
+        f"--help {medians['--help']:.2f} s; config error {medians['config error']:.2f} s",
+    ]
+
+
+def whole_run(args: argparse.Namespace, tmp: Path) -> int:
+    from src.config import load
+
+    config = load(DEMO2_CONFIG)
+    epochs = args.epochs or config.train.epochs
+    store = tmp / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    demo = [sys.executable, str(DEMO2)]
+    demo_run = ["--epochs", str(epochs), "--patience", "0", "--results-dir", str(tmp / "results")]
+    commands = {
+        "Demo-2": (demo + demo_run, 0),
+        "bare loop": ([sys.executable, "-c", bare_demo2_script(config, epochs)], 0),
+        "--help": (demo + ["--help"], 0),
+        "config error": (demo + ["--set", "optimizer.lr=nan"], 2),
+    }
+    # A new SQLite store takes seconds to create; a user's store exists already: not timed.
+    start = time.perf_counter()
+    init = "from mlflow.tracking import MlflowClient as C; import os; "
+    init += "C(tracking_uri=os.environ['MLFLOW_TRACKING_URI']).search_experiments()"
+    try:
+        time_processes(
+            {"creating the MLflow store": ([sys.executable, "-c", init], 0)}, 1, env, tmp
+        )
+        print(f"MLflow store {store} created in {time.perf_counter() - start:.1f} s (not timed)")
+        print(f"Demo-2: {epochs} epochs, patience 0, both on {'CUDA' if _cuda() else 'the CPU'}")
+        runs = time_processes(commands, args.repeats, env, tmp)
+    except ProcessFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    medians = {name: statistics.median(seconds) for name, seconds in runs.items()}
+    print()
+    print(f"{'process':<14} {'median s':>9}   rounds (s, in order)")
+    for name, seconds in runs.items():
+        print(f"{name:<14} {medians[name]:>9.2f}   {' '.join(f'{s:.2f}' for s in seconds)}")
+    print()
+    print("\n".join(summary_lines(medians)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "whole_run.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["process", "round", "seconds", "epochs"])
+        for name, seconds in runs.items():
+            for i, s in enumerate(seconds, start=1):
+                writer.writerow([name, i, f"{s:.3f}", epochs])
+    print(f"wrote {out / 'whole_run.csv'}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------ command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in the one line `error: ...` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"takes on or off, not {text!r}")
+    return text == "on"
+
+
+STEP_FLAGS = ("config", "image_size", "batch_size", "device", "amp", "channels_last", "compile")
+STEP_FLAGS += ("steps", "warmup", "pixels")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog="python -m src.tools.benchmark_train",
+        description="This repository's training step (or whole Demo-2 run) against bare PyTorch.",
+    )
+    a = parser.add_argument
+    a("--config", help=f"experiment TOML of the model (default {DEFAULT_CONFIG.name})")
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    a("--image-size", type=int, help="side of the images (default 320 on CUDA, 96 on the CPU)")
+    a("--batch-size", type=int, help="default: the config's on CUDA, 8 on the CPU")
+    a("--device", help="auto, cpu, cuda, cuda:1 (default: the config's)")
+    a("--amp", nargs="+", choices=AMP_MODES, help="variants, e.g. off bf16 (CUDA only)")
+    a(
+        "--channels-last",
+        nargs="*",
+        type=on_off,
+        metavar="{off,on}",
+        help="variants: on (no value), off, or off on",
+    )
+    a(
+        "--compile",
+        nargs="*",
+        type=on_off,
+        metavar="{off,on}",
+        help="variants: on (no value), off, or off on",
+    )
+    a("--pixels", choices=("uint8", "float32"), help="sample images (default uint8)")
+    a("--steps", type=int, help="timed steps per pass (default 20 on CUDA, 3 on the CPU)")
+    a("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
+    a("--repeats", type=int, default=3, help="timed passes (rounds with --whole-run)")
+    a("--whole-run", action="store_true", help="time whole Demo-2 processes instead")
+    a("--epochs", type=int, help="--whole-run: epochs of both (default: Demo-2's config)")
+    a("--out", default=str(DEFAULT_OUT), help="folder for the CSV and the chart")
+    args = parser.parse_args(argv)
+    for flag, values in (("--channels-last", args.channels_last), ("--compile", args.compile)):
+        if values == []:  # the flag alone means on
+            setattr(args, flag[2:].replace("-", "_"), [True])
+    numbers = ("repeats", "image_size", "batch_size", "steps", "warmup", "epochs")
+    for name in numbers:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if args.whole_run:
+        given = [f for f in STEP_FLAGS if getattr(args, f) is not None] + ["set"] * bool(args.set)
+        if given:
+            flag = given[0].replace("_", "-")
+            parser.error(f"--{flag} applies to the step benchmark, not to --whole-run")
+    elif args.epochs is not None:
+        parser.error("--epochs goes with --whole-run")
+    args.config = args.config or str(DEFAULT_CONFIG)
+    args.pixels = args.pixels or "uint8"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.whole_run:
+        return run_in_temporary_folder(whole_run, args, "benchmark_train_")
+    try:
+        return step_benchmark(args)
+    except (UserError, OSError) as e:
+        return print_user_error(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
