@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test smoke lint clean-runs
+.PHONY: install demo test test-fast smoke lint clean-runs
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: install
 TEST_WORKERS ?= auto
 test: install
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
+
+# Under a minute: the label conversion, the datasets, the tutorial's unit tests, one tiny run.
+FAST_TESTS := tests/test_custom_tiny.py tests/test_custom_pascal.py tests/test_tutorial_unit_tests.py \
+	tests/test_run_experiment.py::test_one_run_with_every_metric_and_artifact
+test-fast: install
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 -m "not slow" $(FAST_TESTS)
 
 # Demo-0, Demo-3 and Demo-4 on a synthetic VOC + SBD tree in a temporary folder (no download).
 smoke: install
