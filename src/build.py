@@ -381,7 +381,12 @@ def print_setup(device: torch.device, datasets: dict[str, Any], config, info) ->
     """The device picked and each split's size; a note when a batch holds the whole split."""
     sizes = ", ".join(f"{split} {len(ds):,}" for split, ds in datasets.items())
     procs = f" x {info.world_size} processes" if info.world_size > 1 else ""
-    print(f"Device: {device_name(device)} ({device}){procs}. Images: {sizes}.", flush=True)
+    why = (
+        ", picked by device = auto: CUDA, else MPS, else the CPU"
+        if config.run.device == "auto"
+        else ""
+    )
+    print(f"Device: {device_name(device)} ({device}{why}){procs}. Images: {sizes}.", flush=True)
     n_train = len(datasets["train"]) // info.world_size
     if not train_drop_last(len(datasets["train"]), info.world_size, config.data.batch_size):
         print(

@@ -170,7 +170,11 @@ def _catch_up(t: Trainer) -> None:
     for h in t.state.history:
         if h["epoch"] not in logged:
             t.tracker.log_epoch(_metrics_of(h), int(h["epoch"]))
-    print(f"Run {t.tracker.run_id}: results in {t.results_dir}", flush=True)
+    print(
+        f"Run {t.tracker.run_id} in MLflow {tracking.tracking_uri(t.config)} (experiment "
+        f"{t.config.run.experiment_name!r}); checkpoints and tables in {t.results_dir}",
+        flush=True,
+    )
 
 
 def fit(t: Trainer) -> None:
