@@ -60,6 +60,9 @@ class RunConfig:
     server_wait_s: float = 60.0
     # Without a terminal (nohup, sbatch, a log file): a training progress line this often.
     progress_every_s: float = 30.0
+    # false: a run that FINISHED deletes its last.pt (optimizer state included, twice the
+    # size of best.pt); it can then not be trained longer, best.pt still predicts.
+    keep_last_pt: bool = True
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,7 @@ RESUME_MAY_CHANGE = (
     "run.server_unreachable",
     "run.server_wait_s",
     "run.progress_every_s",
+    "run.keep_last_pt",
 )
 # The sections whose keys shape what a run learns (not its names, seed or folders).
 TRAINING_SECTIONS = ("data", "model", "optimizer", "train")

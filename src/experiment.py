@@ -251,6 +251,8 @@ def finish(t: Trainer) -> RunResult:
         result.best_metrics = log_best_outputs(t)
     ddp.barrier(t.info)
     t.tracker.end("FINISHED")
+    if t.info.is_main and not t.config.run.keep_last_pt:  # only best.pt is wanted
+        (t.results_dir / "last.pt").unlink(missing_ok=True)
     return result
 
 

@@ -268,3 +268,9 @@ def test_a_log_file_gets_progress_lines_while_an_epoch_trains(mlflow_uri, tmp_pa
     pattern = r"epoch 1/1: batch \d/9, [\d,]+ images, \d+ img/s, loss \d\.\d{4}, epoch ETA \d+ s"
     assert all(re.fullmatch(pattern, line) for line in lines), lines
     assert lines[-1].startswith("epoch 1/1: batch 9/9, 144 images")
+
+
+def test_keep_last_pt_false_leaves_only_best_pt_once_the_run_finished(mlflow_uri, tmp_path):
+    result = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.keep_last_pt": False}))
+    assert sorted(p.name for p in result.results_dir.glob("*.pt")) == ["best.pt"]
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
