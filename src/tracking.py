@@ -357,7 +357,10 @@ def _client(uri: str) -> Any:
     # job array) would each create them and all but one crash ("table ... already exists"):
     # the first use is one process at a time.
     with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some NFS mounts): go on unguarded
+            pass
         with interrupts.mlflow_call():
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)

@@ -160,3 +160,21 @@ def test_an_experiment_name_cannot_leave_the_results_folder(mlflow_uri, tmp_path
     store = mlflow_uri[len("sqlite:///") :].rsplit("/", 1)[0]
     assert exp.artifact_location.startswith(f"file://{store}/mlruns/escape")
     assert tracking.slug("..") == "experiment" and tracking.slug("../x") == "x"
+
+
+def test_a_file_system_without_locks_still_runs(mlflow_uri, tmp_path, monkeypatch):
+    """Some NFS mounts refuse flock (ENOLCK): the store's and the run folder's locks are then
+    skipped, not a traceback."""
+    import errno
+    import fcntl
+
+    from src.run_experiment import run
+    from tests.test_run_experiment import tiny_config
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(tracking, "_READY_STORES", set())
+    result = run(tiny_config(tmp_path, **{"train.epochs": 1}))
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
