@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,7 @@ class Trainer:
     resume_path: Path | None = None
     tracker: Any = None
     results_dir: Path | None = None
+    logged_epochs: set[int] = field(default_factory=set)  # epochs the MLflow run holds
 
     @property
     def label_meanings(self) -> list[str]:

@@ -104,9 +104,7 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
             t.tracker.end("FAILED")
             raise _non_finite(t, e) from None
         except BaseException as e:
-            # A signal can also surface as another error: under torchrun, the rank whose
-            # peer stopped first fails in its collective call.
-            stop = e if isinstance(e, KeyboardInterrupt) else interrupts.received()
+            stop = interrupts.stop_of(e)
             if stop is None:
                 t.tracker.end("FAILED")
                 raise
@@ -170,6 +168,7 @@ def _catch_up(t: Trainer) -> None:
     for h in t.state.history:
         if h["epoch"] not in logged:
             t.tracker.log_epoch(_metrics_of(h), int(h["epoch"]))
+    t.logged_epochs = logged | {int(h["epoch"]) for h in t.state.history}
     print(
         f"Run {t.tracker.run_id} in MLflow {tracking.tracking_uri(t.config)} (experiment "
         f"{t.config.run.experiment_name!r}); checkpoints and tables in {t.results_dir}",
@@ -185,9 +184,6 @@ def fit(t: Trainer) -> None:
     `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
     last write is complete, so `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
-    # An epoch is logged while its checkpoint is still being written: a process killed then
-    # resumes from the epoch before and runs this one again, without logging it twice.
-    logged = set(t.tracker.logged_steps("val_loss")) if t.resume_path is not None else set()
     with state.saves_in_background():
         while state.epoch < epochs and not state.early.stopped:
             epoch = state.epoch + 1
@@ -201,20 +197,20 @@ def fit(t: Trainer) -> None:
             if state.scheduler is not None:
                 state.scheduler.step()  # after the epoch: the checkpoint holds the next lr
             if t.info.is_main:
-                _save_and_log(t, epoch, metrics, improved, logged)
+                _save_and_log(t, epoch, metrics, improved)
                 _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
 
 
-def _save_and_log(
-    t: Trainer, epoch: int, metrics: dict[str, float], improved: bool, logged: set[int]
-) -> None:
+def _save_and_log(t: Trainer, epoch: int, metrics: dict[str, float], improved: bool) -> None:
     """Checkpoint the epoch (its write goes on in the background), then log its metrics and
     `checkpoint_seconds`, what the loop spent on the checkpoint (wall-clock, like
     train_images_per_s; not kept in the history)."""
     started = time.perf_counter()
     t.state.save(t.results_dir, t.config.to_dict(), improved)
     seconds = time.perf_counter() - started
-    if epoch not in logged:
+    # An epoch is logged while its checkpoint is still being written: a process killed then
+    # resumes from the epoch before and trains this one again, without logging it twice.
+    if epoch not in t.logged_epochs:
         t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
 
 
@@ -329,7 +325,6 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
         write_split_outputs(tracker, folder, split, ds, pred, metrics)
         tracker.end("FINISHED")
     except BaseException as e:
-        stopped = isinstance(e, KeyboardInterrupt) or interrupts.received()
-        tracker.end("KILLED" if stopped else "FAILED")
+        tracker.end("FAILED" if interrupts.stop_of(e) is None else "KILLED")
         raise
     return RunResult(tracker.run_id, tracker.experiment_id, folder, epoch, metrics)

@@ -99,6 +99,13 @@ def received() -> KeyboardInterrupt | None:
     return None
 
 
+def stop_of(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that ended a run with `e`, or None: `e` itself for Ctrl-C or SIGTERM, or
+    a signal received meanwhile (under torchrun the rank whose peer stopped first fails in its
+    collective call instead)."""
+    return e if isinstance(e, KeyboardInterrupt) else received()
+
+
 def raise_pending() -> None:
     stop = received()
     if stop is not None:

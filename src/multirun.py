@@ -56,7 +56,7 @@ def run_children(
             _log_summary(parent, children, results)
         parent.end("FINISHED")
     except BaseException as e:
-        stop = e if isinstance(e, KeyboardInterrupt) else interrupts.received()
+        stop = interrupts.stop_of(e)
         parent.end("FAILED" if stop is None else "KILLED")
         if stop is not None and main:
             print(

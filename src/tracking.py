@@ -282,11 +282,11 @@ class Tracker(NullTracker):
                 "resume with --resume once the server is back."
             )
         with interrupts.mlflow_call(interruptible):
-            if not self.remote:
-                return fn(*args, **kwargs)
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
+                if not self.remote:  # a local store's errors are not the user's to fix
+                    raise
                 raise TrackingError(
                     f"The MLflow server {self.uri} failed: {one_line(e)}; resume with "
                     "--resume once it answers again."
@@ -445,8 +445,7 @@ def ended_on_error(tracker: Tracker) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
-        stopped = isinstance(e, KeyboardInterrupt) or interrupts.received()
-        tracker.end("KILLED" if stopped else "FAILED")
+        tracker.end("FAILED" if interrupts.stop_of(e) is None else "KILLED")
         raise
 
 
