@@ -2,6 +2,12 @@
 
 All functions take plain NumPy arrays: `labels` [N, K] of 0/1 and `probs` [N, K] of
 probabilities (sigmoid outputs for multi-label problems, softmax outputs for multi-class).
+
+AUROC and average precision are computed here in NumPy, the way scikit-learn's
+`roc_auc_score` and `average_precision_score` define them (tied scores are one threshold;
+AP = sum over thresholds of precision x recall step): they run every epoch, where
+scikit-learn's per-call checks cost more than the sums themselves, and the training process
+then never imports scikit-learn. tests/test_evaluate.py holds them equal to scikit-learn's.
 """
 
 from __future__ import annotations
@@ -11,12 +17,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
 
 
 def metric_name(label: str) -> str:
@@ -27,6 +27,40 @@ def metric_name(label: str) -> str:
 def _defined(labels_k: np.ndarray) -> bool:
     # AUROC and AP need both a positive and a negative example of the class.
     return 0 < labels_k.sum() < len(labels_k)
+
+
+def binary_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positives, true positives, threshold) at each distinct score of `p`, highest
+    score first: predicting positive at score >= threshold gives those counts."""
+    order = np.argsort(p, kind="mergesort")[::-1]
+    p, y = p[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # the last index of each score
+    tps = np.cumsum(y)[last]
+    return 1 + last - tps, tps, p[last]
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) from (0, 0) to (1, 1)."""
+    fps, tps, _ = binary_curve(y, p)
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def pr_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) from the highest threshold down."""
+    fps, tps, _ = binary_curve(y, p)
+    return tps / tps[-1], tps / (tps + fps)
+
+
+def auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoids: a tie between classes counts half)."""
+    fpr, tpr = roc_curve(y, p)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    """Sum over thresholds of (recall step) x precision, without interpolation."""
+    recall, precision = pr_curve(y, p)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def compute_metrics(
@@ -52,15 +86,14 @@ def compute_metrics(
         y, p = labels[:, k], probs[:, k]
         name = metric_name(meaning)
         if _defined(y):
-            auroc = float(roc_auc_score(y, p))
-            ap = float(average_precision_score(y, p))
-            aurocs.append(auroc)
+            area, ap = auroc(y, p), average_precision(y, p)
+            aurocs.append(area)
             aps.append(ap)
         else:
-            auroc = ap = math.nan
+            area = ap = math.nan
         acc = float(np.mean((p >= 0.5) == (y >= 0.5))) if len(y) else math.nan
         accs.append(acc)
-        out[f"auroc/{name}"] = auroc
+        out[f"auroc/{name}"] = area
         out[f"ap/{name}"] = ap
         out[f"accuracy/{name}"] = acc
     out["auroc_mean"] = float(np.mean(aurocs)) if aurocs else math.nan
@@ -129,11 +162,12 @@ def plot_roc_pr(
             if not _defined(y):
                 continue
             if kind == "roc":
-                x_, y_, _ = roc_curve(y, p)
-                score = roc_auc_score(y, p)
+                x_, y_ = roc_curve(y, p)
+                score = auroc(y, p)
             else:
-                y_, x_, _ = precision_recall_curve(y, p)
-                score = average_precision_score(y, p)
+                recall, precision = pr_curve(y, p)
+                x_, y_ = np.r_[0.0, recall], np.r_[1.0, precision]
+                score = average_precision(y, p)
             ax.plot(x_, y_, lw=1, label=f"{meaning} ({score:.3f})")
         if kind == "roc":
             ax.plot([0, 1], [0, 1], "k--", lw=0.5)

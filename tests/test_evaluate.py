@@ -44,6 +44,24 @@ def test_perfect_and_inverted_ranking():
     assert m["accuracy/b"] == 0.0  # 0.8->1 vs 0, 0.2->0 vs 1, 0.1->0 vs 1, 0.9->1 vs 0
 
 
+@pytest.mark.parametrize("decimals", [None, 1])  # continuous scores, and many ties
+def test_auroc_and_ap_equal_scikit_learns(decimals):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 17, 500):
+        labels = (rng.random((n, 4)) < [0.5, 0.1, 0.9, 0.3]).astype(float)
+        labels[0], labels[1] = 1, 0  # every class defined
+        probs = np.clip(labels * 0.3 + rng.random((n, 4)) * 0.7, 0, 1)
+        if decimals is not None:
+            probs = probs.round(decimals)
+        m = evaluate.compute_metrics(labels, probs, list("abcd"))
+        for k, name in enumerate("abcd"):
+            y, p = labels[:, k], probs[:, k]
+            assert m[f"auroc/{name}"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+            assert m[f"ap/{name}"] == pytest.approx(average_precision_score(y, p), abs=1e-12)
+
+
 def test_average_precision_by_hand():
     # ranking by prob: 0.9 (pos), 0.7 (neg), 0.5 (pos) -> precisions at positives 1, 2/3
     labels = np.array([[1], [0], [1]])
