@@ -35,6 +35,7 @@ from src.errors import TrackingError, one_line
 from src.outbox import Outbox
 
 END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
+LOCAL_LINGER_S = 2.0  # a local store gets the epochs of this many seconds as one write
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
 
@@ -205,10 +206,12 @@ class Tracker(NullTracker):
     """One MLflow run, driven through `MlflowClient` (no global 'active run' state).
 
     It holds Ctrl-C and SIGTERM until `end` (src/interrupts.py): its calls raise a signal's
-    interrupt that Python lost. With a tracking server, epochs' metrics go through an
-    `Outbox` (src/outbox.py): training does not wait for the server. When it has not answered
-    for `server_wait_s`, the run says so once and trains on, or stops with a one-line error
-    when `server_unreachable = "stop"`; at its end the run waits up to `END_WAIT_S` for it.
+    interrupt that Python lost. Epochs' metrics go through an `Outbox` (src/outbox.py):
+    training does not wait for the store, and a local store gets the epochs of the last
+    `LOCAL_LINGER_S` seconds as one write (a fast run's epochs go together; an epoch longer
+    than that is written as it ends). When a tracking server has not answered for
+    `server_wait_s`, the run says so once and trains on, or stops with a one-line error when
+    `server_unreachable = "stop"`; at its end the run waits up to `END_WAIT_S` for it.
     """
 
     def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
@@ -238,13 +241,14 @@ class Tracker(NullTracker):
             for key, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]
-        if not self.remote:
-            self._call(self._log_metrics, batch)
-            return
         if self.outbox is None:
-            self.outbox = Outbox(self._log_metrics)
+            linger = 0.0 if self.remote else LOCAL_LINGER_S
+            self.outbox = Outbox(self._log_metrics, linger_s=linger, retry=self.remote)
         self.outbox.put(batch)
-        self._check_server()
+        if self.remote:
+            self._check_server()
+        elif self.outbox.error is not None:  # a local store's errors are not the user's to fix
+            raise self.outbox.error
 
     def _log_metrics(self, batch: list) -> None:
         for i in range(0, len(batch), 1000):
@@ -275,6 +279,8 @@ class Tracker(NullTracker):
         """One MLflow call, after the epochs waiting in the outbox; a server that does not
         answer is one line, not a traceback."""
         if self.outbox is not None and not self.outbox.drain(END_WAIT_S):
+            if self.outbox.error is not None:
+                raise self.outbox.error
             raise TrackingError(
                 f"The MLflow server {self.uri} has not answered for "
                 f"{self.outbox.unreachable_s():.0f} s ({self.outbox.last_error}); "
@@ -327,6 +333,7 @@ class Tracker(NullTracker):
         try:
             if not finished and self.outbox is not None:
                 self.outbox.drain(5.0)
+                self.outbox.close()
                 self.outbox = None
             self._call(
                 self.client.set_terminated, self.run_id, status=status, interruptible=finished
@@ -335,6 +342,9 @@ class Tracker(NullTracker):
             if finished:
                 raise  # else the error that ended the run is the one to show
         finally:
+            if self.outbox is not None:
+                self.outbox.close()
+                self.outbox = None
             if self.holds_signals:
                 self.holds_signals = False
                 interrupts.release()
