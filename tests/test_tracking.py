@@ -50,6 +50,30 @@ def test_start_records_config_tags_and_artifacts(mlflow_uri, tmp_path):
     assert exp.artifact_location.startswith((tmp_path / "store" / "mlruns").as_uri())
 
 
+def test_a_fast_runs_epochs_go_to_a_local_store_together_and_its_errors_surface(
+    mlflow_uri, monkeypatch
+):
+    """Epochs logged within LOCAL_LINGER_S are one write from the outbox's thread; a write
+    that fails there is raised in the training thread at its next MLflow call."""
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(tracking, "LOCAL_LINGER_S", 600.0)  # however slow the machine
+    tracker = tracking.start(_config())
+    client = MlflowClient(mlflow_uri)
+    for epoch in (1, 2, 3):
+        tracker.log_epoch({"val_loss": 1.0 / epoch}, epoch)
+    assert tracker.outbox is not None and tracker.outbox.pending() == 3  # lingering
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "val_loss")] == []
+    assert tracker.logged_steps("val_loss") == [1, 2, 3]  # a call sends them first
+    client.delete_run(tracker.run_id)  # the store now refuses the run's writes
+    tracker.log_epoch({"val_loss": 0.1}, 4)
+    with pytest.raises(MlflowException, match="active"):
+        tracker.log_text("x", "x.txt")
+    with pytest.raises(MlflowException, match="active"):
+        tracker.end("FAILED")  # the outbox is closed, the signals let go all the same
+    assert tracker.outbox is None and not tracker.holds_signals
+
+
 def test_resume_refuses_changed_params(mlflow_uri):
     tracker = tracking.start(_config(seed=1))
     tracker.end("KILLED")
