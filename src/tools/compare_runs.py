@@ -143,7 +143,7 @@ def _last_logged(client: Any, run_id: str, key: str) -> tuple[int, float] | None
     history = client.get_metric_history(run_id, key)
     if not history:
         return None
-    last = max(history, key=lambda m: m.timestamp)
+    last = max(history, key=lambda m: (m.timestamp, m.step))  # one write: the later epoch
     return last.step, last.value
 
 
