@@ -12,6 +12,10 @@
    (as the models see them).
 3. A gallery of the augmentations a config can choose (`augment` in [data.args]) drawn on
    one image: a VOC val image with its mask, or a TinyData image when VOC is not on disk.
+4. What a trained TinyData model looks at: TinyData val images with their true labels, the
+   model's probabilities and the heatmap (HiResCAM) of each true class, from `--explain-model`
+   (a run id, results folder or model URI) or else the newest finished Demo-2 run in the
+   store; left out (the script says so) when there is none yet: run Demo-2 first.
 
 The PNGs are written under `<results-dir>/Demo-0/<run id>/` and logged to one MLflow run.
 Without VOC data, step 2 is skipped (the script says so) and the rest still runs.
@@ -34,6 +38,7 @@ UNIT_TESTS = [
     "tests/test_evaluate.py",
 ]
 EXPERIMENT = "Demo-0-Unit-Tests-and-Visualization"
+DEMO2_EXPERIMENT = "Demo-2-TinyConv-TinyData"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,6 +55,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the repo's mlflow.db)")
     p.add_argument("--experiment-name", default=EXPERIMENT, help="MLflow experiment name")
     p.add_argument("--show", action="store_true", help="also open each figure in a window")
+    p.add_argument(
+        "--explain-model",
+        metavar="SOURCE",
+        help="a trained TinyData model (run id, results folder, model URI); default: the "
+        "newest finished Demo-2 run",
+    )
     return p
 
 
@@ -85,6 +96,45 @@ def tiny_image():
     ds = TinyData("train")
     with Image.open(ds.image_paths[0]) as im:
         return im.convert("RGB"), ds.image_ids[0]
+
+
+def newest_demo2_run(uri: str) -> str | None:
+    """The id of the newest FINISHED run of Demo-2's experiment in the store, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(DEMO2_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
+    """plots of `n_images` TinyData val images explained by the model of `source`."""
+    import numpy as np
+
+    from load_dataset.custom_tiny import TinyData
+    from load_dataset.utils import open_rgb
+    from src import explain, model_package
+    from src.predict import model_uri
+
+    classifier = model_package.load(model_uri(source, uri))
+    ds = TinyData("val")
+    rows = explain.gallery_rows(ds.labels, ds.labels, n_images)
+    images = [np.asarray(open_rgb(ds.image_paths[i])) for i in rows]
+    probs = classifier.probabilities(images)
+    classes = [explain.classes_to_show(ds.labels[i], p) for i, p in zip(rows, probs)]
+    x = classifier.model_inputs(images)
+    maps = explain.heatmaps(classifier.net, x, classes, "hirescam", classifier.target_layer)
+    true = [[int(k) for k in np.flatnonzero(ds.labels[i])] for i in rows]
+    meanings = classifier.label_meanings
+    return explain.save_gallery(images, classes, true, probs, maps, meanings, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         tracker.log_artifact(gallery)
         print(f"wrote {gallery}")
+        uri = tracking.tracking_uri(config)
+        source = args.explain_model or newest_demo2_run(uri)
+        if source is None:
+            print(f"no explanations: no finished {DEMO2_EXPERIMENT} run yet (run Demo-2 first)")
+        else:
+            print(f"== what the TinyData model {source} looks at")
+            picture = draw_explanations(source, uri, args.n_images, out / "explanations.png")
+            tracker.log_artifact(picture)
+            print(f"wrote {picture}")
         tracker.end("FINISHED")
     except BaseException:
         tracker.end("FAILED")

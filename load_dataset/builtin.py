@@ -368,13 +368,44 @@ class TorchvisionClassification(Dataset):
         else:
             img = self._source[int(self._source_indices[idx])][0]
             x = tvf.pil_to_tensor(img.convert("L" if self.channels == 1 else "RGB"))
-        if x.shape[0] == 1 and self.channels == 3:
-            x = x.repeat(3, 1, 1)
-        elif x.shape[0] == 3 and self.channels == 1:
-            x = tvf.rgb_to_grayscale(x)
-        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
-            x = tvf.resize(x, list(self.image_size), antialias=True)
-        return x
+        return model_pixels(x, self.channels, self.image_size)
+
+    @property
+    def input_transform(self) -> BuiltinInput:
+        """A decoded RGB image -> its sample's `data` (see `BuiltinInput`)."""
+        size = self.image_size
+        if size is None and self._images is not None:  # native size, one for the whole split
+            size = (int(self._images.shape[-2]), int(self._images.shape[-1]))
+        return BuiltinInput(self.channels, size)
+
+
+def model_pixels(x: torch.Tensor, channels: int, size_hw: tuple[int, int] | None) -> torch.Tensor:
+    """uint8 [1 or 3, H, W] -> uint8 [channels, H, W] (grey repeated, colour to luma), resized
+    to `size_hw` (antialiased) unless None."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    if x.shape[0] == 1 and channels == 3:
+        x = x.repeat(3, 1, 1)
+    elif x.shape[0] == 3 and channels == 1:
+        x = tvf.rgb_to_grayscale(x)
+    if size_hw is not None and tuple(x.shape[-2:]) != tuple(size_hw):
+        x = tvf.resize(x, list(size_hw), antialias=True)
+    return x
+
+
+@dataclass(frozen=True)
+class BuiltinInput:
+    """A decoded RGB image (PIL) -> uint8 [channels, H, W] as `TorchvisionClassification`
+    gives its samples (`model_pixels`), at `size_hw` when set; the loop and the run's MLflow
+    model normalize it with `mean_std`."""
+
+    channels: int
+    size_hw: tuple[int, int] | None
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as tvf
+
+        return model_pixels(tvf.pil_to_tensor(image.convert("RGB")), self.channels, self.size_hw)
 
 
 def _check_image_size(image_size: Any) -> tuple[int, int] | None:

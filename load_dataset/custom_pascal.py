@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,11 +55,13 @@ from load_dataset.utils import (
     image_size,
     open_image,
     open_rgb,
+    to_rgb,
 )
 
 __all__ = [
     "AUGMENTATIONS",
     "VOC_CLASSES",
+    "PascalInput",
     "PascalVOC2012",
     "build_augmentation_gallery",
     "get_all_labels_string",
@@ -147,6 +150,8 @@ class PascalVOC2012(Dataset):
         self._resize = PascalAugment("none", self.image_size)
         self.label_meanings: list[str] = return_label_names()
         self.mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+        # What an unaugmented sample's `data` is made of; the run's MLflow model applies it.
+        self.input_transform = PascalInput(self.image_size)
 
         voc_root = find_voc_root(voc_dataset_dir, download=download)
         voc_train = voc_entries(voc_root, "train")
@@ -260,12 +265,32 @@ def read_image(path: str, padded: bool = False) -> torch.Tensor:
     """
     rgb = open_rgb(path, fix=RESTORE_IMAGE)
     if padded:
-        # bytearray: torch wants writable memory (the resize only reads it).
-        pixels = torch.frombuffer(bytearray(rgb.tobytes("raw", "RGBX")), dtype=torch.uint8)
-        hwc = pixels.view(rgb.height, rgb.width, 4)
-    else:
-        hwc = torch.from_numpy(np.array(rgb))
-    return hwc.permute(2, 0, 1)
+        return padded_pixels(rgb)
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+
+
+def padded_pixels(rgb: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as uint8 [4, H, W] (R, G, B, padding), channels-last: see `read_image`."""
+    # bytearray: torch wants writable memory (the resize only reads it).
+    pixels = torch.frombuffer(bytearray(rgb.tobytes("raw", "RGBX")), dtype=torch.uint8)
+    return pixels.view(rgb.height, rgb.width, 4).permute(2, 0, 1)
+
+
+@dataclass
+class PascalInput:
+    """A decoded RGB image (PIL) -> uint8 [3, S, S], as an unaugmented sample's `data`: the
+    same pixels (`padded_pixels`) through the same resize (`PascalAugment('none', S)`) as
+    `PascalVOC2012.__getitem__` and its cache. The loop, and the MLflow model, then normalize
+    it with `mean_std`."""
+
+    image_size: int
+    _resize: PascalAugment | None = field(default=None, repr=False, compare=False)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self._resize is None:
+            self._resize = PascalAugment("none", self.image_size)
+        resized, _, _ = self._resize(padded_pixels(to_rgb(image)))
+        return resized
 
 
 def read_mask(path: str) -> np.ndarray:

@@ -24,10 +24,10 @@ from load_dataset.errors import DataError
 from load_dataset.utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    NormalizedInput,
     compute_mean_std,
     image_size,
     open_rgb,
-    to_tensor_and_normalize,
 )
 
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "tiny_data"
@@ -168,6 +168,8 @@ class TinyData(Dataset):
         image_ids: the split's image file names, sorted; sample i is image_ids[i].
         labels: float32 [N, K] 0/1, row i belongs to image_ids[i].
         mean_std: None, because samples are already normalized float tensors.
+        input_transform: a decoded RGB image (PIL) -> its sample's `data`; what `__getitem__`
+            uses, and what the run's MLflow model applies to the images it is given.
 
     A sample is {'data': float32 [3, H, W] normalized (H = W = 32 for the shipped data),
     'label': float32 [K], 'img_idx': int}.
@@ -253,6 +255,7 @@ class TinyData(Dataset):
                     f"A colour channel is constant over the images in {train_dir}; use "
                     "normalization='imagenet'."
                 )
+        self.input_transform = NormalizedInput(self.image_size_wh, self.norm_mean, self.norm_std)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -273,7 +276,7 @@ class TinyData(Dataset):
                 f"all {ref_w} x {ref_h}, as {self.size_reference} is; resize it or remove it "
                 "and its CSV row."
             )
-        data = to_tensor_and_normalize(image, self.norm_mean, self.norm_std)
+        data = self.input_transform(image)
         size = data.numel() * data.element_size()
         if self.keep_decoded and self._decoded_bytes + size <= KEEP_DECODED_BYTES:
             self._decoded[idx] = data

@@ -11,6 +11,7 @@ import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,10 +135,46 @@ def to_tensor_and_normalize(
     """
     pil_image = to_rgb(pil_image, source=getattr(pil_image, "filename", None))
     pixels = torch.from_numpy(np.array(pil_image, dtype=np.uint8))  # [H, W, 3]
-    x = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return normalize_pixels(pixels.permute(2, 0, 1), mean, std)
+
+
+def normalize_pixels(
+    pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 [3, H, W] -> float32 [3, H, W], `(pixel / 255 - mean) / std` per channel."""
+    x = pixels.to(torch.float32).div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return x.sub_(mean_t).div_(std_t)
+
+
+def resize_pixels(pixels: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
+    """uint8 [C, H, W] resized to `size_hw` (height, width), antialiased, still uint8; the same
+    resize as PASCAL's (`load_dataset.pascal.augment`). Unchanged when it has that size."""
+    if tuple(pixels.shape[-2:]) == tuple(size_hw):
+        return pixels
+    from torchvision.transforms.v2 import functional as F
+
+    return F.resize(pixels, list(size_hw), antialias=True)
+
+
+@dataclass(frozen=True)
+class NormalizedInput:
+    """A decoded RGB image as a dataset that normalizes on the CPU gives it: float32
+    [3, H, W], `(pixel / 255 - mean) / std` (`to_tensor_and_normalize`), at `size_wh`
+    (width, height). The dataset refuses an image of another size; this resizes it
+    (`resize_pixels`), so a model that is logged with it takes images of any size."""
+
+    size_wh: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.size == tuple(self.size_wh):
+            return to_tensor_and_normalize(image, self.mean, self.std)
+        pixels = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+        width, height = self.size_wh
+        return normalize_pixels(resize_pixels(pixels, (height, width)), self.mean, self.std)
 
 
 def file_list_key(image_paths: Sequence[Path]) -> str:

@@ -1,10 +1,10 @@
 """The experiment config: frozen dataclasses, loaded from a TOML file plus overrides.
 
 An experiment is one TOML file in `experiments/` with the sections `[run]`, `[data]`
-(+ `[data.args]`), `[model]` (+ `[model.args]`), `[optimizer]` and `[train]`. Every key has a
-default below, so a TOML names only what differs. Unknown keys and values of the wrong type are
-errors that name the key. Relative paths in a TOML file are resolved against the repository
-root. Command-line flags become dotted-key overrides in `src/flags.py`.
+(+ `[data.args]`), `[model]` (+ `[model.args]`), `[optimizer]`, `[train]` and `[explain]`.
+Every key has a default below, so a TOML names only what differs. Unknown keys and values of
+the wrong type are errors that name the key. Relative paths in a TOML file are resolved against
+the repository root. Command-line flags become dotted-key overrides in `src/flags.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
 PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULERS = ("none", "cosine", "step")
+CAMS = ("hirescam", "gradcam")  # src/explain.py
 # 'package.module:ClassName', the form of every class a config names.
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 # Packages outside this repository whose classes a stored run's config may name without
@@ -63,6 +64,12 @@ class RunConfig:
     # false: a run that FINISHED deletes its last.pt (optimizer state included, twice the
     # size of best.pt); it can then not be trained longer, best.pt still predicts.
     keep_last_pt: bool = True
+    # A name: the run's MLflow model (runs:/<run id>/model) is also registered under it in
+    # the model registry, as a new version (models:/<name>/<version>). "" = not registered.
+    register_model: str = ""
+    # false: no MLflow model at the end (a sweep's many trials, a quick check); best.pt is
+    # then logged as the run's artifact checkpoint/best.pt.
+    log_model: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ExplainConfig:
+    # The end-of-run picture plots/explanations.png: `gallery_images` validation images with
+    # the heatmap of each true class (src/explain.py); gallery = false leaves it out.
+    gallery: bool = True
+    gallery_images: int = 4
+    cam: str = "hirescam"  # "hirescam" or "gradcam"
+    # The layer the heatmaps look at, by module name (e.g. "features.28"); "" = the last
+    # nn.Conv2d of the model. Stored with the MLflow model, used by src.predict --explain.
+    target_layer: str = ""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The config as nested plain dicts (the TOML structure)."""
@@ -134,6 +154,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "optimizer": OptimizerConfig,
     "train": TrainConfig,
+    "explain": ExplainConfig,
 }
 
 
@@ -269,6 +290,7 @@ def _check_choices(config: ExperimentConfig) -> None:
         ("optimizer", "name", config.optimizer.name, ("SGD", "Adam", "AdamW")),
         ("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS),
         ("run", "server_unreachable", config.run.server_unreachable, ("continue", "stop")),
+        ("explain", "cam", config.explain.cam, CAMS),
     ]
     for section, key, value, allowed in choices:
         if value not in allowed:
@@ -297,6 +319,16 @@ def _check_choices(config: ExperimentConfig) -> None:
         raise ConfigError("Config key [train] patience must be 0 or more.")
     if config.train.max_batches < 0:
         raise ConfigError("Config key [train] max_batches must be 0 (all batches) or more.")
+    if config.explain.gallery_images < 1:
+        raise ConfigError(
+            "Config key [explain] gallery_images must be at least 1; to leave the gallery out, "
+            "set [explain] gallery = false."
+        )
+    _check_model_name(config.run.register_model)
+    if config.run.register_model and not config.run.log_model:
+        raise ConfigError(
+            "Config key [run] register_model needs log_model = true (the model it registers)."
+        )
     if isinstance(config.data.num_workers, int) and config.data.num_workers < 0:
         raise ConfigError('Config key [data] num_workers must be 0 or more, or "auto".')
     if config.run.task == "predict_on_test" and not config.run.use_test_set:
@@ -311,6 +343,16 @@ def _check_choices(config: ExperimentConfig) -> None:
                 f"{path!r} must be an import path of the form 'package.module:ClassName'."
             )
     _check_optimizer_numbers(config.optimizer)
+
+
+def _check_model_name(name: str) -> None:
+    """A registered model name: MLflow's URIs (models:/<name>/<version>) split on '/' and
+    ':', so the name must hold neither (nor only spaces)."""
+    if name and (not name.strip() or re.search(r"[/:%]", name)):
+        raise ConfigError(
+            f"Config key [run] register_model = {name!r} is not a usable model name; use "
+            "letters, digits, '-', '_', '.' or spaces (no '/', ':' or '%')."
+        )
 
 
 def _check_optimizer_numbers(o: OptimizerConfig) -> None:
@@ -341,6 +383,12 @@ RESUME_MAY_CHANGE = (
     "run.server_wait_s",
     "run.progress_every_s",
     "run.keep_last_pt",
+    "run.register_model",
+    "run.log_model",
+    "explain.gallery",
+    "explain.gallery_images",
+    "explain.cam",
+    "explain.target_layer",
 )
 # The sections whose keys shape what a run learns (not its names, seed or folders).
 TRAINING_SECTIONS = ("data", "model", "optimizer", "train")

@@ -12,6 +12,11 @@ placeholder `{setname}`, as torchvision's `ImageFolder(root=...)` wants) must ha
 - `mean_std` (per-channel mean and std in [0, 1] units) when its images are uint8, so the loop
   can normalize them on the device.
 
+Optional: `input_transform`, a picklable callable that turns a decoded RGB PIL image into the
+`data` of an unaugmented sample (what `__getitem__` itself uses); the run's MLflow model
+applies it to the images it is given (src/model_package.py). Without it, a torchvision-style
+`transform` serves; with neither, the run logs no MLflow model.
+
 `checked_dataset` looks at the dataset and its first sample and either returns the dataset
 (already in the dict form), wraps it in `StandardSamples` (the other accepted forms), or
 raises a DataError naming the class, the split, what is wrong and what to add.

@@ -71,6 +71,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     a("--experiment-name", help="MLflow experiment name")
     a("--run-name", help="MLflow run name")
     a(
+        "--register-model",
+        metavar="NAME",
+        help="also register the run's MLflow model as a new version of NAME (models:/NAME/<v>)",
+    )
+    a(
         "--results-dir",
         help="folder for checkpoints and outputs (default: <repo>/results)",
     )
@@ -346,6 +351,7 @@ SIMPLE_FLAGS = {
     "tracking_uri": "run.tracking_uri",
     "experiment_name": "run.experiment_name",
     "run_name": "run.run_name",
+    "register_model": "run.register_model",
     "task": "run.task",
     "max_batches": "train.max_batches",
 }

@@ -1,11 +1,17 @@
 """What a finished run leaves: the best weights evaluated again, ROC/PR plots, a predictions
 CSV, a per-class metrics CSV and the learning curves, written under the results folder and
-logged to MLflow."""
+logged to MLflow; then the per-label thresholds chosen on the validation split, the gallery of
+explanations (`plots/explanations.png`) and the best weights as the MLflow model `model` of the
+run (src/model_package.py), registered when `run.register_model` names it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
 
 from src import checkpoint as ckpt_io
 from src import distributed as ddp
@@ -27,11 +33,12 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
     t.state.model.load_state_dict(best["model"])
     summary: dict[str, float] = {"best_epoch": float(best["epoch"])}
     single = ddp.DistInfo()
+    preds = {}
     for split, ds in t.datasets.items():
         if split == "train":
             continue
         loader = build_loader(ds, t.config, single, t.batches.device, train=False)
-        pred = predict(t.state.model, loader, t.batches)
+        pred = preds[split] = predict(t.state.model, loader, t.batches)
         metrics = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
         summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
         write_split_outputs(t.tracker, t.results_dir, split, ds, pred, metrics)
@@ -42,8 +49,92 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
         t.state.history, t.results_dir / "plots" / "learning_curves.png"
     )
     t.tracker.log_artifact(curves, "plots")
-    t.tracker.log_artifact(best_path, "model")
+    thresholds = log_thresholds(t, preds["val"])
+    if t.config.explain.gallery:
+        log_explanations(t, preds["val"])
+    if t.config.run.log_model:
+        log_model_package(t, best_path, thresholds, int(best["epoch"]))
+    else:
+        t.tracker.log_artifact(best_path, "checkpoint")  # the weights, kept with the run
     return summary
+
+
+def log_thresholds(t: Trainer, pred: dict[str, Any]) -> list[float] | None:
+    """Per label, the threshold that maximizes F1 on the validation split (multi-label runs;
+    a multiclass run predicts the most probable class): `tables/thresholds.csv`."""
+    from src.model_package import choose_thresholds, thresholds_table
+
+    if t.config.data.problem == "multiclass" or not len(pred["idx"]):
+        return None
+    chosen = choose_thresholds(pred["labels"], pred["probs"])
+    path = t.results_dir / "tables" / "thresholds.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    thresholds_table(t.datasets["val"].label_meanings, chosen).to_csv(path, index=False)
+    t.tracker.log_artifact(path, "tables")
+    return [threshold for threshold, _ in chosen]
+
+
+def log_explanations(t: Trainer, pred: dict[str, Any]) -> None:
+    """`plots/explanations.png`: the first validation images (with a true label), their true
+    labels, probabilities and the heatmap of each true class (src/explain.py)."""
+    from src import explain
+    from src.errors import ConfigError
+    from src.model_package import input_transform_of
+
+    ds, cfg = t.datasets["val"], t.config.explain
+    try:
+        explain.find_target_layer(t.state.model, cfg.target_layer)
+    except ConfigError as e:
+        print(f"note: no plots/explanations.png: {e}", file=sys.stderr, flush=True)
+        return
+    rows = explain.gallery_rows(pred["labels"], pred["probs"], cfg.gallery_images)
+    samples = [ds[int(pred["idx"][r])] for r in rows]
+    data = torch.stack([s["data"] for s in samples])
+    x, _ = t.batches.prep({"data": data, "label": torch.stack([s["label"] for s in samples])})
+    labels, probs = pred["labels"][rows], pred["probs"][rows]
+    classes = [explain.classes_to_show(y, p) for y, p in zip(labels, probs)]
+    maps = explain.heatmaps(t.state.model, x, classes, cfg.cam, cfg.target_layer)
+    transform = input_transform_of(ds)
+    images = [explain.display_image(s["data"].cpu(), transform) for s in samples]
+    true = [[int(k) for k in np.flatnonzero(y)] for y in labels]
+    path = t.results_dir / "plots" / "explanations.png"
+    explain.save_gallery(images, classes, true, probs, maps, list(ds.label_meanings), path)
+    t.tracker.log_artifact(path, "plots")
+
+
+def log_model_package(
+    t: Trainer, best_path: Path, thresholds: list[float] | None, best_epoch: int
+) -> None:
+    """The best weights as the MLflow model `model` of the run (registered when
+    `run.register_model` names it; it holds best.pt); a note instead when the dataset has no
+    input transform, and best.pt logged as the run's artifact `checkpoint/best.pt`."""
+    from src import interrupts
+    from src import model_package as mp
+
+    ds, config = t.datasets["val"], t.config
+    transform = mp.input_transform_of(ds)
+    if transform is None:
+        print(
+            f"note: no MLflow model logged: the dataset {config.data.dataset} has neither "
+            "input_transform nor transform (what turns an image into its sample); best.pt is "
+            f"in {t.results_dir}.",
+            file=sys.stderr,
+            flush=True,
+        )
+        t.tracker.log_artifact(best_path, "checkpoint")  # the weights, kept with the run
+        return
+    classifier = mp.ImageClassifier(
+        config.model.model, config.model.args, list(ds.label_meanings), config.data.problem,
+        transform, getattr(ds, "mean_std", None), thresholds, config.explain.target_layer,
+    )  # fmt: skip
+    with interrupts.mlflow_call():
+        info = mp.log_model(
+            classifier, best_path, t.tracker.uri, t.tracker.run_id, best_epoch,
+            (config.model.model, config.data.dataset), config.run.register_model,
+        )  # fmt: skip
+    registered = getattr(info, "registered_model_version", None)
+    also = f", registered as models:/{config.run.register_model}/{registered}" if registered else ""
+    print(f"MLflow model: runs:/{t.tracker.run_id}/{mp.MODEL_NAME}{also}", flush=True)
 
 
 def write_split_outputs(tracker, results_dir: Path, split: str, ds, pred, metrics) -> None:

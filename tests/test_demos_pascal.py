@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.command_line import run_here
 from tests.pascal_fixtures import VOC_VAL, make_pascal_tree
+from tests.test_run_experiment import QUICK_END
 
 pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
 
@@ -185,7 +186,7 @@ def test_demo3_pointed_at_a_missing_folder_says_so_in_one_line(
 def test_demo4_grid_of_random_init_children_under_one_parent(mlflow_uri, tree, tmp_path):
     out = demo(
         "Demo-4-VGG16Customizable-PASCAL.py",
-        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
+        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE, *QUICK_END]
         + ["--results-dir", str(tmp_path / "r")],
         tmp_path,
     )

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.command_line import run_here
-from tests.test_run_experiment import REPO, all_series
+from tests.test_run_experiment import QUICK_END, REPO, all_series
 
 pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
 
@@ -20,6 +20,7 @@ def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(
     mlflow_uri, tmp_path, capsys, monkeypatch
 ):
     common = ["--epochs", "2", "--device", "cpu", "--results-dir", str(tmp_path / "r")]
+    common += QUICK_END
     two = subprocess.run(
         [
             sys.executable,
@@ -77,7 +78,7 @@ def test_sigterm_to_torchrun_ends_every_rank_and_marks_the_run_killed(mlflow_uri
             "--set",
             'data.dataset="tests.faulty_data:SlowTinyData"',
         ]
-        + ["--set", "data.args.delay_s=0.004"],
+        + ["--set", "data.args.delay_s=0.004", *QUICK_END],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

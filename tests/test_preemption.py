@@ -14,12 +14,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.test_resilience import DEMO, runs_of
-from tests.test_run_experiment import DEMO2, REPO
+from tests.test_run_experiment import DEMO2, QUICK_END, REPO
 
 pytestmark = pytest.mark.slow  # real processes and real signals
 
 SLOW_TINY = ["--set", 'data.dataset="tests.faulty_data:SlowTinyData"']
 SLOW_TINY += ["--set", "data.args.delay_s=0.004"]  # an epoch takes ~0.8 s
+SLOW_TINY += QUICK_END
 
 
 def in_process(args: list[str], capsys) -> tuple[int, str, str]:

@@ -19,7 +19,7 @@ from src.checkpoint import CheckpointError
 from src.run_experiment import run
 from tests.command_line import run_here
 from tests.faulty_data import CTRL_C_IN_FINALIZER_AT
-from tests.test_run_experiment import DEMO2, REPO, all_series, tiny_config
+from tests.test_run_experiment import DEMO2, QUICK_END, REPO, all_series, tiny_config
 
 DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
 TINY = REPO / "load_dataset" / "tiny_data"
@@ -27,7 +27,7 @@ TINY = REPO / "load_dataset" / "tiny_data"
 
 def demo(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, DEMO, "--results-dir", str(tmp_path / "results"), *args],
+        [sys.executable, DEMO, *QUICK_END, "--results-dir", str(tmp_path / "results"), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -38,7 +38,7 @@ def demo(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
 
 def start_demo(args: list[str], tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, DEMO, "--results-dir", str(tmp_path / "results"), *args],
+        [sys.executable, DEMO, *QUICK_END, "--results-dir", str(tmp_path / "results"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -202,7 +202,7 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where,
     if where == "inside a finalizer":
         env[CTRL_C_IN_FINALIZER_AT] = "160"  # a read of the second epoch (150 images)
     proc = subprocess.Popen(
-        [sys.executable, DEMO, "--results-dir", str(tmp_path / "results"), *args],
+        [sys.executable, DEMO, *QUICK_END, "--results-dir", str(tmp_path / "results"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

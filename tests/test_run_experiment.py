@@ -21,6 +21,11 @@ DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
 LABELS = ["LabelRed", "LabelBlue", "LabelYellow"]
 
 
+# Flags for a Demo run whose test is not about the end-of-run MLflow model and heatmaps (what
+# tiny_config leaves out too; tests/test_model_package.py and test_explain.py check them).
+QUICK_END = ["--set", "run.log_model=false", "--set", "explain.gallery=false"]
+
+
 def tiny_config(tmp_path: Path, **overrides) -> cfg.ExperimentConfig:
     base = {
         "train.epochs": 3,
@@ -28,6 +33,9 @@ def tiny_config(tmp_path: Path, **overrides) -> cfg.ExperimentConfig:
         "run.results_dir": str(tmp_path / "results"),
         "run.experiment_name": "tiny-test",
         "run.device": "cpu",
+        # What the tests of the end-of-run model and heatmaps check (and one run here).
+        "run.log_model": False,
+        "explain.gallery": False,
     }
     return cfg.load(DEMO2, {**base, **overrides})
 
@@ -47,7 +55,7 @@ def all_series(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, f
 
 
 def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
-    result = run(tiny_config(tmp_path))
+    result = run(tiny_config(tmp_path, **{"run.log_model": True, "explain.gallery": True}))
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([result.experiment_id])
     assert [r.info.run_id for r in runs] == [result.run_id]
@@ -81,14 +89,26 @@ def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
         "plots/val/pr.png",
         "tables/val_predictions.csv",
         "tables/val_per_class_metrics.csv",
-        "model/best.pt",
+        "tables/thresholds.csv",
+        "plots/explanations.png",
     }
+    check_the_logged_model_holds_best_pt(client, result.experiment_id, result.run_id)
     assert (result.results_dir / "best.pt").is_file() and (result.results_dir / "last.pt").is_file()
     with open(result.results_dir / "tables" / "val_predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 50
     assert set(rows[0]) == {"name"} | {f"prob_{x}" for x in LABELS} | {f"label_{x}" for x in LABELS}
     assert rows == sorted(rows, key=lambda r: r["name"])
+
+
+def check_the_logged_model_holds_best_pt(client, experiment_id: str, run_id: str) -> None:
+    """The run's MLflow model `model` (runs:/<id>/model) holds the best weights."""
+    (model,) = client.search_logged_models(experiment_ids=[experiment_id])
+    assert (model.name, model.source_run_id) == ("model", run_id)
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert {"MLmodel", "artifacts"} <= files
+    weights = client.list_logged_model_artifacts(model.model_id, "artifacts")
+    assert [a.path for a in weights] == ["artifacts/best.pt"]
 
 
 def test_early_stopping_stops_after_patience(mlflow_uri, tmp_path):

@@ -100,8 +100,8 @@ def test_run_logs_to_a_server_reads_back_and_survives_its_outage(
     assert [m.step for m in client.get_metric_history(result.run_id, "val_auroc_mean")] == [1, 2]
     local = client.download_artifacts(result.run_id, "config/config.toml", str(tmp_path))
     assert 'experiment_name = "tiny-test"' in Path(local).read_text()
-    paths = {a.path for a in client.list_artifacts(result.run_id, "model")}
-    assert paths == {"model/best.pt"}
+    paths = {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
+    assert paths == {"checkpoint/best.pt"}  # run.log_model = false: the weights as they are
     assert (tmp_path / "artifacts").is_dir()  # the server stored them, not the client's cwd
     check_a_dead_server_does_not_stop_training(server, tmp_path, capsys)
 
