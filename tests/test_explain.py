@@ -48,7 +48,7 @@ def test_overlay_has_the_size_of_the_original_image(trained):
     image = np.asarray(open_rgb(val.image_paths[0]))
     big = np.asarray(
         torch.nn.functional.interpolate(
-            torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(45, 70)
+            torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(), size=(45, 70)
         )[0]
         .permute(1, 2, 0)
         .byte()
