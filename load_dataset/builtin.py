@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from load_dataset.errors import DataError
-from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
+from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD, resize_pixels
 
 SETNAMES = ("train", "val", "test")
 NORMALIZATIONS = ("auto", "imagenet", "half", "none")
@@ -388,9 +388,7 @@ def model_pixels(x: torch.Tensor, channels: int, size_hw: tuple[int, int] | None
         x = x.repeat(3, 1, 1)
     elif x.shape[0] == 3 and channels == 1:
         x = tvf.rgb_to_grayscale(x)
-    if size_hw is not None and tuple(x.shape[-2:]) != tuple(size_hw):
-        x = tvf.resize(x, list(size_hw), antialias=True)
-    return x
+    return x if size_hw is None else resize_pixels(x, size_hw)
 
 
 @dataclass(frozen=True)

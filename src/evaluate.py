@@ -104,6 +104,38 @@ def compute_metrics(
     return out
 
 
+def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) for one label: predicting `prob >= threshold` maximizes F1 on these
+    images (ties: the higher threshold); the threshold lies half way between the lowest
+    probability called positive and the next lower one. 0.5 (F1 NaN) without positives."""
+    n_pos = float(np.sum(labels))
+    if n_pos == 0:
+        return 0.5, math.nan
+    fps, tps, values = binary_curve(np.asarray(labels, dtype=np.float64), np.asarray(probs))
+    f1 = 2 * tps / (fps + tps + n_pos)
+    i = int(np.argmax(f1))  # the first maximum: the highest threshold
+    below = values[i + 1] if i + 1 < len(values) else values[i]
+    return float((values[i] + below) / 2), float(f1[i])
+
+
+def choose_thresholds(labels: np.ndarray, probs: np.ndarray) -> list[tuple[float, float]]:
+    """(threshold, F1) per label column, see `best_f1_threshold`."""
+    return [best_f1_threshold(labels[:, k], probs[:, k]) for k in range(probs.shape[1])]
+
+
+def thresholds_table(meanings: list[str], chosen: list[tuple[float, float]]):
+    """A pandas DataFrame with one row per label: label, threshold, val_f1."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "label": list(meanings),
+            "threshold": [t for t, _ in chosen],
+            "val_f1": [f for _, f in chosen],
+        }
+    )
+
+
 def per_class_table(metrics: dict[str, float], labels: np.ndarray, label_meanings: list[str]):
     """A pandas DataFrame with one row per class: label, positives, auroc, ap, accuracy."""
     import pandas as pd

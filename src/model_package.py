@@ -168,45 +168,6 @@ def check_images(images: Any) -> list[np.ndarray] | np.ndarray:
     return array
 
 
-# ------------------------------------------------------------------ thresholds
-
-
-def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) for one label: predicting `prob >= threshold` maximizes F1 on these
-    images (ties: the higher threshold); the threshold lies half way between the lowest
-    probability called positive and the next lower one. 0.5 (F1 NaN) without positives."""
-    n_pos = float(labels.sum())
-    if n_pos == 0:
-        return 0.5, float("nan")
-    order = np.argsort(-probs, kind="stable")
-    ranked, hits = probs[order], labels[order]
-    last = np.r_[ranked[1:] != ranked[:-1], True]  # the last image of each distinct value
-    tp = np.cumsum(hits)[last]
-    called = (np.arange(len(ranked)) + 1)[last]
-    f1 = 2 * tp / (called + n_pos)
-    i = int(np.argmax(f1))
-    values = ranked[last]
-    below = values[i + 1] if i + 1 < len(values) else values[i]
-    return float((values[i] + below) / 2), float(f1[i])
-
-
-def choose_thresholds(labels: np.ndarray, probs: np.ndarray) -> list[tuple[float, float]]:
-    """(threshold, F1) per label column, see `best_f1_threshold`."""
-    return [best_f1_threshold(labels[:, k], probs[:, k]) for k in range(probs.shape[1])]
-
-
-def thresholds_table(meanings: Sequence[str], chosen: list[tuple[float, float]]) -> Any:
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            "label": list(meanings),
-            "threshold": [t for t, _ in chosen],
-            "val_f1": [f for _, f in chosen],
-        }
-    )
-
-
 # ------------------------------------------------------------------ logging
 
 

@@ -62,14 +62,13 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
 def log_thresholds(t: Trainer, pred: dict[str, Any]) -> list[float] | None:
     """Per label, the threshold that maximizes F1 on the validation split (multi-label runs;
     a multiclass run predicts the most probable class): `tables/thresholds.csv`."""
-    from src.model_package import choose_thresholds, thresholds_table
-
     if t.config.data.problem == "multiclass" or not len(pred["idx"]):
         return None
-    chosen = choose_thresholds(pred["labels"], pred["probs"])
+    chosen = evaluate.choose_thresholds(pred["labels"], pred["probs"])
     path = t.results_dir / "tables" / "thresholds.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    thresholds_table(t.datasets["val"].label_meanings, chosen).to_csv(path, index=False)
+    table = evaluate.thresholds_table(list(t.datasets["val"].label_meanings), chosen)
+    table.to_csv(path, index=False)
     t.tracker.log_artifact(path, "tables")
     return [threshold for threshold, _ in chosen]
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from load_dataset.utils import open_rgb
 from src import config as cfg
-from src import model_package
+from src import evaluate, model_package
 from src.build import build_dataset, build_loader, build_model
 from src.distributed import DistInfo
 from src.loop import BatchPrep, BatchSettings, make_loss, predict
@@ -98,8 +98,8 @@ def test_best_f1_threshold_by_hand():
     labels = np.array([1, 0, 1, 0])
     probs = np.array([0.9, 0.8, 0.6, 0.1])
     # Calling the top 3 positive: tp 2, F1 = 4 / (3 + 2) = 0.8, the best; halfway 0.6 / 0.1.
-    assert model_package.best_f1_threshold(labels, probs) == pytest.approx((0.35, 0.8))
-    assert model_package.best_f1_threshold(np.zeros(3), np.array([0.2, 0.3, 0.4]))[0] == 0.5
+    assert evaluate.best_f1_threshold(labels, probs) == pytest.approx((0.35, 0.8))
+    assert evaluate.best_f1_threshold(np.zeros(3), np.array([0.2, 0.3, 0.4]))[0] == 0.5
 
 
 @pytest.mark.slow
