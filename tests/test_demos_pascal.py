@@ -145,7 +145,8 @@ SMOKE += ["--no-pretrained", "--num-workers", "0", "--device", "cpu"]
 def test_demo3_one_epoch_on_the_fixture_tree(mlflow_uri, tree, tmp_path):
     out = demo(
         "Demo-3-VGG16-PASCAL.py",
-        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
+        # its MLflow model at 96 px: tests/test_model_package.py; the whole Demo: make smoke
+        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE, *QUICK_END]
         + ["--results-dir", str(tmp_path / "r")],
         tmp_path,
     )
