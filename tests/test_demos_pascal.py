@@ -36,8 +36,9 @@ def demo(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 
 
 def demo_here(script: str, args: list[str], cwd: Path, capsys, monkeypatch):
-    """`python SCRIPT ARGS` in this process (tests/command_line.py), for the cases that end
-    before training; the ones that train run as real processes (`demo`)."""
+    """`python SCRIPT ARGS` in this process (tests/command_line.py), for the cases that train
+    nothing (Demo-0) or end before training; the ones that train run as real processes
+    (`demo`). `capfd` as `capsys` takes the output of Demo-0's pytest child process too."""
     return run_here([str(REPO / script), *args], cwd, capsys, monkeypatch)
 
 
@@ -61,8 +62,10 @@ def colour_count(png) -> dict[tuple[int, int, int], int]:
     return Counter({c: n for n, c in rgb.getcolors(maxcolors=rgb.width * rgb.height)})
 
 
-def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(mlflow_uri, tree, tmp_path):
-    out = demo(
+def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(
+    mlflow_uri, tree, tmp_path, capfd, monkeypatch
+):
+    out = demo_here(
         "Demo-0-Unit-Tests-and-Visualization.py",
         [
             "--voc-dir",
@@ -77,6 +80,8 @@ def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(mlflow_uri,
             str(tmp_path / "r"),
         ],
         tmp_path,
+        capfd,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stderr
     assert "7 passed" in out.stdout  # pytest ran the chosen test file
@@ -102,13 +107,17 @@ def test_demo0_runs_the_tests_then_draws_voc_samples_and_the_gallery(mlflow_uri,
     assert "skipped" not in out.stdout
 
 
-def test_demo0_without_voc_still_tests_and_draws_the_gallery_on_tinydata(mlflow_uri, tmp_path):
+def test_demo0_without_voc_still_tests_and_draws_the_gallery_on_tinydata(
+    mlflow_uri, tmp_path, capfd, monkeypatch
+):
     missing = tmp_path / "no_voc_here"
-    out = demo(
+    out = demo_here(
         "Demo-0-Unit-Tests-and-Visualization.py",
         ["--voc-dir", str(missing), "--tests", "tests/test_utils.py"]
         + ["--results-dir", str(tmp_path / "r"), "--augment", "none", "flip"],
         tmp_path,
+        capfd,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stderr
     assert "7 passed" in out.stdout
@@ -122,13 +131,15 @@ def test_demo0_without_voc_still_tests_and_draws_the_gallery_on_tinydata(mlflow_
     assert len(colour_count(gallery)) > 100
 
 
-def test_demo0_stops_when_a_unit_test_fails(mlflow_uri, tmp_path):
+def test_demo0_stops_when_a_unit_test_fails(mlflow_uri, tmp_path, capfd, monkeypatch):
     failing = tmp_path / "test_fails.py"
     failing.write_text("def test_fails():\n    assert 1 == 2\n")
-    out = demo(
+    out = demo_here(
         "Demo-0-Unit-Tests-and-Visualization.py",
         ["--tests", str(failing), "--results-dir", str(tmp_path / "r")],
         tmp_path,
+        capfd,
+        monkeypatch,
     )
     assert out.returncode == 1
     assert "error: the unit tests failed" in out.stderr

@@ -242,7 +242,7 @@ def test_the_command_line_loads_each_module_once(mlflow_uri, tmp_path):
     (run as __main__, src.run_experiment must not be imported again under its own name)."""
     loaded = _imported(
         ["-m", "src.run_experiment", str(DEMO2), "--epochs", "1", "--max-batches", "1"]
-        + ["--results-dir", str(tmp_path / "r")]
+        + ["--results-dir", str(tmp_path / "r"), *QUICK_END]
     )
     ours = [m for m in loaded if m.split(".")[0] in ("src", "load_dataset", "models")]
     assert "src.experiment" in ours and "src.cli" in ours
