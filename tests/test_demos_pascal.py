@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from tests.command_line import run_here
 from tests.pascal_fixtures import VOC_VAL, make_pascal_tree
 from tests.test_run_experiment import QUICK_END
 
-pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
+pytestmark = pytest.mark.slow  # whole Demos: seconds each
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,20 +23,9 @@ def tree(tmp_path: Path):
     return make_pascal_tree(tmp_path / "data")
 
 
-def demo(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
-
-
 def demo_here(script: str, args: list[str], cwd: Path, capsys, monkeypatch):
-    """`python SCRIPT ARGS` in this process (tests/command_line.py), for the cases that train
-    nothing (Demo-0) or end before training; the ones that train run as real processes
-    (`demo`). `capfd` as `capsys` takes the output of Demo-0's pytest child process too."""
+    """`python SCRIPT ARGS` in this process (tests/command_line.py), without 10 s of imports
+    for a new interpreter. `capfd` as `capsys` takes the output of Demo-0's pytest child too."""
     return run_here([str(REPO / script), *args], cwd, capsys, monkeypatch)
 
 
@@ -153,13 +140,16 @@ SMOKE = ["--epochs", "1", "--batch-size", "2", "--max-batches", "2", "--image-si
 SMOKE += ["--no-pretrained", "--num-workers", "0", "--device", "cpu"]
 
 
-def test_demo3_one_epoch_on_the_fixture_tree(mlflow_uri, tree, tmp_path):
-    out = demo(
+def test_demo3_one_epoch_on_the_fixture_tree(mlflow_uri, tree, tmp_path, capsys, monkeypatch):
+    out = demo_here(
         "Demo-3-VGG16-PASCAL.py",
-        # its MLflow model at 96 px: tests/test_model_package.py; the whole Demo: make smoke
+        # its MLflow model at 96 px: tests/test_model_package.py; the whole Demo as a process
+        # of its own: make smoke
         ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE, *QUICK_END]
         + ["--results-dir", str(tmp_path / "r")],
         tmp_path,
+        capsys,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stderr
     assert "ui --backend-store-uri" in out.stdout
@@ -195,12 +185,16 @@ def test_demo3_pointed_at_a_missing_folder_says_so_in_one_line(
     assert "Traceback" not in out.stderr
 
 
-def test_demo4_grid_of_random_init_children_under_one_parent(mlflow_uri, tree, tmp_path):
-    out = demo(
+def test_demo4_grid_of_random_init_children_under_one_parent(
+    mlflow_uri, tree, tmp_path, capsys, monkeypatch
+):
+    out = demo_here(
         "Demo-4-VGG16Customizable-PASCAL.py",
         ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE, *QUICK_END]
         + ["--results-dir", str(tmp_path / "r")],
         tmp_path,
+        capsys,
+        monkeypatch,
     )
     assert out.returncode == 0, out.stderr
     assert "ui --backend-store-uri" in out.stdout
@@ -288,10 +282,8 @@ def test_demo3_on_damaged_data_fails_in_one_line_naming_the_file(
     results = tmp_path / "r"
     args = ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
     args += ["--max-batches", "10", "--results-dir", str(results)]
-    if damage == "truncated jpeg":  # found while training: a real process
-        out = demo("Demo-3-VGG16-PASCAL.py", args, tmp_path)
-    else:
-        out = demo_here("Demo-3-VGG16-PASCAL.py", args, tmp_path, capsys, monkeypatch)
+    # The same kind of error from a process of its own: test_resilience's corrupt png.
+    out = demo_here("Demo-3-VGG16-PASCAL.py", args, tmp_path, capsys, monkeypatch)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], out.stderr
