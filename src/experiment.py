@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ def run(
     resume: str | Path | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> RunResult:
     """Run the experiment `config` (train_eval, predict_on_valid or predict_on_test)."""
     info = ddp.init_distributed(_uses_cuda(config))
@@ -84,13 +86,13 @@ def run(
             if info.is_main:  # a server that is down: say so now, not after the data is read
                 tracking.check_server(tracking.tracking_uri(config))
             if config.run.task == "train_eval":
-                return _train_eval(config, info, resume, parent_run_id, extra_tags)
+                return _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch)
             return _predict_only(config, info, parent_run_id)
         finally:
             ddp.cleanup()
 
 
-def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
+def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) -> RunResult:
     """set_up -> start (or resume) the MLflow run -> fit -> finish; the run's status says how
     it ended (FINISHED, KILLED by Ctrl-C or SIGTERM, FAILED)."""
     t = set_up(config, info, resume)
@@ -98,7 +100,7 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags) -> RunResult:
         _open_run(t, parent_run_id, extra_tags, lock)
         try:
             _catch_up(t)
-            fit(t)
+            fit(t, on_epoch)
             return finish(t)
         except NonFiniteLossError as e:
             t.tracker.end("FAILED")
@@ -176,7 +178,7 @@ def _catch_up(t: Trainer) -> None:
     )
 
 
-def fit(t: Trainer) -> None:
+def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = None) -> None:
     """The epoch loop: train, validate, log, checkpoint; until the last epoch or early stop.
 
     Checkpoints are written by a background thread while the next epoch trains; the loop
@@ -184,8 +186,9 @@ def fit(t: Trainer) -> None:
     `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
     last write is complete, so `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
+    stop = False
     with state.saves_in_background():
-        while state.epoch < epochs and not state.early.stopped:
+        while state.epoch < epochs and not state.early.stopped and not stop:
             epoch = state.epoch + 1
             t.train_loader.sampler.set_epoch(epoch)
             stats = train_one_epoch(
@@ -199,6 +202,7 @@ def fit(t: Trainer) -> None:
             if t.info.is_main:
                 _save_and_log(t, epoch, metrics, improved)
                 _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
+            stop = bool(on_epoch(epoch, metrics)) if on_epoch is not None else False
 
 
 def _save_and_log(t: Trainer, epoch: int, metrics: dict[str, float], improved: bool) -> None:

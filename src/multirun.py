@@ -53,7 +53,7 @@ def run_children(
             child = config.replace(**{"run.run_name": name, **overrides})
             results.append(_run_child(child, before.get(name), parent.run_id))
         if main:
-            _log_summary(parent, children, results)
+            log_summary(parent, children, results)
         parent.end("FINISHED")
     except BaseException as e:
         stop = interrupts.stop_of(e)
@@ -81,19 +81,24 @@ def _run_child(child: ExperimentConfig, before: Any, parent_id: str) -> RunResul
         return run(child, parent_run_id=parent_id)
     if before.info.status == "FINISHED":
         print(f"{child.run.run_name}: finished before (run {before.info.run_id}), skipped.")
-        metrics = before.data.metrics
-        return RunResult(
-            before.info.run_id,
-            before.info.experiment_id,
-            None,
-            int(metrics.get("best_epoch", 0)),
-            {k: v for k, v in metrics.items() if k.startswith("best_")},
-        )
+        return finished_result(before)
     folder = results_dir(child, before.info.run_id)
     if (folder / "last.pt").is_file():
         print(f"{child.run.run_name}: resuming run {before.info.run_id} from {folder}.")
         return run(child, resume=folder, parent_run_id=parent_id)
     return run(child, parent_run_id=parent_id)  # stopped before its first epoch ended
+
+
+def finished_result(run: Any) -> RunResult:
+    """The RunResult of a finished MLflow run, from its logged best-epoch metrics."""
+    metrics = run.data.metrics
+    return RunResult(
+        run.info.run_id,
+        run.info.experiment_id,
+        None,
+        int(metrics.get("best_epoch", 0)),
+        {k: v for k, v in metrics.items() if k.startswith("best_")},
+    )
 
 
 def same_command() -> str:
@@ -108,7 +113,9 @@ def _best(result: RunResult, key: str) -> float:
     return result.best_metrics.get(f"best_{key}", math.nan)
 
 
-def _log_summary(parent, children, results: list[RunResult]) -> None:
+def log_summary(parent, children, results: list[RunResult]) -> None:
+    """The parent's summary: mean and std of the children's best-epoch metrics, and the
+    table `summary/children.csv` (one row per child), also printed."""
     import pandas as pd
 
     rows = []

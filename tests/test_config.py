@@ -38,8 +38,8 @@ def _parse(argv: list[str], config: Path | None = DEMO2) -> argparse.Namespace:
 
 
 def test_every_experiment_file_loads():
-    files = sorted((REPO / "experiments").glob("*.toml"))
-    assert len(files) >= 2
+    files = sorted(p for p in (REPO / "experiments").glob("*.toml") if ".sweep." not in p.name)
+    assert len(files) >= 2  # a sweep's space file (X.sweep.toml) is checked by src.sweep
     for path in files:
         c = cfg.load(path)
         assert ":" in c.data.dataset and ":" in c.model.model

@@ -188,13 +188,13 @@ def test_demo3_pointed_at_a_missing_folder_says_so_in_one_line(
 def test_demo4_grid_of_random_init_children_under_one_parent(
     mlflow_uri, tree, tmp_path, capsys, monkeypatch
 ):
+    """Two cells at once (`--workers 2`, two worker processes) under one parent; a cell's
+    metrics are those of the same cell trained on its own, as the same seed gives."""
+    data = ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE]
+    data += ["--results-dir", str(tmp_path / "r")]
+    grid = ["--conv-types", "512to64_1x1", "512to256to64_1x1", "--workers", "2", *QUICK_END]
     out = demo_here(
-        "Demo-4-VGG16Customizable-PASCAL.py",
-        ["--voc-dir", str(tree.voc_dir), "--sbd-dir", str(tree.sbd_dir), *SMOKE, *QUICK_END]
-        + ["--results-dir", str(tmp_path / "r")],
-        tmp_path,
-        capsys,
-        monkeypatch,
+        "Demo-4-VGG16Customizable-PASCAL.py", [*data, *grid], tmp_path, capsys, monkeypatch
     )
     assert out.returncode == 0, out.stderr
     assert "ui --backend-store-uri" in out.stdout
@@ -204,13 +204,31 @@ def test_demo4_grid_of_random_init_children_under_one_parent(
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == [
         "512to256to64_1x1-random",
-        "512to512_3x3-random",
         "512to64_1x1-random",
     ]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert {r.data.params["model.args.vgginit"] for r in children} == {"random"}
     assert artifact_paths(mlflow_uri, parents[0].info.run_id) == ["summary/children.csv"]
     assert "best_val_auroc_mean.mean" in parents[0].data.metrics
+
+    # A cell again, on its own (in this process): the same metrics.
+    cells = ["--conv-types", "512to64_1x1", "--workers", "1", *QUICK_END]
+    one = demo_here(
+        "Demo-4-VGG16Customizable-PASCAL.py",
+        [*data, *cells, "--experiment-name", "one-at-a-time"],
+        tmp_path,
+        capsys,
+        monkeypatch,
+    )
+    assert one.returncode == 0, one.stderr
+    alone = {r.info.run_name: r.data.metrics for r in runs_of(mlflow_uri, "one-at-a-time")}
+    for r in children:
+        if r.info.run_name in alone:
+            for key in ("best_val_loss", "best_val_auroc_mean"):
+                # equal up to the order of float sums: a worker uses its share of the cores
+                expected = pytest.approx(r.data.metrics[key], rel=1e-6)
+                assert alone[r.info.run_name][key] == expected, (r.info.run_name, key)
+    assert len(set(alone) & {r.info.run_name for r in children}) == 1
 
 
 def test_demo4_no_pretrained_contradicting_vgginits_is_refused(

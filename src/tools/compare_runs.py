@@ -13,6 +13,9 @@ written as `runs.csv`, and `val_auroc_mean.png` shows each run's curve over the 
 syntax (`params.<key>`, `metrics.<key>`, `tags.<key>`, `attributes.status`). Parent runs (of a
 set of seeds or a grid) hold no params and are left out; their children are shown.
 
+`--sweep PARENT_RUN_ID` shows one sweep (src/sweep.py) instead: its trials sorted by the
+objective, best first, with the values each trial drew and how it ended (`complete`, `pruned`).
+
 This module also compares two runs metric by metric and epoch by epoch (`compare_metrics`),
 which `src.tools.reproduce` uses to prove a reproduction.
 
@@ -290,6 +293,43 @@ def compare_experiment(
     return CompareOutputs(table, csv_path, plot_path, len(found) - len(runs))
 
 
+def sweep_table(client: Any, parent_run_id: str) -> Any:
+    """One row per trial of the sweep whose parent run is `parent_run_id`, best first:
+    trial number, run name and id, how it ended, its sampled values and the objective."""
+    import pandas as pd
+
+    parent = get_run(client, parent_run_id)
+    tags = parent.data.tags
+    if "sweep.metric" not in tags:
+        raise TrackingError(
+            f"MLflow run {parent_run_id} is not the parent run of a sweep (it has no "
+            "sweep.metric tag); pass the id that `python -m src.sweep` printed."
+        )
+    metric, keys = f"best_{tags['sweep.metric']}", tags.get("sweep.params", "").split()
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    rows = []
+    for run in runs:
+        row = {
+            "trial": int(run.data.tags.get("optuna.trial_number", -1)),
+            "run_name": run.info.run_name,
+            "run_id": run.info.run_id,
+            "status": run.data.tags.get("sweep.status", run.info.status.lower()),
+        }
+        row.update({k: run.data.params.get(k, "") for k in keys})
+        row[metric] = run.data.metrics.get(metric, math.nan)
+        row["best_epoch"] = run.data.metrics.get("best_epoch", math.nan)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["trial", "run_name", "run_id", "status", *keys, metric])
+    if rows:
+        ascending = tags.get("sweep.direction") == "minimize"
+        table = table.sort_values(
+            [metric, "trial"], ascending=[ascending, True], na_position="last"
+        )
+    return table
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -298,7 +338,10 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m src.tools.compare_runs",
         description="Print, save as CSV and plot the runs of one MLflow experiment.",
     )
-    parser.add_argument("--experiment", required=True, help="the MLflow experiment name")
+    parser.add_argument("--experiment", help="the MLflow experiment name")
+    parser.add_argument(
+        "--sweep", metavar="PARENT_RUN_ID", help="show one sweep's trials, best first"
+    )
     parser.add_argument(
         "--filter",
         default="",
@@ -317,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table and where the CSV and plot went; 1 if no run matches, 2 user errors."""
     import pandas as pd
 
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.sweep:
+        return show_sweep(args)
+    if not args.experiment:
+        parser.error("--experiment (or --sweep) is required")
     try:
         outputs = compare_experiment(
             args.experiment, args.filter, args.out, args.metric, args.tracking_uri
@@ -338,6 +386,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Plot:  {outputs.plot_path}")
     else:
         print(f"Plot:  none (no run logged {args.metric!r})")
+    return 0
+
+
+def show_sweep(args: argparse.Namespace) -> int:
+    """Print the sweep's trials and write them as sweep.csv (in --out, else the current
+    folder's results/compare/sweep-<id>)."""
+    import pandas as pd
+
+    try:
+        client = open_client(args.tracking_uri)
+        table = sweep_table(client, args.sweep)
+    except UserError as e:
+        return print_user_error(e)
+    if table.empty:
+        print(f"The sweep {args.sweep} has no trials yet.", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else REPO_ROOT / "results" / "compare" / f"sweep-{args.sweep}"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "sweep.csv", index=False)
+    with pd.option_context("display.width", None, "display.max_columns", None):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nTable: {out / 'sweep.csv'}")
     return 0
 
 

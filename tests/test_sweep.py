@@ -1,0 +1,219 @@
+"""src.sweep: Optuna sweeps on TinyData with a real Optuna SQLite storage and MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from src import config as cfg
+from src.sweep import main
+from tests.command_line import run_here
+from tests.test_run_experiment import QUICK_END
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
+FAST = ["--epochs", "1", "--max-batches", "2", "--device", "cpu", "--num-workers", "0"]
+FAST += QUICK_END  # the trials' runs: no MLflow model, no heatmaps
+LR_WD = """
+metric = "val_auroc_mean"
+sampler = { name = "random" }
+pruner = "none"
+[space]
+"optimizer.lr" = { type = "float", low = 1e-4, high = 1e-1, log = true }
+"optimizer.weight_decay" = { type = "categorical", choices = [1e-7, 1e-3] }
+"""
+
+
+def sweep_args(tmp_path: Path, uri: str, space: str = LR_WD, *more: str) -> list[str]:
+    path = tmp_path / "space.sweep.toml"
+    path.write_text(space)
+    # --tracking-uri: every run of a process in this store, whatever a run does to the env.
+    return [str(DEMO2), "--space", str(path), "--results-dir", str(tmp_path / "r"),
+            "--tracking-uri", uri, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+            *FAST, *more]  # fmt: skip
+
+
+def all_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return list(client.search_runs(ids, run_view_type=ViewType.ALL)) if ids else []
+
+
+def split_runs(uri: str) -> tuple[list, list]:
+    runs = all_runs(uri)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+@pytest.mark.parametrize(
+    "space, flags, message",
+    [
+        (LR_WD.replace('"optimizer.lr"', '"optimizer.learning_rate"'), [],
+         "'optimizer.learning_rate' is not a key of the experiment's config"),
+        (LR_WD.replace("low = 1e-4", "low = 0.5"), [], "has low = 0.5 >= high = 0.1"),
+        (LR_WD.replace('"val_auroc_mean"', '"val_f1"'), [], "metric 'val_f1' is not one"),
+        (LR_WD, ["--storage", "sqlite:////no/such/folder/optuna.db"],
+         "The Optuna storage sqlite:////no/such/folder/optuna.db cannot be opened"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_2_before_any_run(
+    mlflow_uri, tmp_path, capsys, space, flags, message
+):
+    assert main([*sweep_args(tmp_path, mlflow_uri, space, "--trials", "2"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert all_runs(mlflow_uri) == []
+
+
+@pytest.mark.slow
+def test_six_trials_on_two_workers_one_parent_and_compare_runs_shows_them(
+    mlflow_uri, tmp_path, capsys
+):
+    assert main([*sweep_args(tmp_path, mlflow_uri), "--trials", "6", "--workers", "2"]) == 0
+    (parent,), children = split_runs(mlflow_uri)
+    assert parent.info.status == "FINISHED" and len(children) == 6
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["sweep.status"] for c in children} == {"complete"}
+    study = optuna.load_study(
+        study_name=parent.data.tags["sweep.study"], storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    trials = {t.number: t for t in study.trials}
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == list(range(6))
+    for c in children:  # the run's params are the values its trial drew
+        t = trials[int(c.data.tags["optuna.trial_number"])]
+        assert float(c.data.params["optimizer.lr"]) == t.params["optimizer.lr"]
+        assert float(c.data.params["optimizer.weight_decay"]) == t.params["optimizer.weight_decay"]
+        assert c.data.metrics["best_val_auroc_mean"] == t.value
+    # Both workers ran trials, each as its own process.
+    assert len({t.user_attrs["sweep.worker"] for t in study.trials}) == 2
+
+    # Best so far, one step per finished trial: the running maximum of the trials' values.
+    client = MlflowClient(mlflow_uri)
+    history = client.get_metric_history(parent.info.run_id, "sweep/best_val_auroc_mean")
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]
+    assert values == sorted(values) and values[-1] == study.best_value
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    expected = ("trials.csv", "best_config.toml", "history.png", "importance.png")
+    assert names == {f"sweep/{n}" for n in expected}
+    best = tmp_path / "best.toml"
+    best.write_text(Path(client.download_artifacts(parent.info.run_id, "sweep/best_config.toml",
+                                                   str(tmp_path))).read_text())  # fmt: skip
+    config = cfg.load(best)  # runs as is: a full experiment file with the best values
+    assert config.optimizer.lr == study.best_params["optimizer.lr"]
+
+    from src.tools.compare_runs import main as compare
+
+    capsys.readouterr()
+    out_dir = tmp_path / "compare"
+    assert compare(["--sweep", parent.info.run_id, "--out", str(out_dir)]) == 0
+    with open(out_dir / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    shown = [float(r["best_val_auroc_mean"]) for r in rows]
+    assert shown == sorted((t.value for t in study.trials), reverse=True)
+    assert list(rows[0])[:6] == ["trial", "run_name", "run_id", "status", "optimizer.lr",
+                                 "optimizer.weight_decay"]  # fmt: skip
+    assert float(rows[0]["optimizer.lr"]) == study.best_params["optimizer.lr"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [*sweep_args(tmp_path, mlflow_uri), "--trials", "4", "--study-name", "s"]
+    args[args.index("--epochs") + 1] = "5"
+    args[args.index("--max-batches") + 1] = "0"  # whole epochs: time to catch one mid-run
+    cmd = [sys.executable, "-m", "src.sweep", *args]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(mlflow_uri)
+    try:
+        killed = wait_for_a_trial_mid_run(storage, client, first, tmp_path / "r")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The same command, twice at once: one more process and this one.
+    second = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    here = run_here(["-m", "src.sweep", *args], REPO, capsys, monkeypatch)
+    out, _ = second.communicate(timeout=300)
+    assert here.returncode == 0 and second.returncode == 0, out
+    assert "Going on with s" in here.stdout and b"Going on with s" in out
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1  # the killed one
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") is not None)
+    assert retry.system_attrs["failed_trial"] == killed.number and retry.state.name == "COMPLETE"
+    (parent,), children = split_runs(mlflow_uri)
+    assert parent.info.status == "FINISHED"
+    # Four runs: the killed trial's run was resumed by its retry, not started again.
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    resumed = next(c for c in children if c.info.run_id == retry.user_attrs["mlflow.run_id"])
+    assert resumed.data.tags["optuna.trial_number"] == str(retry.number)
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]  # some before the kill, the others after it
+
+
+def wait_for_a_trial_mid_run(
+    storage: str, client: MlflowClient, proc, results: Path
+) -> optuna.trial.FrozenTrial:
+    """A running trial whose last.pt holds epoch 1 to 4 of 5."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+        try:
+            study = optuna.load_study(study_name="s", storage=storage)
+        except KeyError:
+            continue
+        running = [t for t in study.trials if t.state.name == "RUNNING"]
+        if not running:
+            continue
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            f"tags.`optuna.trial_number` = '{running[0].number}'",
+        )
+        for last in results.glob(f"*/{runs[0].info.run_id}/last.pt" if runs else "-"):
+            try:
+                if 1 <= torch.load(last, weights_only=True)["epoch"] < 5:
+                    return running[0]
+            except Exception:  # being replaced right now
+                pass
+    raise AssertionError("no trial reached its first epoch in time")
+
+
+def test_a_pruner_stops_trials_after_an_epoch_and_tags_their_runs(mlflow_uri, tmp_path):
+    # AUROC is at most 1: a threshold of 2 prunes every trial once its warm-up epoch is over.
+    space = LR_WD.replace('pruner = "none"', 'pruner = { name = "threshold", lower = 2.0, '
+                          "n_warmup_steps = 2 }")  # fmt: skip
+    args = sweep_args(tmp_path, mlflow_uri, space, "--trials", "2")
+    args[args.index("--epochs") + 1] = "3"
+    assert main(args) == 0
+    (parent,), children = split_runs(mlflow_uri)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    client = MlflowClient(mlflow_uri)
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["sweep.status"] == "pruned"
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val_loss")]
+        assert sorted(steps) == [1, 2]  # stopped after epoch 2 of 3
+        folder = tmp_path / "r" / "Demo-2-TinyConv-TinyData" / c.info.run_id
+        assert (folder / "best.pt").is_file()  # its checkpoints are kept
+    study = optuna.load_study(
+        study_name=parent.data.tags["sweep.study"], storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    # No trial completed: no best config, no importance plot; the history still shows them.
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert names == {"sweep/trials.csv", "sweep/history.png"}
