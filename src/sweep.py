@@ -9,7 +9,8 @@ The space file (src/sweep_space.py) names the config keys to vary, the objective
 maximize val_auroc_mean at the best epoch), the sampler and the pruner. The experiment file
 and the flags shared with the Demos make the base config. Optuna's study, in `--storage`
 (default: optuna.db next to the MLflow store), records the trials: running the same command
-again after Ctrl-C, SIGTERM or SIGKILL goes on (finished trials kept, a stopped one retried).
+again after Ctrl-C, SIGTERM or SIGKILL goes on (finished trials kept, a stopped one retried);
+after a sweep that finished, it starts a new study (`<name>-2`, ...) and parent run.
 The parent run logs the best value so far per finished trial; at the end, the trials table,
 the best config (a TOML experiment that runs as is) and Optuna's history and importance plots.
 Demo-4 runs its grid through `run_sweep` too.
@@ -79,12 +80,12 @@ def run_sweep(
     tracking.check_server(tracking.tracking_uri(config))
     url = options.storage or sweep_study.default_storage(config)
     key = sweep_key(config, space)
-    name = options.study_name or f"{parent_name}-{key}"
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    storage = sweep_study.open_storage(url)
+    name = options.study_name or sweep_study.study_to_use(storage, f"{parent_name}-{key}")
     with sweep_study.MachineLock(url, name):
-        storage = sweep_study.open_storage(url)
         study, created = sweep_study.create_or_load(
             storage, name, space.direction, make_sampler(space, config.run.seed), None
         )
@@ -117,6 +118,7 @@ def _run(parent, outcome: SweepOutcome, workers: int, devices: list[str], on_fin
         outcome.finished = sweep_study.counted(study) >= plan.trials and not _running(study)
         if outcome.finished:
             on_finish(parent, outcome)
+            study.set_user_attr(sweep_study.FINISHED_ATTR, True)
             parent.end("FINISHED")
         else:
             print(

@@ -36,6 +36,7 @@ PARENT_ATTR = "mlflow.parent_run_id"
 SPACE_ATTR = "sweep.space"
 WORKER_ATTR = "sweep.worker"  # "host:pid" of the process running the trial
 STOPPED_ATTR = "sweep.stopped"  # True: ended by a signal, to be retried
+FINISHED_ATTR = "sweep.finished"  # True once every trial ended and the summary is logged
 
 
 def default_storage(config: ExperimentConfig) -> str:
@@ -120,6 +121,19 @@ def retry_callback() -> Any:
         cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         cls = cls or optuna.storages.RetryFailedTrialCallback
         return cls(max_retry=MAX_RETRY)
+
+
+def study_to_use(storage: Any, base: str) -> str:
+    """`base`, or `base-2`, `base-3`...: the newest of them that has not finished, else the
+    next new name. The same command goes on with a stopped sweep, and after a finished one
+    starts another (trained again: the code or the data may have changed since)."""
+    names = {s.study_name: s for s in storage.get_all_studies()}
+    newest, n = None, 1
+    while (name := base if n == 1 else f"{base}-{n}") in names:
+        newest, n = names[name], n + 1
+    if newest is not None and not newest.user_attrs.get(FINISHED_ATTR):
+        return newest.study_name
+    return name
 
 
 def create_or_load(storage: Any, name: str, direction: str, sampler, pruner) -> tuple[Any, bool]:

@@ -217,3 +217,12 @@ def test_a_pruner_stops_trials_after_an_epoch_and_tags_their_runs(mlflow_uri, tm
     # No trial completed: no best config, no importance plot; the history still shows them.
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert names == {"sweep/trials.csv", "sweep/history.png"}
+
+    # The same command after a finished sweep: a new study and parent (the code or the data
+    # may have changed), not "2 of 2 trials counted" and the old results again.
+    assert main(args) == 0
+    parents, children = split_runs(mlflow_uri)
+    assert len(parents) == 2 and len(children) == 4
+    (again,) = [p for p in parents if p.info.run_id != parent.info.run_id]
+    assert again.data.tags["sweep.study"] == parent.data.tags["sweep.study"] + "-2"
+    assert again.info.status == "FINISHED"
