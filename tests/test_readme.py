@@ -1,0 +1,182 @@
+"""Every command in README.md, as typed (after `source .venv/bin/activate`, in the repository
+root): the script or module exists and its own parser takes the flags, and the experiment file
+and `--set` keys load (argparse, MLflow's click commands, torchrun's parser); a `make` target
+exists; the Python and TOML blocks parse. Nothing is trained, downloaded or served: that
+needs data and GPUs this machine has not; the commands that do run here are tested elsewhere
+(`make demo`, `make smoke`, the Demo and tool tests)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import runpy
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from src import flags
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+# Placeholders the README asks the reader to fill in.
+PLACEHOLDERS = {"<run id>": "0" * 32, "<parent run id>": "1" * 32}
+# Not this repository's programs (shown for how to use them with it) and shell built-ins.
+OTHERS = {"ssh", "curl", "trap", "wait", "scontrol"}
+
+
+def blocks(language: str) -> list[tuple[int, str]]:
+    """(first line number, text) of each fenced block of `language` in the README."""
+    found, lines = [], README.read_text().splitlines()
+    start = None
+    for number, line in enumerate(lines, start=1):
+        if line.startswith("```"):
+            if start is None:
+                start, lang = number, line[3:].strip()
+            else:
+                if lang == language:
+                    found.append((start + 1, "\n".join(lines[start:number - 1])))  # fmt: skip
+                start = None
+    return found
+
+
+def commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of each command in the bash blocks: continuation lines joined, comments,
+    `VAR=value` prefixes and a trailing `&` dropped, placeholders filled in, `${...}` removed
+    and `$var` read as a word (the SLURM script's lines)."""
+    out = []
+    for start, text in blocks("bash"):
+        for offset, line in enumerate(text.replace("\\\n", " ").splitlines()):
+            for placeholder, value in PLACEHOLDERS.items():
+                line = line.replace(placeholder, value)
+            line = re.sub(r"\$\{[^}]*\}", "", line)
+            line = re.sub(r"\$\(.*\)|\$\w+|\$!", "x", line)
+            argv = shlex.split(line, comments=True)
+            while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
+                argv = argv[1:]
+            if argv and argv[-1] == "&":
+                argv = argv[:-1]
+            if argv and not re.fullmatch(r"\w+=\S*", argv[0]):  # not a shell variable
+                out.append((f"README.md:{start + offset}", argv))
+    return out
+
+
+COMMANDS = commands()
+
+
+class Parsed(BaseException):
+    """Raised once a command's arguments (and experiment config) are read: stop there."""
+
+
+@pytest.mark.parametrize("where, argv", COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_readme_command(where, argv, monkeypatch, capsys):
+    program = argv[0]
+    if program in OTHERS:
+        return
+    if program == "make":
+        targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.MULTILINE)
+        assert set(argv[1:]) <= set(targets), f"{where}: no make target {argv[1:]}"
+    elif program == "source":
+        assert (REPO / argv[1]).is_file() or Path(sys.prefix, "bin", "activate").is_file()
+    elif program in ("mlflow", ".venv/bin/mlflow"):
+        check_mlflow(where, argv[1:])
+    elif program == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        args = get_args_parser().parse_args(argv[1:])
+        check_python(where, [args.training_script, *args.training_script_args], monkeypatch, capsys)
+    elif program == "python":
+        check_python(where, argv[1:], monkeypatch, capsys)
+    else:
+        pytest.fail(f"{where}: {program!r} is not a program this test knows how to check")
+
+
+def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
+    """`python ARGV` run here until its arguments are parsed and, for the training commands
+    (src/flags.py), until the experiment file and the flags make a config; then stopped."""
+    if argv[0] == "-m":
+        module, args = argv[1], argv[2:]
+        assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), (
+            f"{where}: no module {module} in the repository"
+        )
+    else:
+        module, args = None, argv[1:]
+        assert (REPO / argv[0]).is_file(), f"{where}: no {argv[0]}"
+    depth = 0
+
+    def stop_after(parse):
+        def parse_args(self, *a, **kw):
+            nonlocal depth
+            depth += 1
+            try:
+                namespace = parse(self, *a, **kw)
+            finally:
+                depth -= 1
+            if depth == 0 and not isinstance(self, flags.FlagParser):  # else: until the config
+                raise Parsed
+            return namespace
+
+        return parse_args
+
+    def load_then_stop(*a, **kw):
+        original_load(*a, **kw)
+        raise Parsed
+
+    original_load = flags.load_from_args
+    for mod in list(sys.modules.values()):  # `from src.flags import load_from_args` included
+        if getattr(mod, "load_from_args", None) is original_load:
+            monkeypatch.setattr(mod, "load_from_args", load_then_stop)
+    for cls in (argparse.ArgumentParser, flags.FlagParser):
+        monkeypatch.setattr(cls, "parse_args", stop_after(cls.parse_args))
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [module or argv[0], *args])
+    try:
+        with warnings.catch_warnings():  # "... found in sys.modules": imported by the tests
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+    except Parsed:
+        return
+    except SystemExit as e:
+        err = capsys.readouterr().err.strip()
+        pytest.fail(f"{where}: python {shlex.join(argv)} exits with {e.code}: {err}")
+    pytest.fail(f"{where}: python {shlex.join(argv)} ran to its end without reading its flags")
+
+
+def check_mlflow(where: str, args: list[str]) -> None:
+    """MLflow's own command line (click): the subcommand exists and takes the options."""
+    import click
+    from mlflow.cli import cli
+
+    command: click.Command = cli
+    try:
+        context = command.make_context("mlflow", list(args))
+        while isinstance(command, click.Group):
+            rest = [*context._protected_args, *context.args]
+            name, command, rest = command.resolve_command(context, rest)
+            context = command.make_context(name, rest, parent=context)
+    except click.ClickException as e:
+        pytest.fail(f"{where}: mlflow {shlex.join(args)}: {e.format_message()}")
+    assert Path(sys.executable).with_name("mlflow").is_file()  # what `make` installed
+
+
+@pytest.mark.parametrize("start, text", blocks("python"), ids=lambda v: str(v)[:12])
+def test_readme_python_blocks_compile(start, text):
+    compile(text, f"README.md:{start}", "exec")
+
+
+@pytest.mark.parametrize("start, text", blocks("toml"), ids=lambda v: str(v)[:12])
+def test_readme_toml_blocks_parse(start, text):
+    tomllib.loads(text)
+
+
+def test_the_readme_shows_commands_of_each_kind():
+    """The parsing above found what the README holds (not an empty list after an edit)."""
+    programs = {argv[0] for _, argv in COMMANDS}
+    assert {"make", "python", "torchrun", ".venv/bin/mlflow", "mlflow"} <= programs, programs
+    assert len(COMMANDS) >= 25
