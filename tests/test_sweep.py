@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,32 +133,49 @@ def test_six_trials_on_two_workers_one_parent_and_compare_runs_shows_them(
 def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
     mlflow_uri, tmp_path, capsys, monkeypatch
 ):
+    """Two sweep processes on one study at once: a process of its own, and then the same
+    command in this one. The first is killed (SIGKILL) in the middle of a trial while this
+    one runs its own; this one finishes the study: the killed trial is retried with its
+    values, and the retry resumes the killed trial's MLflow run."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = [*sweep_args(tmp_path, mlflow_uri), "--trials", "4", "--study-name", "s"]
     args[args.index("--epochs") + 1] = "5"
-    args[args.index("--max-batches") + 1] = "0"  # whole epochs: time to catch one mid-run
+    args[args.index("--max-batches") + 1] = "0"  # whole epochs of a slow dataset: a second or
+    args += ["--set", 'data.dataset="tests.faulty_data:SlowTinyData"']  # so each, mostly asleep
+    args += ["--set", "data.args.delay_s=0.002"]
     cmd = [sys.executable, "-m", "src.sweep", *args]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = MlflowClient(mlflow_uri)
-    try:
-        killed = wait_for_a_trial_mid_run(storage, client, first, tmp_path / "r")
+    client, killed = MlflowClient(mlflow_uri), []
+    ours = f"{socket.gethostname()}:{os.getpid()}"  # this process's trials (src.sweep_study)
+
+    def kill_first_while_both_run() -> None:
+        trial = wait_for_a_trial_mid_run(storage, client, first, tmp_path / "r", also_by=ours)
         first.send_signal(signal.SIGKILL)
         first.wait()
+        killed.append(trial)
+
+    try:
+        wait_for_a_trial_mid_run(storage, client, first, tmp_path / "r")  # study and parent exist
+        killer = threading.Thread(target=kill_first_while_both_run)
+        killer.start()
+        here = run_here(["-m", "src.sweep", *args], REPO, capsys, monkeypatch)
+        killer.join()
     finally:
         if first.poll() is None:
             first.kill()
-    # The same command, twice at once: one more process and this one.
-    second = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    here = run_here(["-m", "src.sweep", *args], REPO, capsys, monkeypatch)
-    out, _ = second.communicate(timeout=300)
-    assert here.returncode == 0 and second.returncode == 0, out
-    assert "Going on with s" in here.stdout and b"Going on with s" in out
+    assert here.returncode == 0, here.stdout + here.stderr
+    assert "Going on with s" in here.stdout and len(killed) == 1
 
     study = optuna.load_study(study_name="s", storage=storage)
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1  # the killed one
+    assert {t.user_attrs["sweep.worker"] for t in study.trials} == {
+        f"{socket.gethostname()}:{first.pid}",
+        ours,
+    }
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") is not None)
-    assert retry.system_attrs["failed_trial"] == killed.number and retry.state.name == "COMPLETE"
+    assert retry.system_attrs["failed_trial"] == killed[0].number
+    assert retry.state.name == "COMPLETE"
     (parent,), children = split_runs(mlflow_uri)
     assert parent.info.status == "FINISHED"
     # Four runs: the killed trial's run was resumed by its retry, not started again.
@@ -167,9 +187,11 @@ def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
 
 
 def wait_for_a_trial_mid_run(
-    storage: str, client: MlflowClient, proc, results: Path
+    storage: str, client: MlflowClient, proc, results: Path, also_by: str = ""
 ) -> optuna.trial.FrozenTrial:
-    """A running trial whose last.pt holds epoch 1 to 4 of 5."""
+    """A trial of `proc` whose last.pt holds epoch 1 to 4 of 5 (at a moment when a trial of
+    the worker `also_by` runs too, when given)."""
+    owner = f"{socket.gethostname()}:{proc.pid}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the sweep ended before it could be killed"
@@ -179,19 +201,20 @@ def wait_for_a_trial_mid_run(
         except KeyError:
             continue
         running = [t for t in study.trials if t.state.name == "RUNNING"]
-        if not running:
+        if also_by and not any(t.user_attrs.get("sweep.worker") == also_by for t in running):
             continue
-        runs = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            f"tags.`optuna.trial_number` = '{running[0].number}'",
-        )
-        for last in results.glob(f"*/{runs[0].info.run_id}/last.pt" if runs else "-"):
-            try:
-                if 1 <= torch.load(last, weights_only=True)["epoch"] < 5:
-                    return running[0]
-            except Exception:  # being replaced right now
-                pass
-    raise AssertionError("no trial reached its first epoch in time")
+        for trial in (t for t in running if t.user_attrs.get("sweep.worker") == owner):
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                f"tags.`optuna.trial_number` = '{trial.number}'",
+            )
+            for last in results.glob(f"*/{runs[0].info.run_id}/last.pt" if runs else "-"):
+                try:
+                    if 1 <= torch.load(last, weights_only=True)["epoch"] < 5:
+                        return trial
+                except Exception:  # being replaced right now
+                    pass
+    raise AssertionError("no trial of the first process was caught mid-run in time")
 
 
 def test_a_pruner_stops_trials_after_an_epoch_and_tags_their_runs(mlflow_uri, tmp_path):

@@ -50,7 +50,13 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group
-                env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                # No job runner (a process and seven huey consumers, ~25 s of CPU to start,
+                # for GenAI jobs these tests do not send).
+                env={
+                    **os.environ,
+                    "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                },
             )
         deadline = time.monotonic() + 90
         while True:
