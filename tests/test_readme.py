@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import re
-import runpy
 import shlex
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import tomllib
 
 from src import flags
+from tests.command_line import run_here
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -98,12 +97,9 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
     """`python ARGV` run here until its arguments are parsed and, for the training commands
     (src/flags.py), until the experiment file and the flags make a config; then stopped."""
     if argv[0] == "-m":
-        module, args = argv[1], argv[2:]
-        assert (REPO / Path(*module.split("."))).with_suffix(".py").is_file(), (
-            f"{where}: no module {module} in the repository"
-        )
+        path = (REPO / Path(*argv[1].split("."))).with_suffix(".py")
+        assert path.is_file(), f"{where}: no module {argv[1]} in the repository"
     else:
-        module, args = None, argv[1:]
         assert (REPO / argv[0]).is_file(), f"{where}: no {argv[0]}"
     depth = 0
 
@@ -131,21 +127,14 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
             monkeypatch.setattr(mod, "load_from_args", load_then_stop)
     for cls in (argparse.ArgumentParser, flags.FlagParser):
         monkeypatch.setattr(cls, "parse_args", stop_after(cls.parse_args))
-    monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sys, "argv", [module or argv[0], *args])
     try:
-        with warnings.catch_warnings():  # "... found in sys.modules": imported by the tests
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if module:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-            else:
-                runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+        out = run_here(argv, REPO, capsys, monkeypatch)
     except Parsed:
         return
-    except SystemExit as e:
-        err = capsys.readouterr().err.strip()
-        pytest.fail(f"{where}: python {shlex.join(argv)} exits with {e.code}: {err}")
-    pytest.fail(f"{where}: python {shlex.join(argv)} ran to its end without reading its flags")
+    shown = f"{where}: python {shlex.join(argv)}"
+    if out.returncode:
+        pytest.fail(f"{shown} exits with {out.returncode}: {out.stderr.strip()}")
+    pytest.fail(f"{shown} ran to its end without reading its flags")
 
 
 def check_mlflow(where: str, args: list[str]) -> None:
