@@ -209,6 +209,11 @@ def signature(label_meanings: Sequence[str]) -> Any:
     )
 
 
+def input_example() -> np.ndarray:
+    """What the model is logged with as its example input: one grey image."""
+    return np.full((1, EXAMPLE_SIDE, EXAMPLE_SIDE, 3), 128, np.uint8)
+
+
 def pip_requirements() -> list[str]:
     import importlib.metadata
 
@@ -303,7 +308,7 @@ def _log(classifier, best_path, run_id, step, code_from, register_as, tmp: str) 
         artifacts={"weights": str(best_path)},
         code_paths=code_folders(*code_from, Path(tmp)),
         signature=signature(classifier.label_meanings),
-        input_example=np.full((1, EXAMPLE_SIDE, EXAMPLE_SIDE, 3), 128, np.uint8),
+        input_example=input_example(),
         pip_requirements=pip_requirements(),
         registered_model_name=register_as or None,
     )

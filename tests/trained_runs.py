@@ -80,7 +80,7 @@ def save_tiny_model(folder: Path, thresholds=None) -> Path:
     )  # fmt: skip
     mlflow.pyfunc.save_model(
         folder / "model", python_model=classifier, artifacts={"weights": str(weights)},
-        signature=model_package.signature(LABELS),
+        signature=model_package.signature(LABELS), input_example=model_package.input_example(),
         pip_requirements=model_package.pip_requirements(),
     )  # fmt: skip
     return folder / "model"
