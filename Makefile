@@ -38,4 +38,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean-runs:
-	rm -rf mlflow.db mlruns mlartifacts results
+	rm -rf mlflow.db mlruns mlartifacts results optuna.db mlflow.db.lock
