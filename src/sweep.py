@@ -247,7 +247,7 @@ def start_worker(i: int, workers: int, devices: list[str], folder: Path) -> subp
         env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
     log = open(folder / f"worker-{i}.log", "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "src.sweep_trial", str(folder / "plan.json"), str(i)],
+        [sys.executable, "-m", "src.sweep_trial", str(folder / "plan.json")],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,

@@ -216,12 +216,13 @@ def suggest(trial: Any, space: SweepSpace) -> dict[str, Any]:
     return out
 
 
-def make_sampler(space: SweepSpace, seed: int) -> Any:
-    """The Optuna sampler the space names; its other keys are the sampler's arguments."""
+def make_sampler(space: SweepSpace, seed: int, offset: int = 0) -> Any:
+    """The Optuna sampler the space names; its other keys are the sampler's arguments. Its
+    seed: the space's `seed`, else `seed`, plus `offset`."""
     import optuna
 
     name, args = space.sampler["name"], {k: v for k, v in space.sampler.items() if k != "name"}
-    args.setdefault("seed", seed)
+    args["seed"] = args.get("seed", seed) + offset
     if name == "grid":
         return optuna.samplers.GridSampler(space.params, **args)
     cls = {

@@ -40,7 +40,6 @@ class SweepPlan:
     parent_run_id: str
     trials: int
     child_names: str = "trial"  # "trial": <run name>-trial<N>; "values": the values, '-'-joined
-    seed_offset: int = 0  # the worker's index: workers' samplers draw different values
 
     def to_json(self) -> str:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -70,16 +69,25 @@ def load_study(plan: SweepPlan) -> tuple[Any, Any]:
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,
-        # Workers of a search draw from different seeds; a grid's workers must share one (its
-        # seed orders the cells, and a cell is known by its place in that order).
-        sampler=make_sampler(plan.space, plan.config.run.seed + seed_offset(plan)),
+        sampler=make_sampler(plan.space, plan.config.run.seed),
         pruner=make_pruner(plan.space),
     )
     return study, storage
 
 
-def seed_offset(plan: SweepPlan) -> int:
-    return 0 if plan.space.is_grid else plan.seed_offset
+def next_sampler(plan: SweepPlan, study: Any) -> Any:
+    """The sampler that draws the next trial (called under the machine lock). A search's is
+    seeded with its seed plus the number of trials the study holds, a number no other trial
+    of this machine drew with: a sweep that goes on after a stop, a second worker and a second
+    machine do not draw again the values of the trials before them (one seed for all gave a
+    resumed sweep the killed trial's values twice), and the same history gives the same draws.
+    A grid's sampler keeps its one seed (it orders the cells, and every worker must agree on
+    that order), and so does QMC's (its sequence is indexed by the trial's number)."""
+    if plan.space.is_grid or plan.space.sampler["name"] in ("grid", "qmc"):
+        return study.sampler
+    return make_sampler(
+        plan.space, plan.config.run.seed, offset=len(study.get_trials(deepcopy=False))
+    )
 
 
 def work(plan: SweepPlan, parent_pid: int | None = None, after_trial: Any = None) -> None:
@@ -91,6 +99,7 @@ def work(plan: SweepPlan, parent_pid: int | None = None, after_trial: Any = None
             sweep_study.retry_stopped(study, storage)
             if sweep_study.counted(study) >= plan.trials:
                 return
+            study.sampler = next_sampler(plan, study)
             study.optimize(
                 lambda trial: objective(trial, plan, lock),
                 n_trials=1,
@@ -199,10 +208,9 @@ def set_run_tags(config: ExperimentConfig, run_id: str, tags: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m src.sweep_trial PLAN.json INDEX`: one worker process of a sweep."""
-    plan_path, index = (argv or sys.argv[1:])[:2]
+    """`python -m src.sweep_trial PLAN.json`: one worker process of a sweep."""
+    (plan_path,) = (argv or sys.argv[1:])[:1]
     plan = SweepPlan.from_json(Path(plan_path).read_text())
-    plan.seed_offset = int(index)
     try:
         with interrupts.held():  # SIGTERM too ends the running trial KILLED, not cut short
             work(plan, parent_pid=os.getppid())

@@ -169,6 +169,10 @@ def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
     study = optuna.load_study(study_name="s", storage=storage)
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1  # the killed one
+    # Each trial drew its own values (the retry has the killed one's, as it should): the
+    # second process did not draw again what the first drew with the same seed.
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len({t.params["optimizer.lr"] for t in complete}) == 4, [t.params for t in complete]
     assert {t.user_attrs["sweep.worker"] for t in study.trials} == {
         f"{socket.gethostname()}:{first.pid}",
         ours,
