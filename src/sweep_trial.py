@@ -78,9 +78,10 @@ def load_study(plan: SweepPlan) -> tuple[Any, Any]:
 def next_sampler(plan: SweepPlan, study: Any) -> Any:
     """The sampler that draws the next trial (called under the machine lock). A search's is
     seeded with its seed plus the number of trials the study holds, a number no other trial
-    of this machine drew with: a sweep that goes on after a stop, a second worker and a second
-    machine do not draw again the values of the trials before them (one seed for all gave a
-    resumed sweep the killed trial's values twice), and the same history gives the same draws.
+    of this machine drew with: a sweep that goes on after a stop and a second worker do not
+    draw again the values of the trials before them (one seed for all gave a resumed sweep the
+    killed trial's values twice), and the same history gives the same draws. (Two machines
+    that start a trial at the same moment can draw with the same seed.)
     A grid's sampler keeps its one seed (it orders the cells, and every worker must agree on
     that order), and so does QMC's (its sequence is indexed by the trial's number)."""
     if plan.space.is_grid or plan.space.sampler["name"] in ("grid", "qmc"):
