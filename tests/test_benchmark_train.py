@@ -140,8 +140,10 @@ def test_bf16_peak_by_device_name():
 
 def test_summary_lines():
     medians = {"Demo-2": 12.3, "bare loop": 8.1, "--help": 0.214, "config error": 0.186}
+    medians[bench.LEAN] = 9.0
     assert bench.summary_lines(medians) == [
         "whole run: Demo-2 12.3 s, bare loop 8.1 s, ratio 1.52",  # 12.3 / 8.1 = 1.518
+        "without its MLflow model and gallery: Demo-2 9.0 s, ratio 1.11",  # 9.0 / 8.1
         "--help 0.21 s; config error 0.19 s",
     ]
 
