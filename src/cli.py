@@ -61,6 +61,10 @@ def main(
                 print(f"\nParent run of the {len(children)} seeds: {parent_id}")
                 print(group_hint(config, children[0].experiment_id, parent_id))
             return 0
+        if not args.resume and config.run.task == "train_eval":  # MLflow opens while torch loads
+            from src import tracking, tracking_service
+
+            tracking_service.start(tracking.tracking_uri(config))
         from src.experiment import run
 
         result = run(config, resume=args.resume)

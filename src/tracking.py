@@ -233,11 +233,9 @@ class Tracker(NullTracker):
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         """All of an epoch's metrics in one call, at step=epoch (NaN values are skipped)."""
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         batch = [
-            Metric(key, float(v), now, epoch)
+            (key, float(v), now, epoch)
             for key, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]
@@ -252,7 +250,24 @@ class Tracker(NullTracker):
 
     def _log_metrics(self, batch: list) -> None:
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            self._log_batch(metrics=batch[i : i + 1000])
+
+    def _log_batch(self, metrics=(), params=(), tags=()) -> None:
+        """Metrics (key, value, timestamp, step), params and tags (key, value) as tuples: the
+        tracking process (src/tracking_service.py) takes them so, MLflow's client as entities."""
+        from src.tracking_service import ServiceClient
+
+        if isinstance(self.client, ServiceClient):
+            self.client.log_batch(self.run_id, metrics, params, tags)
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(*m) for m in metrics],
+            params=[Param(*p) for p in params],
+            tags=[RunTag(*t) for t in tags],
+        )
 
     def _check_server(self) -> None:
         assert self.outbox is not None
@@ -299,18 +314,14 @@ class Tracker(NullTracker):
                 ) from None
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)) for k, v in params.items()]
+        items = [(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
+            self._call(self._log_batch, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self._call(self.client.log_batch, self.run_id, tags=items[i : i + 100])
+            self._call(self._log_batch, tags=items[i : i + 100])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path=subdir)
@@ -401,10 +412,13 @@ def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
 
 
 def _open_experiment(config: ExperimentConfig) -> tuple[Any, str, str]:
-    """(client, tracking URI, experiment id) of the config's experiment, created if new."""
+    """(client, tracking URI, experiment id) of the config's experiment, created if new; the
+    client is the tracking process's (src/tracking_service.py) when one was started."""
+    from src import tracking_service
+
     uri = tracking_uri(config)
     check_server(uri)
-    client = _client(uri)
+    client = tracking_service.client(uri) or _client(uri)
     return client, uri, get_or_create_experiment(client, uri, config.run.experiment_name)
 
 

@@ -1,0 +1,178 @@
+"""MLflow in a process of its own, so the training process never imports it.
+
+Importing MLflow and opening a SQLite store take seconds (MLflow's modules, SQLAlchemy, the
+store's checks); the training process spends the same seconds importing torch. `start()`, called
+by the command line once the config is read and before torch is imported, starts
+`python -m src.tracking_service`, which imports MLflow and opens the store while torch loads;
+`client(uri)` then gives the training process an object with the MlflowClient methods the
+tracker uses, each a request over a pipe. Requests and replies are plain data (pickled tuples,
+strings, numbers), never MLflow objects: unpickling one would import MLflow after all.
+
+The service ignores Ctrl-C and SIGTERM (the training process decides how a run ends and tells
+it) and ends when its pipe closes: when the training process ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+from src.errors import TrackingError
+
+_SERVICE: Service | None = None
+
+
+class Service:
+    """The service process and the pipe to it; one request at a time."""
+
+    def __init__(self, uri: str) -> None:
+        from src.config import REPO_ROOT
+
+        self.uri = uri
+        # In the caller's folder (relative paths mean the same), with the repository importable.
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "src.tracking_service", uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
+        )
+        self.lock = threading.Lock()
+
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            try:
+                pickle.dump((op, args, kwargs), self.proc.stdin)
+                self.proc.stdin.flush()
+                reply = pickle.load(self.proc.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as e:
+                raise TrackingError(
+                    f"The MLflow tracking process ended (exit code {self.proc.poll()}): {e}"
+                ) from None
+        if reply[0] == "ok":
+            return reply[1]
+        _, kind, message = reply
+        raise TrackingError(f"MLflow: {kind}: {message}")
+
+
+def start(uri: str) -> None:
+    """Start the service for `uri` unless MLflow is imported here already (then it gains
+    nothing) or this is not rank 0 of a distributed launch."""
+    global _SERVICE
+    if _SERVICE is not None or "mlflow" in sys.modules or os.environ.get("RANK", "0") != "0":
+        return
+    _SERVICE = Service(uri)  # it opens the store as it starts
+
+
+def client(uri: str) -> Any | None:
+    """A client over the service for `uri`, or None (use MLflow here)."""
+    if _SERVICE is None or _SERVICE.uri != uri or "mlflow" in sys.modules:
+        return None
+    return ServiceClient(_SERVICE)
+
+
+class ServiceClient:
+    """The MlflowClient methods the tracker uses, answered by the service."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def get_experiment_by_name(self, name: str) -> Any:
+        found = self.service.call("get_experiment_by_name", name)
+        return None if found is None else SimpleNamespace(**found)
+
+    def create_experiment(self, name: str, artifact_location=None, tags=None) -> str:
+        return self.service.call("create_experiment", name, artifact_location, tags)
+
+    def create_run(self, experiment_id: str, run_name=None, tags=None) -> Any:
+        run_id = self.service.call("create_run", experiment_id, run_name, tags)
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id))
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        self.service.call("log_batch", run_id, list(metrics), list(params), list(tags))
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path=None) -> None:
+        self.service.call("log_artifact", run_id, local_path, artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.service.call("log_text", run_id, text, artifact_file)
+
+    def get_metric_history(self, run_id: str, key: str) -> list[Any]:
+        return [SimpleNamespace(step=s) for s in self.service.call("metric_steps", run_id, key)]
+
+    def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
+        self.service.call("set_terminated", run_id, status)
+
+
+# ------------------------------------------------------------------ the service process
+
+
+def _serve(uri: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from mlflow.entities import Metric, Param, RunTag
+
+    from src import tracking
+    from src.errors import one_line
+
+    mlflow_client = tracking._client(uri)  # imports MLflow and opens the store, now
+
+    def get_experiment_by_name(name: str) -> dict | None:
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            return None
+        return {"experiment_id": exp.experiment_id, "lifecycle_stage": exp.lifecycle_stage}
+
+    def log_batch(run_id, metrics, params, tags) -> None:
+        mlflow_client.log_batch(
+            run_id,
+            metrics=[Metric(*m) for m in metrics],
+            params=[Param(*p) for p in params],
+            tags=[RunTag(*t) for t in tags],
+        )
+
+    def metric_steps(run_id: str, key: str) -> list[int]:
+        return [m.step for m in mlflow_client.get_metric_history(run_id, key)]
+
+    def create_run(experiment_id, run_name, tags) -> str:
+        return mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    handlers = {
+        "get_experiment_by_name": get_experiment_by_name,
+        "create_experiment": lambda name, location, tags: mlflow_client.create_experiment(
+            name, artifact_location=location, tags=tags
+        ),
+        "create_run": create_run,
+        "log_batch": log_batch,
+        "log_artifact": lambda run_id, path, where: mlflow_client.log_artifact(
+            run_id, path, artifact_path=where
+        ),
+        "log_text": lambda run_id, text, name: mlflow_client.log_text(run_id, text, name),
+        "metric_steps": metric_steps,
+        "set_terminated": lambda run_id, status: mlflow_client.set_terminated(
+            run_id, status=status
+        ),
+    }
+    read, write = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # MLflow's prints must not reach the pipe
+    while True:
+        try:
+            op, args, kwargs = pickle.load(read)
+        except EOFError:
+            return
+        try:
+            reply: tuple = ("ok", handlers[op](*args, **kwargs))
+        except Exception as e:
+            reply = ("error", type(e).__name__, one_line(e))
+        pickle.dump(reply, write)
+        write.flush()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
