@@ -64,7 +64,7 @@ def main(
         if not args.resume and config.run.task == "train_eval":  # MLflow opens while torch loads
             from src import tracking, tracking_service
 
-            tracking_service.start(tracking.tracking_uri(config))
+            tracking_service.start(tracking.tracking_uri(config), config.run.log_model)
         from src.experiment import run
 
         result = run(config, resume=args.resume)

@@ -24,7 +24,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,32 +32,12 @@ import numpy as np
 import torch
 
 from src.config import REPO_ROOT
+from src.model_inputs import TransformInput, input_transform_of  # noqa: F401 (models logged before)
 
 MODEL_NAME = "model"  # runs:/<run id>/model
 CHUNK = 64  # images per forward pass
 EXAMPLE_SIDE = 32  # the input example: a grey 32 x 32 image (the model resizes it)
 PIP_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "mlflow", "grad-cam")
-
-
-@dataclass(frozen=True)
-class TransformInput:
-    """A torchvision-style dataset's `transform` (e.g. ImageFolder's Compose) as an input
-    transform: it gets the decoded RGB image, as the dataset's loader gives it."""
-
-    transform: Callable[[Any], torch.Tensor]
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.transform(image.convert("RGB"))
-
-
-def input_transform_of(dataset: Any) -> Callable[[Any], torch.Tensor] | None:
-    """What turns a decoded RGB image (PIL) into the dataset's sample `data`: its
-    `input_transform`, else its torchvision `transform`, else None (no MLflow model then)."""
-    transform = getattr(dataset, "input_transform", None)
-    if callable(transform):
-        return transform
-    transform = getattr(dataset, "transform", None)
-    return TransformInput(transform) if callable(transform) else None
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):

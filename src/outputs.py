@@ -50,12 +50,14 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
     )
     t.tracker.log_artifact(curves, "plots")
     thresholds = log_thresholds(t, preds["val"])
-    if t.config.explain.gallery:
-        log_explanations(t, preds["val"])
-    if t.config.run.log_model:
-        log_model_package(t, best_path, thresholds, int(best["epoch"]))
+    model_logged = lambda: None  # noqa: E731
+    if t.config.run.log_model:  # first: the tracking process logs it while the gallery is drawn
+        model_logged = log_model_package(t, best_path, thresholds, int(best["epoch"]))
     else:
         t.tracker.log_artifact(best_path, "checkpoint")  # the weights, kept with the run
+    if t.config.explain.gallery:
+        log_explanations(t, preds["val"])
+    model_logged()
     return summary
 
 
@@ -78,7 +80,7 @@ def log_explanations(t: Trainer, pred: dict[str, Any]) -> None:
     labels, probabilities and the heatmap of each true class (src/explain.py)."""
     from src import explain
     from src.errors import ConfigError
-    from src.model_package import input_transform_of
+    from src.model_inputs import input_transform_of
 
     ds, cfg = t.datasets["val"], t.config.explain
     try:
@@ -103,15 +105,17 @@ def log_explanations(t: Trainer, pred: dict[str, Any]) -> None:
 
 def log_model_package(
     t: Trainer, best_path: Path, thresholds: list[float] | None, best_epoch: int
-) -> None:
+) -> Any:
     """The best weights as the MLflow model `model` of the run (registered when
     `run.register_model` names it; it holds best.pt); a note instead when the dataset has no
-    input transform, and best.pt logged as the run's artifact `checkpoint/best.pt`."""
-    from src import interrupts
-    from src import model_package as mp
+    input transform, and best.pt logged as the run's artifact `checkpoint/best.pt`. Returns
+    `done()`, which waits for it and prints where it is: with a tracking process
+    (src/tracking_service.py), that process logs it meanwhile."""
+    from src import interrupts, tracking_service
+    from src.model_inputs import input_transform_of
 
     ds, config = t.datasets["val"], t.config
-    transform = mp.input_transform_of(ds)
+    transform = input_transform_of(ds)
     if transform is None:
         print(
             f"note: no MLflow model logged: the dataset {config.data.dataset} has neither "
@@ -121,19 +125,35 @@ def log_model_package(
             flush=True,
         )
         t.tracker.log_artifact(best_path, "checkpoint")  # the weights, kept with the run
-        return
-    classifier = mp.ImageClassifier(
-        config.model.model, config.model.args, list(ds.label_meanings), config.data.problem,
-        transform, getattr(ds, "mean_std", None), thresholds, config.explain.target_layer,
+        return lambda: None
+    classifier_args = (
+        config.model.model, dict(config.model.args), list(ds.label_meanings),
+        config.data.problem, transform, getattr(ds, "mean_std", None), thresholds,
+        config.explain.target_layer,
     )  # fmt: skip
-    with interrupts.mlflow_call():
-        info = mp.log_model(
-            classifier, best_path, t.tracker.uri, t.tracker.run_id, best_epoch,
-            (config.model.model, config.data.dataset), config.run.register_model,
-        )  # fmt: skip
-    registered = getattr(info, "registered_model_version", None)
-    also = f", registered as models:/{config.run.register_model}/{registered}" if registered else ""
-    print(f"MLflow model: runs:/{t.tracker.run_id}/{mp.MODEL_NAME}{also}", flush=True)
+    where = (best_path, t.tracker.run_id, best_epoch, (config.model.model, config.data.dataset))
+    service = tracking_service.of(t.tracker)
+    if service is not None:
+        number = service.submit("log_model", classifier_args, *where, config.run.register_model)
+        wait = lambda: service.result(number)  # noqa: E731
+    else:
+        from src import model_package as mp
+
+        with interrupts.mlflow_call():
+            info = mp.log_model(
+                mp.ImageClassifier(*classifier_args), where[0], t.tracker.uri, *where[1:],
+                config.run.register_model,
+            )  # fmt: skip
+        version = getattr(info, "registered_model_version", None)
+        wait = lambda: version  # noqa: E731
+
+    def done() -> None:
+        registered = wait()
+        name = config.run.register_model
+        also = f", registered as models:/{name}/{registered}" if registered else ""
+        print(f"MLflow model: runs:/{t.tracker.run_id}/model{also}", flush=True)
+
+    return done
 
 
 def write_split_outputs(tracker, results_dir: Path, split: str, ds, pred, metrics) -> None:

@@ -31,43 +31,68 @@ _SERVICE: Service | None = None
 class Service:
     """The service process and the pipe to it; one request at a time."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, preload_model: bool = False) -> None:
         from src.config import REPO_ROOT
 
         self.uri = uri
         # In the caller's folder (relative paths mean the same), with the repository importable.
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "src.tracking_service", uri],
+            [sys.executable, "-m", "src.tracking_service", uri, str(int(preload_model))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": path},
         )
         self.lock = threading.Lock()
+        self.sent = self.read = 0  # requests written, replies read (they come in order)
+        self.replies: dict[int, tuple] = {}  # replies read but not yet asked for
 
-    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+    def submit(self, op: str, *args: Any, **kwargs: Any) -> int:
+        """Send a request without waiting; its number, for `result`."""
         with self.lock:
-            try:
-                pickle.dump((op, args, kwargs), self.proc.stdin)
-                self.proc.stdin.flush()
-                reply = pickle.load(self.proc.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as e:
-                raise TrackingError(
-                    f"The MLflow tracking process ended (exit code {self.proc.poll()}): {e}"
-                ) from None
+            self._pipe(lambda: pickle.dump((op, args, kwargs), self.proc.stdin))
+            self._pipe(self.proc.stdin.flush)
+            self.sent += 1
+            return self.sent
+
+    def result(self, number: int) -> Any:
+        """The reply of request `number` (replies come in order), or its error raised."""
+        with self.lock:
+            while number not in self.replies:
+                self.read += 1
+                self.replies[self.read] = self._pipe(lambda: pickle.load(self.proc.stdout))
+            reply = self.replies.pop(number)
         if reply[0] == "ok":
             return reply[1]
         _, kind, message = reply
         raise TrackingError(f"MLflow: {kind}: {message}")
 
+    def call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        return self.result(self.submit(op, *args, **kwargs))
 
-def start(uri: str) -> None:
+    def _pipe(self, io: Any) -> Any:
+        try:
+            return io()
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            raise TrackingError(
+                f"The MLflow tracking process ended (exit code {self.proc.poll()}): {e}"
+            ) from None
+
+
+def start(uri: str, preload_model: bool = False) -> None:
     """Start the service for `uri` unless MLflow is imported here already (then it gains
-    nothing) or this is not rank 0 of a distributed launch."""
+    nothing) or this is not rank 0 of a distributed launch. `preload_model`: it imports what
+    logging the run's MLflow model needs (torch, MLflow's pyfunc) while the run trains."""
     global _SERVICE
     if _SERVICE is not None or "mlflow" in sys.modules or os.environ.get("RANK", "0") != "0":
         return
-    _SERVICE = Service(uri)  # it opens the store as it starts
+    _SERVICE = Service(uri, preload_model)  # it opens the store as it starts
+
+
+def of(tracker: Any) -> Service | None:
+    """The service a tracker's client talks to, if any."""
+    client = getattr(tracker, "client", None)
+    return client.service if isinstance(client, ServiceClient) else None
 
 
 def client(uri: str) -> Any | None:
@@ -113,7 +138,7 @@ class ServiceClient:
 # ------------------------------------------------------------------ the service process
 
 
-def _serve(uri: str) -> None:
+def _serve(uri: str, preload_model: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from mlflow.entities import Metric, Param, RunTag
@@ -122,6 +147,15 @@ def _serve(uri: str) -> None:
     from src.errors import one_line
 
     mlflow_client = tracking._client(uri)  # imports MLflow and opens the store, now
+    if preload_model:  # while the run trains, not when its end waits for it
+        threading.Thread(target=__import__, args=("src.model_package",), daemon=True).start()
+
+    def log_model(classifier_args, best_path, run_id, step, code_from, register_as):
+        from src import model_package as mp
+
+        classifier = mp.ImageClassifier(*classifier_args)
+        info = mp.log_model(classifier, best_path, uri, run_id, step, code_from, register_as)
+        return getattr(info, "registered_model_version", None)
 
     def get_experiment_by_name(name: str) -> dict | None:
         exp = mlflow_client.get_experiment_by_name(name)
@@ -155,6 +189,7 @@ def _serve(uri: str) -> None:
         ),
         "log_text": lambda run_id, text, name: mlflow_client.log_text(run_id, text, name),
         "metric_steps": metric_steps,
+        "log_model": log_model,
         "set_terminated": lambda run_id, status: mlflow_client.set_terminated(
             run_id, status=status
         ),
@@ -175,4 +210,4 @@ def _serve(uri: str) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    _serve(sys.argv[1], sys.argv[2:3] == ["1"])
