@@ -346,9 +346,24 @@ class Tracker(NullTracker):
                 self.outbox.drain(5.0)
                 self.outbox.close()
                 self.outbox = None
-            self._call(
-                self.client.set_terminated, self.run_id, status=status, interruptible=finished
-            )
+            try:
+                self._call(
+                    self.client.set_terminated, self.run_id, status=status, interruptible=finished
+                )
+            except TrackingError:
+                if not _tracking_process_ended(self.client):
+                    raise
+                # The tracking process is gone (src/tracking_service.py): the run's status is
+                # written from here, so that it is not left RUNNING; a run that was to finish
+                # lost what the process had not written yet, and ends FAILED.
+                self.client = _client(self.uri)
+                self._call(
+                    self.client.set_terminated,
+                    self.run_id,
+                    status="FAILED" if finished else status,
+                    interruptible=finished,
+                )
+                raise
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show
@@ -359,6 +374,12 @@ class Tracker(NullTracker):
             if self.holds_signals:
                 self.holds_signals = False
                 interrupts.release()
+
+
+def _tracking_process_ended(client: Any) -> bool:
+    from src.tracking_service import ServiceClient
+
+    return isinstance(client, ServiceClient) and client.service.proc.poll() is not None
 
 
 def _client(uri: str) -> Any:

@@ -248,6 +248,13 @@ def test_the_command_line_loads_each_module_once(mlflow_uri, tmp_path):
     assert "src.experiment" in ours and "src.cli" in ours
     assert "src.run_experiment" not in ours
     assert len(ours) == len(set(ours)), sorted(m for m in ours if ours.count(m) > 1)
+    # MLflow is the tracking process's (src/tracking_service.py), imported while torch loads
+    assert "src.tracking_service" in ours and "mlflow" not in loaded
+    (run,) = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("Demo-2-TinyConv-TinyData").experiment_id]
+    )
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "1"
+    assert "val_loss" in run.data.metrics and "data.train.fingerprint" in run.data.tags
 
 
 @pytest.mark.slow
