@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+MODEL_NAME = "model"  # runs:/<run id>/model
+
 
 @dataclass(frozen=True)
 class TransformInput:

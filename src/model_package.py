@@ -32,9 +32,12 @@ import numpy as np
 import torch
 
 from src.config import REPO_ROOT
-from src.model_inputs import TransformInput, input_transform_of  # noqa: F401 (models logged before)
+from src.model_inputs import (  # noqa: F401 (models logged before the move name them here)
+    MODEL_NAME,
+    TransformInput,
+    input_transform_of,
+)
 
-MODEL_NAME = "model"  # runs:/<run id>/model
 CHUNK = 64  # images per forward pass
 EXAMPLE_SIDE = 32  # the input example: a grey 32 x 32 image (the model resizes it)
 PIP_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "mlflow", "grad-cam")

@@ -112,7 +112,7 @@ def log_model_package(
     `done()`, which waits for it and prints where it is: with a tracking process
     (src/tracking_service.py), that process logs it meanwhile."""
     from src import interrupts, tracking_service
-    from src.model_inputs import input_transform_of
+    from src.model_inputs import MODEL_NAME, input_transform_of
 
     ds, config = t.datasets["val"], t.config
     transform = input_transform_of(ds)
@@ -151,7 +151,7 @@ def log_model_package(
         registered = wait()
         name = config.run.register_model
         also = f", registered as models:/{name}/{registered}" if registered else ""
-        print(f"MLflow model: runs:/{t.tracker.run_id}/model{also}", flush=True)
+        print(f"MLflow model: runs:/{t.tracker.run_id}/{MODEL_NAME}{also}", flush=True)
 
     return done
 
