@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -71,8 +72,15 @@ class Service:
         return self.result(self.submit(op, *args, **kwargs))
 
     def _pipe(self, io: Any) -> Any:
+        """One read or write of the pipe. In the main thread, Ctrl-C and SIGTERM wait for it
+        (src/interrupts.py): a message cut in half would garble every later one, and the run
+        could not then be marked KILLED."""
+        from src import interrupts
+
+        main = threading.current_thread() is threading.main_thread()
         try:
-            return io()
+            with interrupts.mlflow_call(interruptible=False) if main else nullcontext():
+                return io()
         except (OSError, EOFError, pickle.UnpicklingError) as e:
             raise TrackingError(
                 f"The MLflow tracking process ended (exit code {self.proc.poll()}): {e}"
