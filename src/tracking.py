@@ -254,11 +254,11 @@ class Tracker(NullTracker):
 
     def _log_batch(self, metrics=(), params=(), tags=()) -> None:
         """Metrics (key, value, timestamp, step), params and tags (key, value) as tuples: the
-        tracking process (src/tracking_service.py) takes them so, MLflow's client as entities."""
-        from src.tracking_service import ServiceClient
-
-        if isinstance(self.client, ServiceClient):
-            self.client.log_batch(self.run_id, metrics, params, tags)
+        tracking process's client (src/tracking_service.py) takes them so (`log_tuples`),
+        MLflow's own client as entities."""
+        log_tuples = getattr(self.client, "log_tuples", None)
+        if log_tuples is not None:
+            log_tuples(self.run_id, metrics, params, tags)
             return
         from mlflow.entities import Metric, Param, RunTag
 
@@ -351,7 +351,7 @@ class Tracker(NullTracker):
                     self.client.set_terminated, self.run_id, status=status, interruptible=finished
                 )
             except TrackingError:
-                if not _tracking_process_ended(self.client):
+                if not getattr(self.client, "ended", lambda: False)():
                     raise
                 # The tracking process is gone (src/tracking_service.py): the run's status is
                 # written from here, so that it is not left RUNNING; a run that was to finish
@@ -374,12 +374,6 @@ class Tracker(NullTracker):
             if self.holds_signals:
                 self.holds_signals = False
                 interrupts.release()
-
-
-def _tracking_process_ended(client: Any) -> bool:
-    from src.tracking_service import ServiceClient
-
-    return isinstance(client, ServiceClient) and client.service.proc.poll() is not None
 
 
 def _client(uri: str) -> Any:

@@ -127,8 +127,13 @@ class ServiceClient:
         run_id = self.service.call("create_run", experiment_id, run_name, tags)
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id))
 
-    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+    def log_tuples(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        """MlflowClient.log_batch with (key, value, timestamp, step) and (key, value) tuples."""
         self.service.call("log_batch", run_id, list(metrics), list(params), list(tags))
+
+    def ended(self) -> bool:
+        """Whether the tracking process is gone."""
+        return self.service.proc.poll() is not None
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path=None) -> None:
         self.service.call("log_artifact", run_id, local_path, artifact_path)

@@ -488,6 +488,9 @@ def time_processes(
     return runs
 
 
+LEAN = "Demo-2 lean"  # the end-of-run MLflow model and heatmap gallery left out
+
+
 def summary_lines(medians: dict[str, float]) -> list[str]:
     demo, bare, lean = medians["Demo-2"], medians["bare loop"], medians[LEAN]
     return [
@@ -495,9 +498,6 @@ def summary_lines(medians: dict[str, float]) -> list[str]:
         f"without its MLflow model and gallery: Demo-2 {lean:.1f} s, ratio {lean / bare:.2f}",
         f"--help {medians['--help']:.2f} s; config error {medians['config error']:.2f} s",
     ]
-
-
-LEAN = "Demo-2 lean"  # the end-of-run MLflow model and heatmap gallery left out
 
 
 def whole_run(args: argparse.Namespace, tmp: Path) -> int:
