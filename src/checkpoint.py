@@ -37,11 +37,16 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, f)
 
 
+_IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None)})
+
+
 def cpu_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """A copy of `obj` that nothing the training does afterwards can change: tensors copied to
     the CPU (a CUDA tensor's copy waits for the GPU), dicts, lists and tuples rebuilt, other
     values deep-copied. A state dict's `_metadata` (module versions, which `load_state_dict`
     reads) is kept; an object reached twice (the weights of best.pt and last.pt) is copied once."""
+    if type(obj) in _IMMUTABLE:  # most of a state: the history's and the RNGs' numbers
+        return obj
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
