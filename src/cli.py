@@ -4,6 +4,8 @@ one-line errors (exit code 2) and the closing report."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import math
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,10 @@ def main(
 ) -> int:
     """Parse flags, run, print the outcome; user errors become one line and exit code 2."""
     args = make_parser(default_config, description).parse_args(argv)
+    # At exit, Python collects the objects of every module (torch's, ...) one last time:
+    # seconds after a run. Frozen objects are left to the end of the process.
+    atexit.unregister(gc.freeze)  # once, however often main runs in one process
+    atexit.register(gc.freeze)
     try:
         config = load_from_args(args.config, args)
         if args.seeds:
@@ -61,13 +67,16 @@ def main(
                 print(f"\nParent run of the {len(children)} seeds: {parent_id}")
                 print(group_hint(config, children[0].experiment_id, parent_id))
             return 0
+        from src import tracking_service
+
         if not args.resume and config.run.task == "train_eval":  # MLflow opens while torch loads
-            from src import tracking, tracking_service
+            from src import tracking
 
             tracking_service.start(tracking.tracking_uri(config), config.run.log_model)
         from src.experiment import run
 
         result = run(config, resume=args.resume)
+        tracking_service.stop()
     except UserError as e:
         return print_user_error(e)
     except KeyboardInterrupt as e:  # the run said how it stopped and how to resume

@@ -326,7 +326,8 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
         pred = predict(model, loader, batches)
         metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.problem, split)
         tracker.log_epoch(metrics, epoch)
-        write_split_outputs(tracker, folder, split, ds, pred, metrics)
+        for path, artifact_folder in write_split_outputs(folder, split, ds, pred, metrics):
+            tracker.log_artifact(path, artifact_folder)
         tracker.end("FINISHED")
     except BaseException as e:
         tracker.end("FAILED" if interrupts.stop_of(e) is None else "KILLED")

@@ -23,9 +23,16 @@ if TYPE_CHECKING:
     from src.build import Trainer
 
 
+Files = list[tuple[Path, str]]  # (a file, the run's artifact folder it goes to)
+
+
 def log_best_outputs(t: Trainer) -> dict[str, float]:
     """Evaluate the best weights once more on val (and test) and log plots, predictions,
-    tables, the learning curves and best.pt; returns the `best_*` summary."""
+    tables, the learning curves and best.pt; returns the `best_*` summary.
+
+    The MLflow model goes first: with a tracking process (src/tracking_service.py), that
+    process logs it while this one draws. The files drawn here are logged after (the process
+    answers one request at a time, so a file logged meanwhile would wait for the model)."""
     best_path = t.results_dir / "best.pt"
     if not best_path.is_file():
         return {}
@@ -33,49 +40,57 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
     t.state.model.load_state_dict(best["model"])
     summary: dict[str, float] = {"best_epoch": float(best["epoch"])}
     single = ddp.DistInfo()
-    preds = {}
+    preds, metrics = {}, {}
     for split, ds in t.datasets.items():
         if split == "train":
             continue
         loader = build_loader(ds, t.config, single, t.batches.device, train=False)
         pred = preds[split] = predict(t.state.model, loader, t.batches)
-        metrics = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
-        summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
-        write_split_outputs(t.tracker, t.results_dir, split, ds, pred, metrics)
+        metrics[split] = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
+        summary.update({f"best_{k}": v for k, v in metrics[split].items() if "/" not in k})
+    chosen = choose_thresholds(t, preds["val"])
+    files: Files = []
+    model_logged = lambda: None  # noqa: E731
+    if t.config.run.log_model:
+        thresholds = None if chosen is None else [threshold for threshold, _ in chosen]
+        model_logged = log_model_package(t, best_path, thresholds, int(best["epoch"]))
+    else:
+        files.append((best_path, "checkpoint"))  # the weights, kept with the run
+    if chosen is not None:
+        files += write_thresholds(t, chosen)
+    if t.config.explain.gallery:
+        files += draw_explanations(t, preds["val"])
+    for split, pred in preds.items():
+        files += write_split_outputs(t.results_dir, split, t.datasets[split], pred, metrics[split])
+    curves = t.results_dir / "plots" / "learning_curves.png"
+    files.append((evaluate.plot_learning_curves(t.state.history, curves), "plots"))
     # A run resumed to train longer whose best epoch did not change has logged this already.
     if int(best["epoch"]) not in t.tracker.logged_steps("best_epoch"):
         t.tracker.log_epoch(summary, int(best["epoch"]))
-    curves = evaluate.plot_learning_curves(
-        t.state.history, t.results_dir / "plots" / "learning_curves.png"
-    )
-    t.tracker.log_artifact(curves, "plots")
-    thresholds = log_thresholds(t, preds["val"])
-    model_logged = lambda: None  # noqa: E731
-    if t.config.run.log_model:  # first: the tracking process logs it while the gallery is drawn
-        model_logged = log_model_package(t, best_path, thresholds, int(best["epoch"]))
-    else:
-        t.tracker.log_artifact(best_path, "checkpoint")  # the weights, kept with the run
-    if t.config.explain.gallery:
-        log_explanations(t, preds["val"])
+    for path, folder in files:
+        t.tracker.log_artifact(path, folder)
     model_logged()
     return summary
 
 
-def log_thresholds(t: Trainer, pred: dict[str, Any]) -> list[float] | None:
-    """Per label, the threshold that maximizes F1 on the validation split (multi-label runs;
-    a multiclass run predicts the most probable class): `tables/thresholds.csv`."""
+def choose_thresholds(t: Trainer, pred: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """Per label, (threshold, F1) with the threshold that maximizes F1 on the validation split;
+    None for a multiclass run (it predicts the most probable class)."""
     if t.config.data.problem == "multiclass" or not len(pred["idx"]):
         return None
-    chosen = evaluate.choose_thresholds(pred["labels"], pred["probs"])
+    return evaluate.choose_thresholds(pred["labels"], pred["probs"])
+
+
+def write_thresholds(t: Trainer, chosen: list[tuple[float, float]]) -> Files:
+    """`tables/thresholds.csv`: the threshold and validation F1 of each label."""
     path = t.results_dir / "tables" / "thresholds.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = evaluate.thresholds_table(list(t.datasets["val"].label_meanings), chosen)
     table.to_csv(path, index=False)
-    t.tracker.log_artifact(path, "tables")
-    return [threshold for threshold, _ in chosen]
+    return [(path, "tables")]
 
 
-def log_explanations(t: Trainer, pred: dict[str, Any]) -> None:
+def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
     """`plots/explanations.png`: the first validation images (with a true label), their true
     labels, probabilities and the heatmap of each true class (src/explain.py)."""
     from src import explain
@@ -87,7 +102,7 @@ def log_explanations(t: Trainer, pred: dict[str, Any]) -> None:
         explain.find_target_layer(t.state.model, cfg.target_layer)
     except ConfigError as e:
         print(f"note: no plots/explanations.png: {e}", file=sys.stderr, flush=True)
-        return
+        return []
     rows = explain.gallery_rows(pred["labels"], pred["probs"], cfg.gallery_images)
     samples = [ds[int(pred["idx"][r])] for r in rows]
     data = torch.stack([s["data"] for s in samples])
@@ -100,7 +115,7 @@ def log_explanations(t: Trainer, pred: dict[str, Any]) -> None:
     true = [[int(k) for k in np.flatnonzero(y)] for y in labels]
     path = t.results_dir / "plots" / "explanations.png"
     explain.save_gallery(images, classes, true, probs, maps, list(ds.label_meanings), path)
-    t.tracker.log_artifact(path, "plots")
+    return [(path, "plots")]
 
 
 def log_model_package(
@@ -156,7 +171,7 @@ def log_model_package(
     return done
 
 
-def write_split_outputs(tracker, results_dir: Path, split: str, ds, pred, metrics) -> None:
+def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Files:
     """ROC/PR plots, a predictions CSV and a per-class metrics CSV for one split."""
     import pandas as pd
 
@@ -168,8 +183,6 @@ def write_split_outputs(tracker, results_dir: Path, split: str, ds, pred, metric
         results_dir / "plots" / split,
         f"{split} (best epoch)",
     )
-    for p in plots:
-        tracker.log_artifact(p, f"plots/{split}")
     ids = getattr(ds, "image_ids", None)
     names = [ids[i] if ids is not None else str(i) for i in pred["idx"].astype(int)]
     table = pd.DataFrame({"name": names})
@@ -188,5 +201,4 @@ def write_split_outputs(tracker, results_dir: Path, split: str, ds, pred, metric
     )
     class_csv = results_dir / "tables" / f"{split}_per_class_metrics.csv"
     per_class.to_csv(class_csv, index=False)
-    tracker.log_artifact(pred_csv, "tables")
-    tracker.log_artifact(class_csv, "tables")
+    return [(p, f"plots/{split}") for p in plots] + [(pred_csv, "tables"), (class_csv, "tables")]

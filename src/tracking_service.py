@@ -89,12 +89,25 @@ class Service:
 
 def start(uri: str, preload_model: bool = False) -> None:
     """Start the service for `uri` unless MLflow is imported here already (then it gains
-    nothing) or this is not rank 0 of a distributed launch. `preload_model`: it imports what
-    logging the run's MLflow model needs (torch, MLflow's pyfunc) while the run trains."""
+    nothing) or this is not rank 0 of a distributed launch. `preload_model`: it makes ready
+    what logging the run's MLflow model needs before the run's end (MLflow's map of the
+    installed packages)."""
     global _SERVICE
     if _SERVICE is not None or "mlflow" in sys.modules or os.environ.get("RANK", "0") != "0":
         return
     _SERVICE = Service(uri, preload_model)  # it opens the store as it starts
+
+
+def stop() -> None:
+    """Let the service end (it exits when its pipe closes) once the run no longer needs it:
+    meanwhile this process prints its report and exits."""
+    global _SERVICE
+    if _SERVICE is not None:
+        try:
+            _SERVICE.proc.stdin.close()
+        except OSError:  # it ended already
+            pass
+        _SERVICE = None
 
 
 def of(tracker: Any) -> Service | None:
@@ -151,6 +164,14 @@ class ServiceClient:
 # ------------------------------------------------------------------ the service process
 
 
+def _requirements_map() -> None:
+    try:
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+    except ImportError:  # a later MLflow: it makes its own when the model is logged
+        return
+    _init_packages_to_modules_map()
+
+
 def _serve(uri: str, preload_model: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -160,10 +181,16 @@ def _serve(uri: str, preload_model: bool) -> None:
     from src.errors import one_line
 
     mlflow_client = tracking._client(uri)  # imports MLflow and opens the store, now
-    if preload_model:  # while the run trains, not when its end waits for it
-        threading.Thread(target=__import__, args=("src.model_package",), daemon=True).start()
+    # MLflow checks a logged model's pip requirements against the installed packages, from a
+    # map of every installed distribution to its modules: seconds with CUDA's wheels. Made
+    # now, while the training process sets up (one core), not when the run's end waits for
+    # it. Not the model's imports (torch, MLflow's pyfunc): made during training, they slowed
+    # epochs whose torch threads use every core by more than they saved at the end.
+    preparing = threading.Thread(target=_requirements_map if preload_model else None, daemon=True)
+    preparing.start()
 
     def log_model(classifier_args, best_path, run_id, step, code_from, register_as):
+        preparing.join()
         from src import model_package as mp
 
         classifier = mp.ImageClassifier(*classifier_args)
@@ -212,8 +239,9 @@ def _serve(uri: str, preload_model: bool) -> None:
     while True:
         try:
             op, args, kwargs = pickle.load(read)
-        except EOFError:
-            return
+        except EOFError:  # every request was answered: nothing is left to write or close
+            sys.stderr.flush()
+            os._exit(0)  # not Python's teardown of MLflow's and torch's modules (a second)
         try:
             reply: tuple = ("ok", handlers[op](*args, **kwargs))
         except Exception as e:

@@ -76,22 +76,7 @@ def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
     assert params["train.epochs"] == "3"
     assert runs[0].data.tags["data.train.count"] == "150"
 
-    def listing(path=None):
-        out = []
-        for a in client.list_artifacts(result.run_id, path):
-            out += listing(a.path) if a.is_dir else [a.path]
-        return out
-
-    assert set(listing()) >= {
-        "config/config.toml",
-        "plots/learning_curves.png",
-        "plots/val/roc.png",
-        "plots/val/pr.png",
-        "tables/val_predictions.csv",
-        "tables/val_per_class_metrics.csv",
-        "tables/thresholds.csv",
-        "plots/explanations.png",
-    }
+    assert set(artifacts(client, result.run_id)) >= END_OF_RUN_ARTIFACTS
     check_the_logged_model_holds_best_pt(client, result.experiment_id, result.run_id)
     assert (result.results_dir / "best.pt").is_file() and (result.results_dir / "last.pt").is_file()
     with open(result.results_dir / "tables" / "val_predictions.csv") as f:
@@ -99,6 +84,26 @@ def test_one_run_with_every_metric_and_artifact(mlflow_uri, tmp_path):
     assert len(rows) == 50
     assert set(rows[0]) == {"name"} | {f"prob_{x}" for x in LABELS} | {f"label_{x}" for x in LABELS}
     assert rows == sorted(rows, key=lambda r: r["name"])
+
+
+END_OF_RUN_ARTIFACTS = {
+    "config/config.toml",
+    "plots/learning_curves.png",
+    "plots/val/roc.png",
+    "plots/val/pr.png",
+    "tables/val_predictions.csv",
+    "tables/val_per_class_metrics.csv",
+    "tables/thresholds.csv",
+    "plots/explanations.png",
+}
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    """The paths of every artifact file of a run."""
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
 
 
 def check_the_logged_model_holds_best_pt(client, experiment_id: str, run_id: str) -> None:
@@ -239,22 +244,40 @@ def test_epochs_count_from_1_in_every_place_a_person_reads_them(mlflow_uri, tmp_
 @pytest.mark.slow
 def test_the_command_line_loads_each_module_once(mlflow_uri, tmp_path):
     """A whole run, as `python -m src.run_experiment`: no module of ours is loaded twice
-    (run as __main__, src.run_experiment must not be imported again under its own name)."""
+    (run as __main__, src.run_experiment must not be imported again under its own name).
+    MLflow is imported only by the tracking process (src/tracking_service.py), which logs
+    all that an in-process run logs, the MLflow model included, and is gone with the run."""
     loaded = _imported(
         ["-m", "src.run_experiment", str(DEMO2), "--epochs", "1", "--max-batches", "1"]
-        + ["--results-dir", str(tmp_path / "r"), *QUICK_END]
+        + ["--results-dir", str(tmp_path / "r")]
     )
     ours = [m for m in loaded if m.split(".")[0] in ("src", "load_dataset", "models")]
     assert "src.experiment" in ours and "src.cli" in ours
     assert "src.run_experiment" not in ours
     assert len(ours) == len(set(ours)), sorted(m for m in ours if ours.count(m) > 1)
-    # MLflow is the tracking process's (src/tracking_service.py), imported while torch loads
     assert "src.tracking_service" in ours and "mlflow" not in loaded
-    (run,) = MlflowClient(mlflow_uri).search_runs(
-        [MlflowClient(mlflow_uri).get_experiment_by_name("Demo-2-TinyConv-TinyData").experiment_id]
-    )
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("Demo-2-TinyConv-TinyData").experiment_id
+    (run,) = client.search_runs([experiment])
     assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "1"
     assert "val_loss" in run.data.metrics and "data.train.fingerprint" in run.data.tags
+    assert set(artifacts(client, run.info.run_id)) >= END_OF_RUN_ARTIFACTS
+    check_the_logged_model_holds_best_pt(client, experiment, run.info.run_id)
+    assert not _processes_naming(mlflow_uri), "the tracking process outlived its run"
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        line = " ".join(a.decode(errors="replace") for a in argv)
+        if text in line and "pytest" not in line:
+            found.append(line)
+    return found
 
 
 @pytest.mark.slow
