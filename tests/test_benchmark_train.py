@@ -139,11 +139,19 @@ def test_bf16_peak_by_device_name():
 
 
 def test_summary_lines():
-    medians = {"Demo-2": 12.3, "bare loop": 8.1, "--help": 0.214, "config error": 0.186}
-    medians[bench.LEAN] = 9.0
-    assert bench.summary_lines(medians) == [
-        "whole run: Demo-2 12.3 s, bare loop 8.1 s, ratio 1.52",  # 12.3 / 8.1 = 1.518
-        "without its MLflow model and gallery: Demo-2 9.0 s, ratio 1.11",  # 9.0 / 8.1
+    runs = {
+        "Demo-2": [12.3, 14.0, 11.0],
+        "bare loop": [8.1, 10.0, 8.0],
+        bench.LEAN: [9.0, 9.5, 8.0],
+        "--help": [0.214, 0.3, 0.2],
+        "config error": [0.186, 0.2, 0.1],
+    }
+    assert bench.summary_lines(runs) == [
+        # medians 12.3 / 8.1 = 1.518; rounds 1.519, 1.400, 1.375
+        "whole run: Demo-2 12.3 s, bare loop 8.1 s, ratio 1.52 (round by round 1.40, 1.38-1.52)",
+        # 9.0 / 8.1 = 1.111; rounds 1.111, 0.950, 1.000
+        "without its MLflow model and gallery: Demo-2 9.0 s, ratio 1.11 "
+        "(round by round 1.00, 0.95-1.11)",
         "--help 0.21 s; config error 0.19 s",
     ]
 
