@@ -83,11 +83,8 @@ def choose_thresholds(t: Trainer, pred: dict[str, Any]) -> list[tuple[float, flo
 
 def write_thresholds(t: Trainer, chosen: list[tuple[float, float]]) -> Files:
     """`tables/thresholds.csv`: the threshold and validation F1 of each label."""
-    path = t.results_dir / "tables" / "thresholds.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = evaluate.thresholds_table(list(t.datasets["val"].label_meanings), chosen)
-    table.to_csv(path, index=False)
-    return [(path, "tables")]
+    return [(evaluate.write_csv(t.results_dir / "tables" / "thresholds.csv", table), "tables")]
 
 
 def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
@@ -173,8 +170,6 @@ def log_model_package(
 
 def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Files:
     """ROC/PR plots, a predictions CSV and a per-class metrics CSV for one split."""
-    import pandas as pd
-
     meanings = list(ds.label_meanings)
     plots = evaluate.plot_roc_pr(
         pred["labels"],
@@ -185,20 +180,19 @@ def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Fil
     )
     ids = getattr(ds, "image_ids", None)
     names = [ids[i] if ids is not None else str(i) for i in pred["idx"].astype(int)]
-    table = pd.DataFrame({"name": names})
+    table = {"name": names}
     for k, m in enumerate(meanings):
-        table[f"prob_{m}"] = pred["probs"][:, k]
+        table[f"prob_{m}"] = list(pred["probs"][:, k])
     for k, m in enumerate(meanings):
-        table[f"label_{m}"] = pred["labels"][:, k].astype(int)
-    (results_dir / "tables").mkdir(parents=True, exist_ok=True)
-    pred_csv = results_dir / "tables" / f"{split}_predictions.csv"
-    table.to_csv(pred_csv, index=False)
+        table[f"label_{m}"] = pred["labels"][:, k].astype(int).tolist()
+    pred_csv = evaluate.write_csv(results_dir / "tables" / f"{split}_predictions.csv", table)
     prefix = f"{split}_"
     per_class = evaluate.per_class_table(
         {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)},
         pred["labels"],
         meanings,
     )
-    class_csv = results_dir / "tables" / f"{split}_per_class_metrics.csv"
-    per_class.to_csv(class_csv, index=False)
+    class_csv = evaluate.write_csv(
+        results_dir / "tables" / f"{split}_per_class_metrics.csv", per_class
+    )
     return [(p, f"plots/{split}") for p in plots] + [(pred_csv, "tables"), (class_csv, "tables")]

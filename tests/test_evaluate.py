@@ -205,3 +205,18 @@ def test_plots_draw_one_coloured_line_per_class(tmp_path):
     left, right = pixels[:, :550], pixels[:, 550:]
     for panel in (left, right):  # train/val loss on the left, AUROC/AP on the right
         assert count_colour(panel, TAB10["C0"]) > 100 and count_colour(panel, TAB10["C1"]) > 100
+
+
+def test_write_csv_writes_what_pandas_to_csv_writes(tmp_path):
+    """The run's tables are written without pandas; a reader sees the same file: float32
+    probabilities at their shortest, Python floats in full, ints, and NaN as an empty cell."""
+    import pandas as pd
+
+    table = {
+        "name": ["a.png", "b, c.png"],
+        "prob_x": list(np.array([0.123456789, 1e-8], dtype=np.float32)),
+        "auroc": [0.1 + 0.2, float("nan")],
+        "label_x": [1, 0],
+    }
+    path = evaluate.write_csv(tmp_path / "tables" / "t.csv", table)
+    assert path.read_text() == pd.DataFrame(table).to_csv(index=False)
