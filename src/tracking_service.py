@@ -9,7 +9,8 @@ tracker uses, each a request over a pipe. Requests and replies are plain data (p
 strings, numbers), never MLflow objects: unpickling one would import MLflow after all.
 
 The service ignores Ctrl-C and SIGTERM (the training process decides how a run ends and tells
-it) and ends when its pipe closes: when the training process ends, however it ends.
+it) and ends when its pipe closes: when the run is done (`stop()`), or when the training
+process ends, however it ends. It then exits at once: every request has been answered.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ _SERVICE: Service | None = None
 class Service:
     """The service process and the pipe to it; one request at a time."""
 
-    def __init__(self, uri: str, preload_model: bool = False) -> None:
+    def __init__(self, uri: str, prepare_model: bool = False) -> None:
         from src.config import REPO_ROOT
 
         self.uri = uri
         # In the caller's folder (relative paths mean the same), with the repository importable.
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "src.tracking_service", uri, str(int(preload_model))],
+            [sys.executable, "-m", "src.tracking_service", uri, str(int(prepare_model))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": path},
@@ -87,15 +88,14 @@ class Service:
             ) from None
 
 
-def start(uri: str, preload_model: bool = False) -> None:
+def start(uri: str, prepare_model: bool = False) -> None:
     """Start the service for `uri` unless MLflow is imported here already (then it gains
-    nothing) or this is not rank 0 of a distributed launch. `preload_model`: it makes ready
-    what logging the run's MLflow model needs before the run's end (MLflow's map of the
-    installed packages)."""
+    nothing) or this is not rank 0 of a distributed launch. `prepare_model`: the run will log
+    an MLflow model; the service makes ready what that needs before the run's end."""
     global _SERVICE
     if _SERVICE is not None or "mlflow" in sys.modules or os.environ.get("RANK", "0") != "0":
         return
-    _SERVICE = Service(uri, preload_model)  # it opens the store as it starts
+    _SERVICE = Service(uri, prepare_model)  # it opens the store as it starts
 
 
 def stop() -> None:
@@ -172,7 +172,7 @@ def _requirements_map() -> None:
     _init_packages_to_modules_map()
 
 
-def _serve(uri: str, preload_model: bool) -> None:
+def _serve(uri: str, prepare_model: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from mlflow.entities import Metric, Param, RunTag
@@ -186,7 +186,7 @@ def _serve(uri: str, preload_model: bool) -> None:
     # now, while the training process sets up (one core), not when the run's end waits for
     # it. Not the model's imports (torch, MLflow's pyfunc): made during training, they slowed
     # epochs whose torch threads use every core by more than they saved at the end.
-    preparing = threading.Thread(target=_requirements_map if preload_model else None, daemon=True)
+    preparing = threading.Thread(target=_requirements_map if prepare_model else None, daemon=True)
     preparing.start()
 
     def log_model(classifier_args, best_path, run_id, step, code_from, register_as):
