@@ -76,7 +76,8 @@ def run_sweep(
     table, the best config and the plots). Every check that can fail on the user's input runs
     before the parent run is created."""
     trials, workers = check_options(config, space, options)
-    make_sampler(space, config.run.seed), make_pruner(space)  # bad arguments: one line, now
+    sampler = make_sampler(space, config.run.seed)  # bad arguments: one line, now
+    make_pruner(space)
     tracking.check_server(tracking.tracking_uri(config))
     url = options.storage or sweep_study.default_storage(config)
     key = sweep_key(config, space)
@@ -86,9 +87,7 @@ def run_sweep(
     storage = sweep_study.open_storage(url)
     name = options.study_name or sweep_study.study_to_use(storage, f"{parent_name}-{key}")
     with sweep_study.MachineLock(url, name):
-        study, created = sweep_study.create_or_load(
-            storage, name, space.direction, make_sampler(space, config.run.seed), None
-        )
+        study, created = sweep_study.create_or_load(storage, name, space.direction, sampler, None)
         if not created:
             sweep_study.check_same_space(study, space.to_dict(), name)
         tags = {**(parent_tags or {}), "group.key": key, "sweep.study": name}
@@ -187,10 +186,8 @@ def open_parent(config, study, created: bool, name: str, tags, trials: int, spac
             study.set_user_attr(sweep_study.PARENT_ATTR, parent.run_id)
         return parent
     parent_id = sweep_study.wait_for_parent(study)
-    from mlflow.tracking import MlflowClient
-
     try:
-        MlflowClient(tracking.tracking_uri(config)).get_run(parent_id)
+        tracking.client_for(config).get_run(parent_id)
     except Exception:
         raise TrackingError(
             f"Study {study.study_name!r} belongs to the parent run {parent_id}, which is not "

@@ -187,19 +187,18 @@ def cell_results(outcome: Any, cells: list[tuple[str, dict[str, Any]]]) -> list[
     completed trial gets an empty one."""
     import json
 
-    from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
     from src.experiment import RunResult
     from src.multirun import finished_result
-    from src.tracking import tracking_uri
+    from src.tracking import client_for
 
     def key(values: dict[str, Any]) -> str:
         return json.dumps(values, sort_keys=True)
 
     trials = outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     run_of = {key(t.params): t.user_attrs.get(RUN_ID_ATTR) for t in trials}
-    client = MlflowClient(tracking_uri(outcome.plan.config))
+    client = client_for(outcome.plan.config)
     results = []
     for _, values in cells:
         run_id = run_of.get(key(values))

@@ -197,7 +197,7 @@ def counted(study: Any) -> int:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = _retried(trials)
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
     def counts(t: Any) -> bool:
@@ -215,7 +215,7 @@ def retry_stopped(study: Any, storage: Any) -> list[int]:
 
     host = socket.gethostname()
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = _retried(trials)
     again = []
     for t in trials:
         owner = str(t.user_attrs.get(WORKER_ATTR, ""))
@@ -236,6 +236,11 @@ def retry_stopped(study: Any, storage: Any) -> list[int]:
             retry_callback()(study, t)
             again.append(t.number)
     return again
+
+
+def _retried(trials: list[Any]) -> set[int]:
+    """The numbers of the trials that a retry has taken the place of."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
 
 
 def _alive(pid: int) -> bool:

@@ -167,7 +167,7 @@ def run_trial(child: ExperimentConfig, trial: Any, plan: SweepPlan, report: Epoc
             print(f"Trial {trial.number}: resuming run {before.info.run_id} from {folder}.")
             return run(child, resume=folder, parent_run_id=plan.parent_run_id, **hook)
         if before.info.status == "RUNNING":  # its process died before its first epoch ended
-            _client(child).set_terminated(before.info.run_id, "KILLED")
+            tracking.client_for(child).set_terminated(before.info.run_id, "KILLED")
     return run(child, parent_run_id=plan.parent_run_id, extra_tags=tags, **hook)
 
 
@@ -176,7 +176,7 @@ def retried_run(child: ExperimentConfig, trial: Any, plan: SweepPlan) -> Any:
     history = _frozen(trial).system_attrs.get("retry_history", [])
     if not history:
         return None
-    client = _client(child)
+    client = tracking.client_for(child)
     with interrupts.mlflow_call():
         runs = client.search_runs(
             [client.get_run(plan.parent_run_id).info.experiment_id],
@@ -195,14 +195,8 @@ def _frozen(trial: Any) -> Any:
     return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
-def _client(config: ExperimentConfig) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking.tracking_uri(config))
-
-
 def set_run_tags(config: ExperimentConfig, run_id: str, tags: dict[str, Any]) -> None:
-    client = _client(config)
+    client = tracking.client_for(config)
     with interrupts.mlflow_call():
         for key, value in tags.items():
             client.set_tag(run_id, key, str(value))

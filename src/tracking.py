@@ -376,6 +376,12 @@ class Tracker(NullTracker):
                 interrupts.release()
 
 
+def client_for(config: ExperimentConfig) -> Any:
+    """An MlflowClient of the config's store, set up as every client of the repository is
+    (`_client`: short HTTP retries, the SQLite store's folder and tables made once)."""
+    return _client(tracking_uri(config))
+
+
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
