@@ -119,10 +119,11 @@ def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
     """plots of `n_images` TinyData val images explained by the model of `source`."""
     import numpy as np
 
+    import src.serve.explain as explain
+    import src.serve.model_package as model_package
     from load_dataset.custom_tiny import TinyData
     from load_dataset.utils import open_rgb
-    from src import explain, model_package
-    from src.predict import model_uri
+    from src.serve.predict import model_uri
 
     classifier = model_package.load(model_uri(source, uri))
     ds = TinyData("val")

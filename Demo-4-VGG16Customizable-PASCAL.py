@@ -8,7 +8,7 @@
 
 Each cell of the grid is a child run of one parent MLflow run, whose summary table
 (`summary/children.csv`) lists every cell's best validation AUROC and AP. The grid runs on
-Optuna's GridSampler (src/sweep.py): `--workers K` trains K cells at a time, each in its own
+Optuna's GridSampler (src/sweep/): `--workers K` trains K cells at a time, each in its own
 process, `--devices` gives each worker its own GPU; the same command after a stop goes on
 (finished cells are kept, a stopped one resumes).
 Settings: experiments/demo4_vgg16customizable_pascal.toml.
@@ -23,10 +23,10 @@ from src.cli import group_hint, make_parser
 from src.errors import ConfigError, UserError, print_user_error
 from src.flags import load_from_args
 from src.interrupts import exit_code
-from src.multirun import log_summary
-from src.sweep import WorkerFailed, add_sweep_flags, options_from_args, run_sweep
-from src.sweep_report import cell_results
-from src.sweep_space import grid_space
+from src.sweep.command import WorkerFailed, add_sweep_flags, options_from_args, run_sweep
+from src.sweep.multirun import log_summary
+from src.sweep.report import cell_results
+from src.sweep.space import grid_space
 
 CONFIG = Path(__file__).resolve().parent / "experiments" / "demo4_vgg16customizable_pascal.toml"
 

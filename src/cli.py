@@ -15,7 +15,7 @@ from src.flags import FlagParser, add_config_flags, load_from_args
 from src.interrupts import exit_code
 
 if TYPE_CHECKING:
-    from src.experiment import RunResult
+    from src.train.experiment import RunResult
 
 # torch, MLflow and the training code are imported once the flags and the config are read:
 # `--help` and a mistyped flag or key answer at once, not after seconds of imports.
@@ -55,7 +55,7 @@ def main(
     try:
         config = load_from_args(args.config, args)
         if args.seeds:
-            from src.multirun import run_seeds
+            from src.sweep.multirun import run_seeds
 
             if args.resume:
                 raise ConfigError(
@@ -73,7 +73,7 @@ def main(
             from src import tracking
 
             tracking_service.start(tracking.tracking_uri(config), config.run.log_model)
-        from src.experiment import run
+        from src.train.experiment import run
 
         result = run(config, resume=args.resume)
         tracking_service.stop()

@@ -32,7 +32,7 @@ TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
 PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULERS = ("none", "cosine", "step")
-CAMS = ("hirescam", "gradcam")  # src/explain.py
+CAMS = ("hirescam", "gradcam")  # src/serve/explain.py
 # 'package.module:ClassName', the form of every class a config names.
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 # Packages outside this repository whose classes a stored run's config may name without
@@ -114,12 +114,12 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExplainConfig:
     # The end-of-run picture plots/explanations.png: `gallery_images` validation images with
-    # the heatmap of each true class (src/explain.py); gallery = false leaves it out.
+    # the heatmap of each true class (src/serve/explain.py); gallery = false leaves it out.
     gallery: bool = True
     gallery_images: int = 4
     cam: str = "hirescam"  # "hirescam" or "gradcam"
     # The layer the heatmaps look at, by module name (e.g. "features.28"); "" = the last
-    # nn.Conv2d of the model. Stored with the MLflow model, used by src.predict --explain.
+    # nn.Conv2d of the model. Stored with the MLflow model, used by src.serve.predict --explain.
     target_layer: str = ""
 
 

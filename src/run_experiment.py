@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=4 -m src.run_experiment experiments/demo3_vgg16_pascal.toml
 
 `run` trains and evaluates (or predicts) one experiment and tracks it in MLflow; it reads top to
-bottom in src/experiment.py: `set_up` -> `fit` (the epoch loop) -> `finish`. The command line
+bottom in src/train/experiment.py: `set_up` -> `fit` (the epoch loop) -> `finish`. The command line
 (flags, one-line errors, the closing report) is src/cli.py, shared with the Demo scripts.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from src.experiment import RunResult, finish, fit, run
+from src.train.experiment import RunResult, finish, fit, run
 
 __all__ = ["RunResult", "finish", "fit", "main", "run"]
 

@@ -191,7 +191,7 @@ def _serve(uri: str, prepare_model: bool) -> None:
 
     def log_model(classifier_args, best_path, run_id, step, code_from, register_as):
         preparing.join()
-        from src import model_package as mp
+        import src.serve.model_package as mp
 
         classifier = mp.ImageClassifier(*classifier_args)
         info = mp.log_model(classifier, best_path, uri, run_id, step, code_from, register_as)

@@ -16,10 +16,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from src import checkpoint as ckpt_io
-from src import experiment
+import src.train.checkpoint as ckpt_io
+import src.train.experiment as experiment
 from src.run_experiment import run
-from src.training_state import TrainingState
+from src.train.training_state import TrainingState
 from tests.test_run_experiment import REPO, all_series, metric_series, tiny_config
 
 # A run whose write of last.pt for epoch 2 hangs after torch.save, before the fsync and the
@@ -28,7 +28,7 @@ SLOW_WRITE_RUN = """
 import sys, time
 from pathlib import Path
 import torch
-import src.checkpoint
+import src.train.checkpoint
 from src.run_experiment import run
 from tests.test_run_experiment import tiny_config
 

@@ -20,8 +20,8 @@ from PIL import Image, ImageFile
 from load_dataset.custom_pascal import PascalVOC2012, read_image
 from load_dataset.custom_tiny import MissingFilesWarning, TinyData
 from load_dataset.errors import DataError
+from load_dataset.generators.pascal_tree import HEIGHT, WIDTH, make_pascal_tree
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std, open_rgb
-from tests.pascal_fixtures import HEIGHT, WIDTH, make_pascal_tree
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "load_dataset" / "tiny_data"
@@ -164,9 +164,9 @@ def test_missing_files_are_named_and_counted_or_only_warned_of(tmp_path):
 
 def test_missing_files_warn_is_set_from_the_command_line(tmp_path):
     """The flag as given on the command line reaches the data set (building it only)."""
-    from src.build import build_dataset
     from src.cli import make_parser
     from src.flags import load_from_args
+    from src.train.build import build_dataset
 
     data = tiny_copy(tmp_path)
     (data / "train" / "train_007.png").unlink()

@@ -1,4 +1,4 @@
-"""src.tools.benchmark_loader on a tiny synthetic tree (figures are printed, never asserted), the
+"""benchmarks.loader on a tiny synthetic tree (figures are printed, never asserted), the
 synthetic VOC writer, and the training loop's speed switches on the CPU."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import benchmarks.loader as bench
 from load_dataset.custom_pascal import PascalVOC2012
 from load_dataset.generators.make_synthetic_voc import SIZES, write_synthetic_voc
-from src.tools import benchmark_loader as bench
 from tests.test_evaluate import png_pixels
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""src.tools.benchmark_train on the CPU with TinyConv (figures are printed, never asserted): the
+"""benchmarks.train on the CPU with TinyConv (figures are printed, never asserted): the
 rows, CSV and chart of the step benchmark, a failing variant as a row, one-line argument
 errors, the FLOP count, the GPU peak table, and the pieces of --whole-run (which itself takes
 minutes and is not run here)."""
@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+import benchmarks.train as bench
+from benchmarks.loader import cpu_model
 from src.config import load
-from src.tools import benchmark_train as bench
-from src.tools.benchmark_loader import cpu_model
 from tests.test_evaluate import png_pixels
 
 TINYCONV = ["--set", 'model.model="models.custom_models_base:TinyConv"']

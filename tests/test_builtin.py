@@ -180,7 +180,7 @@ def test_fashion_mnist_reads_its_own_folder_and_names(tmp_path):
 
 
 def test_batches_normalize_on_the_device_with_mean_std(mnist_root):
-    from src.loop import BatchPrep
+    from src.train.loop import BatchPrep
 
     root, written = mnist_root
     ds = TorchvisionClassification("test", name="MNIST", root=str(root))

@@ -1,4 +1,4 @@
-"""src.checkpoint: atomic writes, safe loads, RNG states that restore exactly."""
+"""src.train.checkpoint: atomic writes, safe loads, RNG states that restore exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from src import checkpoint as ck
+import src.train.checkpoint as ck
 
 
 def test_round_trip_with_rng_state(tmp_path):

@@ -39,7 +39,7 @@ def _parse(argv: list[str], config: Path | None = DEMO2) -> argparse.Namespace:
 
 def test_every_experiment_file_loads():
     files = sorted(p for p in (REPO / "experiments").glob("*.toml") if ".sweep." not in p.name)
-    assert len(files) >= 2  # a sweep's space file (X.sweep.toml) is checked by src.sweep
+    assert len(files) >= 2  # a sweep's space file (X.sweep.toml) is checked by src.sweep.command
     for path in files:
         c = cfg.load(path)
         assert ":" in c.data.dataset and ":" in c.model.model
@@ -295,8 +295,8 @@ def test_other_device_names_are_one_line_naming_the_choices(device):
 def test_devices_this_machine_lacks_are_one_clear_error():
     import torch
 
-    from src.build import pick_device
     from src.config import ConfigError
+    from src.train.build import pick_device
 
     assert pick_device("cpu").type == "cpu"
     if not torch.cuda.is_available():

@@ -23,8 +23,7 @@ from load_dataset.custom_pascal import (
     voc_colormap,
 )
 from load_dataset.errors import DataError
-from load_dataset.pascal.visualize import caption
-from tests.pascal_fixtures import (
+from load_dataset.generators.pascal_tree import (
     ONE_PIXEL,
     SBD_TRAIN_NOVAL,
     VOC_TRAIN,
@@ -33,6 +32,7 @@ from tests.pascal_fixtures import (
     make_pascal_tree,
     write_voc_mask,
 )
+from load_dataset.pascal.visualize import caption
 
 BICYCLE, BOTTLE, CAT, DOG, PERSON = 1, 4, 7, 11, 14  # positions in the 20-vector
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from load_dataset.errors import DataError
-from src.build import train_drop_last
-from src.dataset_contract import StandardSamples, checked_dataset
+from src.train.build import train_drop_last
+from src.train.dataset_contract import StandardSamples, checked_dataset
 from tests.contract_data import ListDataset
 
 IMG = torch.zeros(3, 4, 4)

@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from load_dataset.generators.pascal_tree import VOC_VAL, make_pascal_tree
 from tests.command_line import run_here
-from tests.pascal_fixtures import VOC_VAL, make_pascal_tree
 from tests.test_run_experiment import QUICK_END
 
 pytestmark = pytest.mark.slow  # whole Demos: seconds each
@@ -284,7 +284,7 @@ def test_demo3_without_imagenet_weights_offline_says_where_to_put_them(
 def test_demo3_on_damaged_data_fails_in_one_line_naming_the_file(
     mlflow_uri, tree, tmp_path, damage, capsys, monkeypatch
 ):
-    from tests.pascal_fixtures import write_voc_mask
+    from load_dataset.generators.pascal_tree import write_voc_mask
 
     if damage == "truncated jpeg":
         # The second val image: every epoch reads all of val (a training image may be the one

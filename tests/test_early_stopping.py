@@ -1,4 +1,4 @@
-"""src.early_stopping: scripted validation-loss histories with hand-written expectations."""
+"""src.train.early_stopping: scripted validation-loss histories with hand-written expectations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from src.early_stopping import EarlyStoppingState, early_stopping_state, improved_at_last_epoch
+from src.train.early_stopping import (
+    EarlyStoppingState,
+    early_stopping_state,
+    improved_at_last_epoch,
+)
 
 NAN = math.nan
 

@@ -1,4 +1,4 @@
-"""Heatmaps of src/explain.py on a trained TinyConv: the image's size, not constant, different
+"""Heatmaps of src/serve/explain.py on a trained TinyConv: the image's size, not constant, different
 for two classes of one image; the target layer found or named."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import src.serve.explain as explain
 from load_dataset.utils import open_rgb
 from models.custom_models_base import VGG16, TinyConv
-from src import explain
 from src.errors import ConfigError
 from tests.trained_runs import quick_tinyconv
 

@@ -174,7 +174,7 @@ def test_trust_imports_a_foreign_class_but_never_calls_a_function(
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_checkpoints_follow_the_umask_as_every_other_output(tmp_path, umask, mode):
-    from src.training_state import TrainingState
+    from src.train.training_state import TrainingState
 
     model = torch.nn.Linear(2, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -349,8 +349,8 @@ def test_predicting_with_a_best_pt_of_other_shapes_is_one_line(mlflow_uri, tmp_p
 
 
 def _shape_of(name: str) -> list[int]:
-    from src.build import build_model
     from src.config import load
+    from src.train.build import build_model
 
     return list(build_model(load(DEMO2)).state_dict()[name].shape)
 

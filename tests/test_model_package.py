@@ -1,4 +1,4 @@
-"""The MLflow model a finished run logs (src/model_package.py): the probabilities of best.pt
+"""The MLflow model a finished run logs (src/serve/model_package.py): the probabilities of best.pt
 through the training loop, for TinyConv on TinyData and a random VGG16 on PASCAL at 96 px; the
 per-label thresholds; the registry; a real `mlflow models serve` answering a request."""
 
@@ -20,13 +20,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import src.serve.model_package as model_package
+from load_dataset.generators.pascal_tree import make_pascal_tree
 from load_dataset.utils import open_rgb
 from src import config as cfg
-from src import evaluate, model_package
-from src.build import build_dataset, build_loader, build_model
+from src import evaluate
 from src.distributed import DistInfo
-from src.loop import BatchPrep, BatchSettings, make_loss, predict
-from tests.pascal_fixtures import make_pascal_tree
+from src.train.build import build_dataset, build_loader, build_model
+from src.train.loop import BatchPrep, BatchSettings, make_loss, predict
 from tests.trained_runs import LABELS, REPO, train_tiny
 
 

@@ -1,4 +1,4 @@
-"""src.multirun: a set of seeds as child runs of one parent with the mean and std."""
+"""src.sweep.multirun: a set of seeds as child runs of one parent with the mean and std."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from src.multirun import run_children, run_seeds
+from src.sweep.multirun import run_children, run_seeds
 from tests.test_run_experiment import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def all_runs(client: MlflowClient) -> list:
 
 
 def test_only_rank_0_creates_the_parent_run(mlflow_uri, tmp_path, monkeypatch):
-    import src.multirun
+    import src.sweep.multirun
     from src.distributed import is_main_process
     from src.run_experiment import RunResult
 
@@ -130,7 +130,7 @@ def test_only_rank_0_creates_the_parent_run(mlflow_uri, tmp_path, monkeypatch):
         metrics = {"best_val_auroc_mean": 0.5 + len(given_parents) / 10}
         return RunResult(f"child-{len(given_parents)}", "", None, 1, metrics)
 
-    monkeypatch.setattr(src.multirun, "run", fake_run)
+    monkeypatch.setattr(src.sweep.multirun, "run", fake_run)
     config = tiny_config(tmp_path)
     children = [("c0", {"run.seed": 0}), ("c1", {"run.seed": 1})]
     client = MlflowClient(mlflow_uri)

@@ -15,13 +15,13 @@ from PIL import Image
 from load_dataset import custom_pascal
 from load_dataset.custom_pascal import PascalVOC2012, read_image
 from load_dataset.errors import DataError
+from load_dataset.generators.pascal_tree import ONE_PIXEL, make_pascal_tree, write_voc_mask
 from load_dataset.pascal import cache as pascal_cache
 from load_dataset.pascal.augment import PascalAugment
 from load_dataset.pascal.cache import CacheWarning
 from load_dataset.pascal.labels import label_vector_from_mask
 from load_dataset.utils import IMAGENET_STD, to_tensor_and_normalize
-from src.loop import BatchPrep
-from tests.pascal_fixtures import ONE_PIXEL, make_pascal_tree, write_voc_mask
+from src.train.loop import BatchPrep
 
 BOTTLE, COW, DOG = 4, 9, 11  # positions in the 20-vector
 

@@ -1,4 +1,4 @@
-"""`python -m src.predict` on a folder with one unreadable file: a CSV for the others, the
+"""`python -m src.serve.predict` on a folder with one unreadable file: a CSV for the others, the
 failure listed, exit code 1; thresholds and heatmap files."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_folder_with_an_unreadable_file(model_dir, tmp_path, capsys, monkeypatch
         shutil.copy(VAL / name, images / name)
     (images / "broken.png").write_bytes(b"not an image")
     out = run_here(
-        ["-m", "src.predict", str(model_dir), str(images), "--out", "p.csv", "--explain"],
+        ["-m", "src.serve.predict", str(model_dir), str(images), "--out", "p.csv", "--explain"],
         tmp_path, capsys, monkeypatch,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
@@ -53,11 +53,11 @@ def test_folder_with_an_unreadable_file(model_dir, tmp_path, capsys, monkeypatch
 def test_threshold_override_and_a_bad_source(model_dir, tmp_path, capsys, monkeypatch):
     image = str(VAL / "val_003.png")
     out = run_here(
-        ["-m", "src.predict", str(model_dir), image, "--threshold", "0", "--out", "all.csv"],
+        ["-m", "src.serve.predict", str(model_dir), image, "--threshold", "0", "--out", "all.csv"],
         tmp_path, capsys, monkeypatch,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert pd.read_csv(tmp_path / "all.csv")["predicted"][0] == ";".join(LABELS)
-    out = run_here(["-m", "src.predict", "nowhere", image], tmp_path, capsys, monkeypatch)
+    out = run_here(["-m", "src.serve.predict", "nowhere", image], tmp_path, capsys, monkeypatch)
     assert out.returncode == 2
     assert "SOURCE 'nowhere' is neither a run id" in out.stderr

@@ -97,8 +97,9 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
     """`python ARGV` run here until its arguments are parsed and, for the training commands
     (src/flags.py), until the experiment file and the flags make a config; then stopped."""
     if argv[0] == "-m":
-        path = (REPO / Path(*argv[1].split("."))).with_suffix(".py")
-        assert path.is_file(), f"{where}: no module {argv[1]} in the repository"
+        path = REPO / Path(*argv[1].split("."))
+        found = path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()
+        assert found, f"{where}: no module {argv[1]} in the repository"
     else:
         assert (REPO / argv[0]).is_file(), f"{where}: no {argv[0]}"
     depth = 0

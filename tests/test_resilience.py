@@ -15,8 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from src.checkpoint import CheckpointError
 from src.run_experiment import run
+from src.train.checkpoint import CheckpointError
 from tests.command_line import run_here
 from tests.faulty_data import CTRL_C_IN_FINALIZER_AT
 from tests.test_run_experiment import DEMO2, QUICK_END, REPO, all_series, tiny_config

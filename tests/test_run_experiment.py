@@ -12,8 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from src import config as cfg
-from src.checkpoint import CheckpointError
 from src.run_experiment import run
+from src.train.checkpoint import CheckpointError
 from tests.command_line import run_here
 
 REPO = Path(__file__).resolve().parent.parent
@@ -252,7 +252,7 @@ def test_the_command_line_loads_each_module_once(mlflow_uri, tmp_path):
         + ["--results-dir", str(tmp_path / "r")]
     )
     ours = [m for m in loaded if m.split(".")[0] in ("src", "load_dataset", "models")]
-    assert "src.experiment" in ours and "src.cli" in ours
+    assert "src.train.experiment" in ours and "src.cli" in ours
     assert "src.run_experiment" not in ours
     assert len(ours) == len(set(ours)), sorted(m for m in ours if ours.count(m) > 1)
     assert "src.tracking_service" in ours and "mlflow" not in loaded

@@ -19,7 +19,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from src import config as cfg
-from src.sweep import main
+from src.sweep.command import main
 from tests.command_line import run_here
 from tests.test_run_experiment import QUICK_END
 
@@ -146,7 +146,7 @@ def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
     cmd = [sys.executable, "-m", "src.sweep", *args]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client, killed = MlflowClient(mlflow_uri), []
-    ours = f"{socket.gethostname()}:{os.getpid()}"  # this process's trials (src.sweep_study)
+    ours = f"{socket.gethostname()}:{os.getpid()}"  # this process's trials (src/sweep/study.py)
 
     def kill_first_while_both_run() -> None:
         trial = wait_for_a_trial_mid_run(storage, client, first, tmp_path / "r", also_by=ours)

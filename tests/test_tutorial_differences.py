@@ -1,4 +1,4 @@
-"""src.tools.tutorial_differences: the label comparison on hand-made masks, the printed table."""
+"""benchmarks.tutorial_differences: the label comparison on hand-made masks, the printed table."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from src.tools import tutorial_differences as diffs
-from tests.pascal_fixtures import make_pascal_tree
+import benchmarks.tutorial_differences as diffs
+from load_dataset.generators.pascal_tree import make_pascal_tree
 
 BOTTLE, PERSON, SHEEP = 5, 15, 17  # mask values; label index = value - 1
 

@@ -69,7 +69,7 @@ def save_tiny_model(folder: Path, thresholds=None) -> Path:
     import mlflow
     import torch
 
-    from src import model_package
+    import src.serve.model_package as model_package
 
     net, val = quick_tinyconv()
     weights = folder / "best.pt"

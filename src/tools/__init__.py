@@ -1,2 +1,1 @@
-"""Tools that read runs and measure the data path, apart from the training core:
-`reproduce`, `compare_runs`, `benchmark_loader`, `tutorial_differences`."""
+"""Tools a user runs on runs, apart from training: `reproduce`, `compare_runs`, `smoke`."""

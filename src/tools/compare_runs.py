@@ -13,7 +13,7 @@ written as `runs.csv`, and `val_auroc_mean.png` shows each run's curve over the 
 syntax (`params.<key>`, `metrics.<key>`, `tags.<key>`, `attributes.status`). Parent runs (of a
 set of seeds or a grid) hold no params and are left out; their children are shown.
 
-`--sweep PARENT_RUN_ID` shows one sweep (src/sweep.py) instead: its trials sorted by the
+`--sweep PARENT_RUN_ID` shows one sweep (`python -m src.sweep`) instead: its trials sorted by the
 objective, best first, with the values each trial drew and how it ended (`complete`, `pruned`).
 
 This module also compares two runs metric by metric and epoch by epoch (`compare_metrics`),

@@ -194,7 +194,7 @@ def code_warnings(client: Any, original: Any) -> list[str]:
 
 def current_data_tags(config: cfg.ExperimentConfig) -> dict[str, str]:
     """`data.<split>.fingerprint` and `.count` of the data as they are on disk now."""
-    from src.build import build_dataset
+    from src.train.build import build_dataset
 
     tags: dict[str, str] = {}
     for split in ("train", "val", "test") if config.run.use_test_set else ("train", "val"):

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
-    from tests.pascal_fixtures import make_pascal_tree
+    from load_dataset.generators.pascal_tree import make_pascal_tree
 
     folder = Path(tempfile.mkdtemp(prefix="pascal-smoke-"))
     store = f"sqlite:///{folder / 'mlflow.db'}"

@@ -1,11 +1,12 @@
 """Wall time of Demo-4's grid at smoke size on the CPU, with --workers 1 and --workers 2.
 
-    python -m src.tools.benchmark_sweep            # the 3 random-init cells, 1 epoch each
-    python -m src.tools.benchmark_sweep --workers 1 2 4
+    python -m benchmarks.sweep            # the 3 random-init cells, 1 epoch each
+    python -m benchmarks.sweep --workers 1 2 4
 
-A tiny synthetic VOC 2012 + SBD tree (tests/pascal_fixtures.py) is written to a temporary
-folder; Demo-4 runs on it as a user runs it (96 px, random weights, one epoch of two batches
-of two images), once per worker count, each into its own MLflow store and Optuna storage.
+A tiny synthetic VOC 2012 + SBD tree (load_dataset/generators/pascal_tree.py) is written to
+a temporary folder; Demo-4 runs on it as a user runs it (96 px, random weights, one epoch of
+two batches of two images), once per worker count, each into its own MLflow store and Optuna
+storage.
 Prints one line per worker count: the wall time of the whole command, imports included.
 On a 2-core machine, 35.3 s with one worker and 51.9 s with two: a worker is a process that
 pays its imports (one worker runs in the sweep's own process), and at this size the imports,
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     args = parser.parse_args(argv)
-    from tests.pascal_fixtures import make_pascal_tree
+    from load_dataset.generators.pascal_tree import make_pascal_tree
 
     root = Path(tempfile.mkdtemp(prefix="benchmark-sweep-"))
     try:

@@ -10,8 +10,8 @@ from. Output: a pandas DataFrame, one row per image, one column per label (`labe
 sigmoid probabilities (softmax for a multiclass problem).
 
 The model also holds the per-label thresholds chosen on the validation split (`thresholds`,
-used by `python -m src.predict`) and the name of the layer the explanations look at. Loading it
-needs this repository's code: the Python files of `src/`, `load_dataset/` and the model's
+used by `python -m src.serve.predict`) and the name of the layer the explanations look at.
+Loading it needs this repository's code: the Python files of `src/`, `load_dataset/` and the model's
 package travel with it (the model's `code/` folder).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from src.config import REPO_ROOT
-from src.model_inputs import (  # noqa: F401 (models logged before the move name them here)
+from src.serve.model_inputs import (  # noqa: F401 (models logged before the move name them here)
     MODEL_NAME,
     TransformInput,
     input_transform_of,
@@ -78,7 +78,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def load_weights(self, path: str | Path) -> None:
         """Build the network from its class and arguments and load best.pt into it."""
-        from src.build import import_class
+        from src.train.build import import_class
 
         cls = import_class(self.model_path, "[model] model", "model")
         net = cls(**self.model_args)
@@ -103,7 +103,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         """float32 [N, C, S, S] on the device, as the training loop feeds the network."""
         from PIL import Image
 
-        from src.loop import BatchPrep
+        from src.train.loop import BatchPrep
 
         batch = check_images(images)
         data = torch.stack(
@@ -116,7 +116,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     @torch.no_grad()
     def probabilities(self, images: Any) -> np.ndarray:
         """float32 [N, K] probabilities of images uint8 [N, H, W, 3] (or a list of them)."""
-        from src.loop import to_probs
+        from src.train.loop import to_probs
 
         if self.net is None:
             raise RuntimeError("ImageClassifier has no weights; call load_weights first.")

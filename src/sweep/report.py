@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from src.config import to_toml
-from src.sweep_study import STOPPED_ATTR
-from src.sweep_trial import RUN_ID_ATTR, SweepPlan, child_name
+from src.sweep.study import STOPPED_ATTR
+from src.sweep.trial import RUN_ID_ATTR, SweepPlan, child_name
 
 
 def finished_trials(study: Any) -> list[Any]:
@@ -189,9 +189,9 @@ def cell_results(outcome: Any, cells: list[tuple[str, dict[str, Any]]]) -> list[
 
     from optuna.trial import TrialState
 
-    from src.experiment import RunResult
-    from src.multirun import finished_result
+    from src.sweep.multirun import finished_result
     from src.tracking import client_for
+    from src.train.experiment import RunResult
 
     def key(values: dict[str, Any]) -> str:
         return json.dumps(values, sort_keys=True)

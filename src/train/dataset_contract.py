@@ -14,7 +14,7 @@ placeholder `{setname}`, as torchvision's `ImageFolder(root=...)` wants) must ha
 
 Optional: `input_transform`, a picklable callable that turns a decoded RGB PIL image into the
 `data` of an unaugmented sample (what `__getitem__` itself uses); the run's MLflow model
-applies it to the images it is given (src/model_package.py). Without it, a torchvision-style
+applies it to the images it is given (src/serve/model_package.py). Without it, a torchvision-style
 `transform` serves; with neither, the run logs no MLflow model.
 
 `checked_dataset` looks at the dataset and its first sample and either returns the dataset

@@ -1,8 +1,8 @@
 """The trials of a sweep: one worker's loop and one trial, which is one child run of the sweep.
 
-A worker (the sweep's own process with `--workers 1`, else `python -m src.sweep_trial PLAN`)
-takes trials from the study until --trials of them count (src/sweep_study.py). A trial is
-`src.experiment.run` of the base config with the trial's values, a child MLflow run of the
+A worker (the sweep's own process with `--workers 1`, else `python -m src.sweep.trial PLAN`)
+takes trials from the study until --trials of them count (src/sweep/study.py). A trial is
+`src.train.experiment.run` of the base config with the trial's values, a child MLflow run of the
 sweep's parent tagged with the Optuna trial number; its objective is the metric at the run's
 best epoch. With a pruner, every epoch's value of the metric is reported to Optuna: a trial
 the pruner stops ends after that epoch like an early-stopped run (best weights evaluated,
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src import interrupts, sweep_study, tracking
+import src.sweep.study as sweep_study
+from src import interrupts, tracking
 from src.config import ExperimentConfig, from_dict
 from src.errors import NonFiniteLossError, UserError, print_user_error
-from src.sweep_space import SweepSpace, make_pruner, make_sampler, space_from_dict, suggest
+from src.sweep.space import SweepSpace, make_pruner, make_sampler, space_from_dict, suggest
 
 RUN_ID_ATTR = "mlflow.run_id"
 STATUS_TAG = "sweep.status"
@@ -155,7 +156,7 @@ class EpochReport:
 def run_trial(child: ExperimentConfig, trial: Any, plan: SweepPlan, report: EpochReport) -> Any:
     """The trial's run: the run of the trial it retries, resumed from its last.pt when there
     is one, else a new child run of the sweep's parent."""
-    from src.experiment import results_dir, run
+    from src.train.experiment import results_dir, run
 
     tags = {"optuna.trial_number": trial.number, "optuna.study": plan.study_name}
     hook = {"on_epoch": report} if plan.space.pruner["name"] != "none" else {}
@@ -203,7 +204,7 @@ def set_run_tags(config: ExperimentConfig, run_id: str, tags: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m src.sweep_trial PLAN.json`: one worker process of a sweep."""
+    """`python -m src.sweep.trial PLAN.json`: one worker process of a sweep."""
     (plan_path,) = (argv or sys.argv[1:])[:1]
     plan = SweepPlan.from_json(Path(plan_path).read_text())
     try:

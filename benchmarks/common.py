@@ -1,5 +1,5 @@
 """Command-line pieces shared by the tools that measure the PASCAL data path
-(`src.tools.benchmark_loader`, `src.tools.tutorial_differences`): which data they read, and one-line
+(`benchmarks.loader`, `benchmarks.tutorial_differences`): which data they read, and one-line
 errors. Imports nothing heavy, so `--help` comes back at once."""
 
 from __future__ import annotations

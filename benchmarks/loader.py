@@ -1,9 +1,9 @@
 """How fast PASCAL samples reach the model: the tutorial's pipeline against this project's.
 
-    python -m src.tools.benchmark_loader --synthetic 200
-    python -m src.tools.benchmark_loader --voc-dir data/voc --sbd-dir data/sbd --split train \
+    python -m benchmarks.loader --synthetic 200
+    python -m benchmarks.loader --voc-dir data/voc --sbd-dir data/sbd --split train \
         --repeats 1
-    python -m src.tools.benchmark_loader --synthetic 200 --cached --num-workers 0 1 2 \
+    python -m benchmarks.loader --synthetic 200 --cached --num-workers 0 1 2 \
         --batch-size 32
 
 Stage 1, one core: the process is pinned to one CPU (where the OS allows) with
@@ -51,11 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import add_source_flags, check_source_flags, run_in_temporary_folder
 from load_dataset.pascal.cache import usable_cores
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from src.config import REPO_ROOT
 from src.errors import DataError
-from src.tools.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_loader"
 # (pipeline, reference, minimum ratio of their images/s)
@@ -314,7 +314,7 @@ def write_chart(rows: list[Row], title: str, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m src.tools.benchmark_loader",
+        prog="python -m benchmarks.loader",
         description="Images/s of the tutorial's PASCAL pipeline and of this project's.",
     )
     add_source_flags(parser, default_split="train")

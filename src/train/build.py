@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+import src.train.checkpoint as ckpt_io
 from load_dataset.errors import DataError
-from src import checkpoint as ckpt_io
 from src import distributed as ddp
 from src.config import (
     IMPORT_PATH,
@@ -25,9 +25,9 @@ from src.config import (
     import_object,
     import_paths,
 )
-from src.dataset_contract import checked_dataset
-from src.loop import BatchPrep, BatchSettings, make_loss
-from src.training_state import TrainingState, check_resumable
+from src.train.dataset_contract import checked_dataset
+from src.train.loop import BatchPrep, BatchSettings, make_loss
+from src.train.training_state import TrainingState, check_resumable
 
 
 def seed_everything(seed: int) -> None:

@@ -1,8 +1,8 @@
 """By how much this project's PASCAL samples differ from the tutorial's: labels, pixels, SBD.
 
-    python -m src.tools.tutorial_differences --synthetic 200
-    python -m src.tools.tutorial_differences --voc-dir data/voc --split val
-    python -m src.tools.tutorial_differences --voc-dir data/voc --sbd-dir data/sbd --split train
+    python -m benchmarks.tutorial_differences --synthetic 200
+    python -m benchmarks.tutorial_differences --voc-dir data/voc --split val
+    python -m benchmarks.tutorial_differences --voc-dir data/voc --sbd-dir data/sbd --split train
 
 Over the images of one VOC 2012 split, the tutorial's sample (benchmark_loader.tutorial_sample:
 ToTensor -> Normalize -> bicubic F.interpolate on float; labels from the mask resized to S x S
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from benchmarks.common import add_source_flags, check_source_flags, run_in_temporary_folder
 from src.errors import DataError
-from src.tools.measure_cli import add_source_flags, check_source_flags, run_in_temporary_folder
 
 if TYPE_CHECKING:
     from load_dataset.custom_pascal import PascalVOC2012
@@ -79,8 +79,8 @@ def compare_split(dataset: PascalVOC2012, size: int) -> tuple[dict, AbsDiffStats
     """Label and pixel differences over every image of a PascalVOC2012 (augment 'none')."""
     import torch
 
+    from benchmarks.loader import tutorial_sample
     from load_dataset.custom_pascal import read_mask
-    from src.tools.benchmark_loader import tutorial_sample
 
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in dataset.mean_std)
     grey_per_unit = (std * 255).numpy()
@@ -160,7 +160,7 @@ def format_report(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m src.tools.tutorial_differences",
+        prog="python -m benchmarks.tutorial_differences",
         description="By how much this project's PASCAL labels and inputs differ from the "
         "tutorial's.",
     )
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """The comparison with parsed arguments; `tmp` holds the synthetic tree."""
+    from benchmarks.loader import machine_line
     from load_dataset.custom_pascal import PascalVOC2012
     from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
-    from src.tools.benchmark_loader import machine_line
 
     if args.synthetic is not None:
         n_train, n_val = (args.synthetic, 1) if args.split == "train" else (1, args.synthetic)

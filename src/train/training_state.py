@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src import checkpoint as ckpt_io
+import src.train.checkpoint as ckpt_io
 from src.config import (
     RESUME_MAY_CHANGE,
     TRAINING_SECTIONS,
@@ -34,8 +34,8 @@ from src.config import (
     config_mismatch,
     flatten,
 )
-from src.early_stopping import EarlyStoppingState, early_stopping_state
 from src.errors import CheckpointError
+from src.train.early_stopping import EarlyStoppingState, early_stopping_state
 
 FIRST_EPOCH = 1
 

@@ -3,7 +3,7 @@
 # GPU: Demo-3's smoke command on a synthetic VOC tree with random weights, then
 # benchmark_train at 320 px, batch 64, bf16 and channels_last, without and with compile.
 #
-#   bash src/tools/gpu_benchmark.sh [OUT]        # OUT: where the logs and CSVs go (default results/gpu)
+#   bash benchmarks/gpu_benchmark.sh [OUT]        # OUT: where the logs and CSVs go (default results/gpu)
 #
 # A machine without the package index: install MLflow and the rest from wheels downloaded
 # beforehand (`pip download -r requirements.txt -d wheels`), with
@@ -20,5 +20,5 @@ $PY -m load_dataset.generators.make_synthetic_voc --out "$OUT/voc" --n 512 --n-v
 time $PY Demo-3-VGG16-PASCAL.py --voc-dir "$OUT/voc" --sbd-dir '' --no-pretrained \
     --epochs 2 --results-dir "$OUT/results" 2>&1 | tee "$OUT/demo3.log"
 
-time $PY -m src.tools.benchmark_train --image-size 320 --batch-size 64 --amp bf16 \
+time $PY -m benchmarks.train --image-size 320 --batch-size 64 --amp bf16 \
     --channels-last on --compile off on --out "$OUT/benchmark_train" 2>&1 | tee "$OUT/benchmark_train.log"

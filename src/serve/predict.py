@@ -1,6 +1,6 @@
 """Predictions of a trained model on your own images, and heatmaps of what it looked at.
 
-    python -m src.predict SOURCE IMAGES... [--out predictions.csv] [--threshold T ...]
+    python -m src.serve.predict SOURCE IMAGES... [--out predictions.csv] [--threshold T ...]
                           [--explain] [--cam hirescam|gradcam] [--target-layer NAME]
 
 SOURCE: a run id, a run's results folder (holding best.pt) or an MLflow model URI
@@ -34,7 +34,9 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m src.serve.predict", description=__doc__.splitlines()[0]
+    )
     p.add_argument("source", help="a run id, a results folder or a model URI")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", default="predictions.csv", help="the CSV to write")
@@ -50,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def model_uri(source: str, tracking_uri: str | None) -> tuple[str, str]:
     """(the MLflow model URI of SOURCE, the tracking URI it is read from)."""
-    from src import checkpoint as ckpt_io
+    import src.train.checkpoint as ckpt_io
     from src import tracking
     from src.config import from_dict
 
@@ -142,7 +144,7 @@ def write_explanations(classifier: Any, read, table, args: argparse.Namespace) -
     """For each image and each predicted label: the overlay of that label's heatmap."""
     from PIL import Image
 
-    from src import explain
+    import src.serve.explain as explain
 
     folder = Path(args.explain_dir or Path(args.out).with_suffix("").as_posix() + "_explanations")
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,8 +179,8 @@ def report(table: Any, out: Path, failed: list[tuple[str, str]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        from src import model_package
-        from src.build import pick_device
+        import src.serve.model_package as model_package
+        from src.train.build import pick_device
 
         uri, store = model_uri(args.source, args.tracking_uri)
         with model_package.tracking_uri_set(store):  # MLflow reads models:/ and runs:/ there

@@ -20,7 +20,7 @@ from typing import Any
 from src import interrupts, tracking
 from src.config import ExperimentConfig
 from src.distributed import is_main_process
-from src.experiment import RunResult, results_dir, run
+from src.train.experiment import RunResult, results_dir, run
 
 SUMMARY_KEYS = ("val_auroc_mean", "val_ap_mean")
 

@@ -2,7 +2,7 @@
 CSV, a per-class metrics CSV and the learning curves, written under the results folder and
 logged to MLflow; then the per-label thresholds chosen on the validation split, the gallery of
 explanations (`plots/explanations.png`) and the best weights as the MLflow model `model` of the
-run (src/model_package.py), registered when `run.register_model` names it."""
+run (src/serve/model_package.py), registered when `run.register_model` names it."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from src import checkpoint as ckpt_io
+import src.train.checkpoint as ckpt_io
 from src import distributed as ddp
 from src import evaluate
-from src.build import build_loader
-from src.loop import epoch_metrics, predict
+from src.train.build import build_loader
+from src.train.loop import epoch_metrics, predict
 
 if TYPE_CHECKING:
-    from src.build import Trainer
+    from src.train.build import Trainer
 
 
 Files = list[tuple[Path, str]]  # (a file, the run's artifact folder it goes to)
@@ -89,10 +89,10 @@ def write_thresholds(t: Trainer, chosen: list[tuple[float, float]]) -> Files:
 
 def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
     """`plots/explanations.png`: the first validation images (with a true label), their true
-    labels, probabilities and the heatmap of each true class (src/explain.py)."""
-    from src import explain
+    labels, probabilities and the heatmap of each true class (src/serve/explain.py)."""
+    import src.serve.explain as explain
     from src.errors import ConfigError
-    from src.model_inputs import input_transform_of
+    from src.serve.model_inputs import input_transform_of
 
     ds, cfg = t.datasets["val"], t.config.explain
     try:
@@ -124,7 +124,7 @@ def log_model_package(
     `done()`, which waits for it and prints where it is: with a tracking process
     (src/tracking_service.py), that process logs it meanwhile."""
     from src import interrupts, tracking_service
-    from src.model_inputs import MODEL_NAME, input_transform_of
+    from src.serve.model_inputs import MODEL_NAME, input_transform_of
 
     ds, config = t.datasets["val"], t.config
     transform = input_transform_of(ds)
@@ -149,7 +149,7 @@ def log_model_package(
         number = service.submit("log_model", classifier_args, *where, config.run.register_model)
         wait = lambda: service.result(number)  # noqa: E731
     else:
-        from src import model_package as mp
+        import src.serve.model_package as mp
 
         with interrupts.mlflow_call():
             info = mp.log_model(

@@ -5,7 +5,7 @@
     python -m src.sweep ... --workers 4 --devices 0,1,2,3      # 4 trials at once, a GPU each
     python -m src.sweep ... --storage postgresql://user@db/optuna --study-name lr-wd  # per machine
 
-The space file (src/sweep_space.py) names the config keys to vary, the objective (default:
+The space file (src/sweep/space.py) names the config keys to vary, the objective (default:
 maximize val_auroc_mean at the best epoch), the sampler and the pruner. The experiment file
 and the flags shared with the Demos make the base config. Optuna's study, in `--storage`
 (default: optuna.db next to the MLflow store), records the trials: running the same command
@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src import interrupts, sweep_study, tracking
+import src.sweep.study as sweep_study
+from src import interrupts, tracking
 from src.config import REPO_ROOT, ExperimentConfig
 from src.errors import ConfigError, TrackingError, UserError, print_user_error
 from src.flags import FlagParser, add_config_flags, load_from_args
-from src.sweep_space import SweepSpace, make_pruner, make_sampler, read_space
-from src.sweep_trial import SweepPlan
+from src.sweep.space import SweepSpace, make_pruner, make_sampler, read_space
+from src.sweep.trial import SweepPlan
 
 POLL_S = 1.0
 STOP_WAIT_S = 300.0  # how long stopped workers may take to mark their runs KILLED
@@ -101,9 +102,9 @@ def run_sweep(
 
 
 def _run(parent, outcome: SweepOutcome, workers: int, devices: list[str], on_finish) -> Any:
-    from src.multirun import same_command
-    from src.sweep_report import Progress
-    from src.sweep_trial import work
+    from src.sweep.multirun import same_command
+    from src.sweep.report import Progress
+    from src.sweep.trial import work
 
     plan, study = outcome.plan, outcome.study
     try:
@@ -203,7 +204,7 @@ def open_parent(config, study, created: bool, name: str, tags, trials: int, spac
 
 
 def run_workers(plan: SweepPlan, workers: int, devices: list[str], progress: Any) -> None:
-    """`workers` processes (`python -m src.sweep_trial`), until each has ended; a worker
+    """`workers` processes (`python -m src.sweep.trial`), until each has ended; a worker
     that fails or is stopped stops the others (their running trials end KILLED)."""
     folder = sweep_folder(plan.config, plan.study_name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,7 @@ def start_worker(i: int, workers: int, devices: list[str], folder: Path) -> subp
         env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
     log = open(folder / f"worker-{i}.log", "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "src.sweep_trial", str(folder / "plan.json")],
+        [sys.executable, "-m", "src.sweep.trial", str(folder / "plan.json")],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,
@@ -292,7 +293,7 @@ def stop_workers(procs: list[subprocess.Popen], signum: int) -> None:
 def log_sweep_summary(parent: Any, outcome: SweepOutcome) -> None:
     import pandas as pd
 
-    from src.sweep_report import describe_best, log_final
+    from src.sweep.report import describe_best, log_final
 
     folder = sweep_folder(outcome.plan.config, outcome.plan.study_name)
     table = log_final(parent, outcome.study, outcome.plan, folder)

@@ -3,14 +3,15 @@
 Its public entry is `src.run_experiment` (the tutorial's name): `run(config)` and the command
 line `python -m src.run_experiment experiments/X.toml`.
 
-`run(config)` trains in three steps: `set_up` (src/build.py: seeds, device, the datasets checked
-against the dataset contract, loaders, model, and the training state, restored when resuming)
-returns the trainer; `fit` is the epoch loop (train, validate, log, checkpoint, stop early);
+`run(config)` trains in three steps: `set_up` (src/train/build.py: seeds, device, the datasets
+checked against the dataset contract, loaders, model, and the training state, restored when
+resuming) returns the trainer; `fit` is the epoch loop (train, validate, log, checkpoint, stop
+early);
 `finish` evaluates the best weights again and logs their plots, predictions and per-class
-table with the run. The training state (src/training_state.py) saves and restores itself.
+table with the run. The training state (src/train/training_state.py) saves and restores itself.
 
-The other pieces: `src/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch_metrics`),
-`src/outputs.py` (what a finished run leaves); `src/cli.py` is the command line.
+The other pieces: `src/train/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch_metrics`),
+`src/train/outputs.py` (what a finished run leaves); `src/cli.py` is the command line.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from typing import Any
 
 import torch
 
-from src import checkpoint as ckpt_io
+import src.train.checkpoint as ckpt_io
 from src import distributed as ddp
 from src import interrupts, tracking
-from src.build import (
+from src.config import ExperimentConfig
+from src.errors import ConfigError, NonFiniteLossError
+from src.train.build import (
     Trainer,
     build_dataset,
     build_loader,
@@ -39,9 +42,7 @@ from src.build import (
     seed_everything,
     set_up,
 )
-from src.config import ExperimentConfig
-from src.errors import ConfigError, NonFiniteLossError
-from src.loop import (
+from src.train.loop import (
     BatchPrep,
     BatchSettings,
     epoch_metrics,
@@ -50,9 +51,9 @@ from src.loop import (
     predict,
     train_one_epoch,
 )
-from src.outputs import log_best_outputs, write_split_outputs
-from src.run_lock import run_lock
-from src.training_state import check_weights_fit, check_weights_load, weights_epoch
+from src.train.outputs import log_best_outputs, write_split_outputs
+from src.train.run_lock import run_lock
+from src.train.training_state import check_weights_fit, check_weights_load, weights_epoch
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """What the training loop costs: this repository's training step against a bare PyTorch step,
 and the whole Demo-2 process against a bare script doing the same work.
 
-    python -m src.tools.benchmark_train                  # Demo-3's VGG16 on synthetic batches
-    python -m src.tools.benchmark_train --image-size 96 --batch-size 8 --device cpu
-    python -m src.tools.benchmark_train --amp off bf16 --channels-last off on --compile
-    python -m src.tools.benchmark_train --whole-run --repeats 3
+    python -m benchmarks.train                  # Demo-3's VGG16 on synthetic batches
+    python -m benchmarks.train --image-size 96 --batch-size 8 --device cpu
+    python -m benchmarks.train --amp off bf16 --channels-last off on --compile
+    python -m benchmarks.train --whole-run --repeats 3
 
 Step benchmark. The model of --config (default experiments/demo3_vgg16_pascal.toml: VGG16
 with 20 outputs) with its --set overrides, randomly initialized (as --no-pretrained: nothing
@@ -18,7 +18,7 @@ the device:
 
 | step | per batch                                                                         |
 | ---- | --------------------------------------------------------------------------------- |
-| repo | src.loop.train_one_epoch over a list of --steps batches: BatchPrep, autocast,      |
+| repo | src.train.loop.train_one_epoch over a list of --steps batches: BatchPrep, autocast,      |
 |      | loss, zero_grad, backward, step, the loss sum, a NaN check every 20 steps, tqdm    |
 | bare | written below: to the device (uint8 normalized there), forward, BCEWithLogits,     |
 |      | backward, optimizer.step, zero_grad                                                |
@@ -58,9 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from benchmarks.common import run_in_temporary_folder
 from src.config import AMP_MODES, REPO_ROOT
 from src.errors import ConfigError, UserError, one_line, print_user_error
-from src.tools.measure_cli import run_in_temporary_folder
 
 DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_train"
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo3_vgg16_pascal.toml"
@@ -172,7 +172,7 @@ def training_step_flops(config, x_shape: tuple[int, ...], n_labels: int) -> floa
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from src.build import build_model
+    from src.train.build import build_model
 
     try:
         with torch.device("meta"):
@@ -199,13 +199,13 @@ def time_steps(config, variant: Variant, args: argparse.Namespace, device) -> tu
     import torch
 
     from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
-    from src.build import build_model, build_optimizer, seed_everything
-    from src.loop import BatchPrep, BatchSettings, make_loss, train_one_epoch
+    from src.train.build import build_model, build_optimizer, seed_everything
+    from src.train.loop import BatchPrep, BatchSettings, make_loss, train_one_epoch
 
     cuda = device.type == "cuda"
     seed_everything(config.run.seed)
     model = build_model(config).to(device)
-    if variant.channels_last:  # as src.build does
+    if variant.channels_last:  # as src.train.build does
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if variant.compile else model
     optimizer = build_optimizer(config, model)
@@ -329,8 +329,8 @@ def load_step_config(args: argparse.Namespace):
     where the model takes vgginit or pretrained)."""
     import inspect
 
-    from src.build import import_class
     from src.flags import load_from_args
+    from src.train.build import import_class
 
     flags = argparse.Namespace(set=args.set, image_size=args.image_size, no_pretrained=False)
     config = load_from_args(args.config, flags)
@@ -344,9 +344,9 @@ def load_step_config(args: argparse.Namespace):
 def step_benchmark(args: argparse.Namespace) -> int:
     import torch
 
-    from src.build import build_model, device_name, pick_device, set_determinism
+    from benchmarks.loader import cpu_model
     from src.flags import load_from_args
-    from src.tools.benchmark_loader import cpu_model
+    from src.train.build import build_model, device_name, pick_device, set_determinism
 
     config = load_from_args(args.config, argparse.Namespace(set=args.set))
     device = pick_device(args.device or config.run.device)
@@ -591,7 +591,7 @@ STEP_FLAGS += ("steps", "warmup", "pixels")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
-        prog="python -m src.tools.benchmark_train",
+        prog="python -m benchmarks.train",
         description="This repository's training step (or whole Demo-2 run) against bare PyTorch.",
     )
     a = parser.add_argument

@@ -1,0 +1,1 @@
+"""What measures the repository: training step, loader, sweep, the tutorial's differences."""

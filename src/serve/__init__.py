@@ -1,0 +1,1 @@
+"""Serving a trained run: the MLflow pyfunc model, predictions on new images and heatmaps."""
