@@ -208,8 +208,8 @@ def test_plots_draw_one_coloured_line_per_class(tmp_path):
 
 
 def test_write_csv_writes_what_pandas_to_csv_writes(tmp_path):
-    """The run's tables are written without pandas; a reader sees the same file: float32
-    probabilities at their shortest, Python floats in full, ints, and NaN as an empty cell."""
+    """The run's tables: float32 probabilities at their shortest, Python floats in full, ints,
+    a name with a comma quoted, and NaN as an empty cell; what pandas' to_csv writes."""
     import pandas as pd
 
     table = {
@@ -220,3 +220,8 @@ def test_write_csv_writes_what_pandas_to_csv_writes(tmp_path):
     }
     path = evaluate.write_csv(tmp_path / "tables" / "t.csv", table)
     assert path.read_text() == pd.DataFrame(table).to_csv(index=False)
+    assert path.read_text() == (
+        "name,prob_x,auroc,label_x\n"
+        "a.png,0.12345679,0.30000000000000004,1\n"
+        '"b, c.png",1e-08,,0\n'
+    )
