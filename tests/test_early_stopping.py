@@ -1,4 +1,5 @@
-"""src.train.early_stopping: scripted validation-loss histories with hand-written expectations."""
+"""Early stopping (src.train.training_state): scripted validation-loss histories, hand-written
+expectations."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from src.train.early_stopping import (
+from src.train.training_state import (
     EarlyStoppingState,
     early_stopping_state,
     improved_at_last_epoch,

@@ -1,4 +1,4 @@
-"""Checkpoints written atomically and read back with `weights_only=True`.
+"""Checkpoints written atomically and read back with `weights_only=True`, and the run's lock.
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts, so loading it never
 runs pickled code. `last.pt` carries everything a resumed run needs; `best.pt` the best
@@ -6,14 +6,24 @@ weights and the epoch they come from.
 
 `BackgroundWriter` takes the writing off the training's critical path: the caller hands it a
 copy (`cpu_copy`) and a background thread does `torch.save`, fsync and rename.
+
+`run_lock`: one process per run at a time. A run holds a lock on its results folder from
+start (or resume) to end, so the same run resumed twice at once, or resumed while it still
+trains, is refused in one line instead of two processes writing the same `last.pt` and
+logging every epoch twice. The lock is the kernel's (`flock`): a process that dies, even by
+SIGKILL, lets it go.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
+import os
 import random
+import socket
 import threading
-from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,8 @@ import torch
 
 from load_dataset.utils import atomic_file
 from src.errors import CheckpointError
+
+LOCK_NAME = ".lock"
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -37,31 +49,22 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, f)
 
 
-_IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None)})
-
-
-def cpu_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+def cpu_copy(obj: Any) -> Any:
     """A copy of `obj` that nothing the training does afterwards can change: tensors copied to
-    the CPU (a CUDA tensor's copy waits for the GPU), dicts, lists and tuples rebuilt, other
-    values deep-copied. A state dict's `_metadata` (module versions, which `load_state_dict`
-    reads) is kept; an object reached twice (the weights of best.pt and last.pt) is copied once."""
-    if type(obj) in _IMMUTABLE:  # most of a state: the history's and the RNGs' numbers
-        return obj
-    memo = {} if memo is None else memo
-    if id(obj) in memo:
-        return memo[id(obj)]
-    if isinstance(obj, torch.Tensor):
-        out: Any = obj.detach().to("cpu", copy=True)
-    elif type(obj) in (dict, OrderedDict):
-        out = type(obj)((k, cpu_copy(v, memo)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):
-            out._metadata = copy.deepcopy(obj._metadata)
-    elif type(obj) in (list, tuple):
-        out = type(obj)(cpu_copy(v, memo) for v in obj)
-    else:  # numbers, strings, and what a part's state_dict may hold besides
-        out = copy.deepcopy(obj)
-    memo[id(obj)] = out
-    return out
+    the CPU (a CUDA tensor's copy waits for the GPU), the rest deep-copied, a state dict's
+    `_metadata` (module versions, which `load_state_dict` reads) with it; an object reached
+    twice (the weights of best.pt and last.pt) is copied once."""
+    memo: dict[int, Any] = {}
+    todo = [obj]
+    while todo:  # the tensors' copies first: `deepcopy` takes what `memo` holds as the copy
+        item = todo.pop()
+        if isinstance(item, torch.Tensor) and id(item) not in memo:
+            memo[id(item)] = item.detach().to("cpu", copy=True)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return copy.deepcopy(obj, memo)
 
 
 class BackgroundWriter:
@@ -81,9 +84,8 @@ class BackgroundWriter:
 
     def submit(self, files: list[tuple[dict[str, Any], Path]]) -> None:
         self.wait()
-        thread = threading.Thread(target=self._write, args=(files,), name="checkpoint-writer")
-        thread.start()
-        self._thread = thread
+        self._thread = threading.Thread(target=self._write, args=(files,), name="checkpoint-writer")
+        self._thread.start()
 
     def wait(self) -> None:
         """Block until the write in flight is done; raise its error, if it had one."""
@@ -130,16 +132,9 @@ def load_checkpoint(path: str | Path, name: str = "last.pt") -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states, as tensors and plain values."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [
-            np_state[0],
-            torch.from_numpy(np_state[1].copy()),
-            *map(float, np_state[2:]),
-        ],
-        "torch": torch.get_rng_state(),
-    }
+    name, keys, *numbers = np.random.get_state()
+    numpy = [name, torch.from_numpy(keys.copy()), *map(float, numbers)]
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -176,32 +171,57 @@ def _checked_rng_state(state: Any) -> tuple[tuple, tuple, torch.Tensor, list[tor
     for part in ("python", "numpy", "torch"):
         if part not in state:
             raise ValueError(f"'rng' has no {part!r} state")
+    part, cuda = "python", state.get("cuda", [])
     try:
         version, internal, gauss_next = state["python"]
         python = (version, tuple(internal), gauss_next)
         random.Random().setstate(python)
-    except Exception:
-        raise ValueError("'rng.python' is not a state of Python's random generator") from None
-    try:
+        part = "numpy"
         name, keys, pos, has_gauss, cached = state["numpy"]
-        if not (isinstance(keys, torch.Tensor) and keys.dtype == torch.uint32):
-            raise TypeError  # what `rng_state` stores; NumPy would cast any other
+        _require(isinstance(keys, torch.Tensor) and keys.dtype == torch.uint32)  # NumPy casts
         numpy = (name, keys.numpy(), int(pos), int(has_gauss), float(cached))
         np.random.RandomState().set_state(numpy)
+        part = "torch"
+        _require(isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8)
+        torch.Generator().set_state(state["torch"])
+        part = "cuda"
+        _require(isinstance(cuda, (list, tuple)))
+        _require(all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda))
     except Exception:
-        raise ValueError("'rng.numpy' is not a state of NumPy's random generator") from None
-    cpu = state["torch"]
-    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8):
-        raise ValueError("'rng.torch' is not torch's random state (a uint8 tensor)")
-    try:
-        torch.Generator().set_state(cpu)
-    except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise ValueError(f"'rng.torch' is not torch's random state ({reason})") from None
-    cuda = state.get("cuda", [])
-    if not (
-        isinstance(cuda, (list, tuple))
-        and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda)
-    ):
-        raise ValueError("'rng.cuda' is not a list of CUDA random states (uint8 tensors)")
-    return python, numpy, cpu, list(cuda)
+        raise ValueError(f"'rng.{part}' is not {_RNG_STATES[part]}") from None
+    return python, numpy, state["torch"], list(cuda)
+
+
+def _require(condition: bool) -> None:
+    if not condition:
+        raise TypeError  # the same as a setter's refusal: not a state of that generator
+
+
+_RNG_STATES = {
+    "python": "a state of Python's random generator",
+    "numpy": "a state of NumPy's random generator",
+    "torch": "torch's random state (a uint8 tensor)",
+    "cuda": "a list of CUDA random states (uint8 tensors)",
+}
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CheckpointError(
+                f"The run in {folder} is in use by {holder}; wait for it to end (or stop it) "
+                "before resuming it."
+            ) from None
+        except OSError:  # a file system without locks (some NFS mounts): run unguarded
+            pass
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield

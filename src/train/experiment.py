@@ -42,6 +42,7 @@ from src.train.build import (
     seed_everything,
     set_up,
 )
+from src.train.checkpoint import run_lock
 from src.train.loop import (
     BatchPrep,
     BatchSettings,
@@ -52,7 +53,6 @@ from src.train.loop import (
     train_one_epoch,
 )
 from src.train.outputs import log_best_outputs, write_split_outputs
-from src.train.run_lock import run_lock
 from src.train.training_state import check_weights_fit, check_weights_load, weights_epoch
 
 

@@ -6,6 +6,12 @@ checkpoint is the list of parts read in one direction and a resume the same list
 other. The per-epoch history is stored; what follows from it is not: the last epoch, the best
 epoch, the count of bad epochs and whether early stopping has stopped the run.
 
+Early stopping is a pure function of the validation-loss history (`early_stopping_state`):
+`val_losses[0]` is epoch 1. The best epoch is the one with the lowest validation loss; an
+improvement is strictly lower than the best so far (on a tie the earlier epoch stays best),
+and a loss that is not finite (NaN, inf) never improves. Patience 0 turns early stopping
+off.
+
 Inside `saves_in_background` a save copies the state and a background thread writes it (at
 most one save in flight); leaving that block waits for the last save, so nothing reads a
 checkpoint that is still being written.
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,51 @@ from src.config import (
     flatten,
 )
 from src.errors import CheckpointError
-from src.train.early_stopping import EarlyStoppingState, early_stopping_state
 
 FIRST_EPOCH = 1
+
+
+@dataclass(frozen=True)
+class EarlyStoppingState:
+    """Where early stopping stands after the epochs seen so far.
+
+    best_epoch: 1-based epoch with the lowest validation loss; 0 when there is none yet
+        (no epoch, or no finite loss).
+    best_val_loss: that epoch's loss; `math.inf` when there is none.
+    bad_epochs: epochs since the best one (0 right after an improvement; every epoch when
+        there is no best yet).
+    stopped: patience > 0 and bad_epochs >= patience.
+    """
+
+    best_epoch: int
+    best_val_loss: float
+    bad_epochs: int
+    stopped: bool
+
+
+def early_stopping_state(val_losses: Sequence[float], patience: int) -> EarlyStoppingState:
+    """The state after epochs 1..len(val_losses), one validation loss per epoch.
+
+    `patience` is how many epochs without a strict improvement end training; 0 never stops.
+    """
+    if patience < 0:
+        raise ValueError(f"patience must be 0 (off) or a positive number of epochs, not {patience}")
+    best_epoch, best_loss, bad_epochs = 0, math.inf, 0
+    for epoch, loss in enumerate(map(float, val_losses), start=1):
+        # A diverged epoch (NaN or inf) must never become the best one to restore.
+        if math.isfinite(loss) and loss < best_loss:
+            best_epoch, best_loss, bad_epochs = epoch, loss, 0
+        else:
+            bad_epochs += 1
+    stopped = patience > 0 and bad_epochs >= patience
+    return EarlyStoppingState(best_epoch, best_loss, bad_epochs, stopped)
+
+
+def improved_at_last_epoch(val_losses: Sequence[float]) -> bool:
+    """True when the last epoch is the new best (strictly lower than every earlier epoch);
+    False for an empty history or a NaN last loss."""
+    n = len(val_losses)
+    return n > 0 and early_stopping_state(val_losses, patience=0).best_epoch == n
 
 
 class RandomState:
@@ -58,12 +107,7 @@ class TrainingState:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        optimizer: Any,
-        scheduler: Any | None,
-        scaler: Any | None,
-        patience: int,
+        self, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, patience: int
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -71,12 +115,8 @@ class TrainingState:
         self.patience = patience
         self.history: list[dict[str, float]] = []
         self.run_id = ""
-        self.parts: dict[str, Any] = {"model": model, "optimizer": optimizer}
-        if scheduler is not None:
-            self.parts["scheduler"] = scheduler
-        if scaler is not None:
-            self.parts["scaler"] = scaler
-        self.parts["rng"] = RandomState()
+        parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+        self.parts = {k: v for k, v in parts.items() if v is not None} | {"rng": RandomState()}
         self._writer: ckpt_io.BackgroundWriter | None = None  # set by `saves_in_background`
 
     # ------------------------------------------------------------ derived from the history
@@ -94,7 +134,7 @@ class TrainingState:
     def end_epoch(self, metrics: dict[str, float]) -> bool:
         """Record the metrics of the next epoch; True when it is the new best epoch."""
         self.history.append({"epoch": self.epoch + 1, **metrics})
-        return self.early.best_epoch == self.epoch
+        return improved_at_last_epoch([h["val_loss"] for h in self.history])
 
     # ------------------------------------------------------------ checkpoints
 
@@ -121,18 +161,10 @@ class TrainingState:
                 f"{source} has no {missing[0]!r} state although this config needs one; "
                 "resume with the config of the run that wrote it."
             )
-        problem = (
-            _weights_problem(self.model, state["model"])
-            or _optimizer_problem(self.optimizer, state["optimizer"])
-            or (
-                _scheduler_problem(self.scheduler, state["scheduler"])
-                if self.scheduler is not None
-                else None
-            )
-            or ckpt_io.rng_state_problem(state["rng"])
-            or _history_problem(state.get("history"), state.get("run_id"))
-        )
-        if problem:
+        for key, check in _CHECKS.items():
+            if key in self.parts and (problem := check(self.parts[key], state[key])):
+                raise _unusable(source, problem)
+        if problem := _history_problem(state.get("history"), state.get("run_id")):
             raise _unusable(source, problem)
         for key, part in self.parts.items():
             try:
@@ -184,16 +216,12 @@ class TrainingState:
         writer = self._writer = ckpt_io.BackgroundWriter()
         try:
             yield
-        except BaseException:
+            writer.wait()  # a failed write is raised here; nothing is left to report below
+        except BaseException:  # (a signal during that wait too: the write completes first)
             _wait_reporting_failure(writer)
             raise
         finally:
             self._writer = None
-        try:
-            writer.wait()
-        except KeyboardInterrupt:  # a signal during the wait: the write still completes first
-            _wait_reporting_failure(writer)
-            raise
 
 
 def _wait_reporting_failure(writer: ckpt_io.BackgroundWriter) -> None:
@@ -203,13 +231,9 @@ def _wait_reporting_failure(writer: ckpt_io.BackgroundWriter) -> None:
     try:
         writer.wait()
     except Exception as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        print(
-            f"warning: the last checkpoint was not written ({type(e).__name__}: {reason}); "
-            "last.pt holds an earlier epoch.",
-            file=sys.stderr,
-            flush=True,
-        )
+        reason = f"{type(e).__name__}: {' '.join(str(e).split()) or type(e).__name__}"
+        warning = f"the last checkpoint was not written ({reason}); last.pt holds an earlier epoch."
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def weights_epoch(state: dict[str, Any]) -> int:
@@ -239,10 +263,8 @@ def check_resumable(state: dict[str, Any], config: ExperimentConfig, path: Path)
         )
     _check_fits(state, config, path, TRAINING_SECTIONS, RESUME_MAY_CHANGE)
     # Before the datasets are read and the MLflow run is reopened: what needs no model.
-    problem = ckpt_io.rng_state_problem(state.get("rng")) or _history_problem(
-        state.get("history"), state.get("run_id")
-    )
-    if problem:
+    rng, history, run_id = state.get("rng"), state.get("history"), state.get("run_id")
+    if problem := ckpt_io.rng_state_problem(rng) or _history_problem(history, run_id):
         raise _unusable(path, problem)
 
 
@@ -253,8 +275,7 @@ def check_weights_fit(state: dict[str, Any], config: ExperimentConfig, path: Pat
 
 def check_weights_load(model: nn.Module, state: dict[str, Any], path: Path) -> None:
     """CheckpointError unless the checkpoint's weights load into `model` as they are."""
-    problem = _weights_problem(model, state.get("model"))
-    if problem is not None:
+    if problem := _weights_problem(model, state.get("model")):
         raise CheckpointError(
             f"{path} does not fit this model: its {problem}; predict with the config of the run "
             "that wrote it."
@@ -323,56 +344,40 @@ def _is_number(value: Any) -> bool:
 def _optimizer_problem(optimizer: Any, saved: Any) -> str | None:
     """What `optimizer.load_state_dict(saved)` would take but the next step would fail on:
     per-parameter buffers of another shape, hyperparameters that are no numbers."""
-    if not (
-        isinstance(saved, dict)
-        and isinstance(saved.get("state"), dict)
-        and isinstance(saved.get("param_groups"), list)
-    ):
-        return "'optimizer' is not an optimizer's state (a dict of 'state' and 'param_groups')"
-    groups = saved["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        return (
-            f"'optimizer' has {len(groups)} parameter group(s), the optimizer "
-            f"{len(optimizer.param_groups)}"
-        )
-    for i, (group, own) in enumerate(zip(groups, optimizer.param_groups)):
-        ids = group.get("params") if isinstance(group, dict) else None
-        if not isinstance(ids, list) or len(ids) != len(own["params"]):
-            return f"'optimizer' parameter group {i} does not hold the model's parameters"
-        for key, value in own.items():
-            if _is_number(value) and key in group and not _is_number(group[key]):
-                return f"'optimizer' {key} = {group[key]!r} is not a finite number"
-        for pid, param in zip(ids, own["params"]):
-            buffers = saved["state"].get(pid, {})
-            if not isinstance(buffers, dict):
-                return f"'optimizer' state of parameter {pid} is not a dict"
-            for name, value in buffers.items():
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value.dim() > 0
-                    and value.shape != param.shape
-                ):
-                    return (
-                        f"'optimizer' {name!r} of parameter {pid} has shape {_shape(value)}, "
-                        f"the parameter {_shape(param)}"
-                    )
+    try:
+        groups = list(zip(saved["param_groups"], optimizer.param_groups, strict=True))
+        params = [
+            pair for g, own in groups for pair in zip(g["params"], own["params"], strict=True)
+        ]
+        buffers = {pid: dict(saved["state"].get(pid, {})) for pid, _ in params}
+    except Exception:  # not a dict of 'state' and 'param_groups' holding the model's parameters
+        return "'optimizer' is not a state of this optimizer (its parameter groups differ)"
+    for group, own in groups:
+        if problem := _numbers_problem("optimizer", own, group):
+            return problem
+    for pid, param in params:
+        for name, value in buffers[pid].items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                return (
+                    f"'optimizer' {name!r} of parameter {pid} has shape {_shape(value)}, "
+                    f"the parameter {_shape(param)}"
+                )
     return None
 
 
-def _scheduler_problem(scheduler: Any, saved: Any) -> str | None:
-    """A learning-rate schedule takes any dict (`__dict__.update`); its numbers must be numbers."""
+def _numbers_problem(part: str, own: dict[str, Any], saved: Any) -> str | None:
+    """A learning-rate schedule takes any dict (`__dict__.update`), an optimizer any group:
+    where this run's state holds a finite number, or a list of them, so must `saved`."""
     if not isinstance(saved, dict):
-        return f"'scheduler' is a {type(saved).__name__}, not a dict"
-    for key, value in scheduler.state_dict().items():
-        if key not in saved:
-            continue
-        theirs = saved[key]
+        return f"'{part}' is a {type(saved).__name__}, not a dict"
+    for key, value in own.items():
+        theirs = saved.get(key, value)
         if _is_number(value) and not _is_number(theirs):
-            return f"'scheduler' {key} = {theirs!r} is not a finite number"
+            return f"'{part}' {key} = {theirs!r} is not a finite number"
         if isinstance(value, list) and not (
             isinstance(theirs, list) and len(theirs) == len(value) and all(map(_is_number, theirs))
         ):
-            return f"'scheduler' {key} = {theirs!r} is not {len(value)} finite number(s)"
+            return f"'{part}' {key} = {theirs!r} is not {len(value)} finite number(s)"
     return None
 
 
@@ -391,3 +396,14 @@ def _history_problem(history: Any, run_id: Any) -> str | None:
         ):
             return f"'history' entry {i} is not epoch {FIRST_EPOCH + i} with a val_loss"
     return None
+
+
+# What each part's own `load_state_dict` would take silently and fail on later.
+_CHECKS = {
+    "model": _weights_problem,
+    "optimizer": _optimizer_problem,
+    "scheduler": lambda scheduler, saved: _numbers_problem(
+        "scheduler", scheduler.state_dict(), saved
+    ),
+    "rng": lambda _, saved: ckpt_io.rng_state_problem(saved),
+}
