@@ -133,9 +133,8 @@ def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
     classes = [explain.classes_to_show(ds.labels[i], p) for i, p in zip(rows, probs)]
     x = classifier.model_inputs(images)
     maps = explain.heatmaps(classifier.net, x, classes, "hirescam", classifier.target_layer)
-    true = [[int(k) for k in np.flatnonzero(ds.labels[i])] for i in rows]
     meanings = classifier.label_meanings
-    return explain.save_gallery(images, classes, true, probs, maps, meanings, out)
+    return explain.save_gallery(images, ds.labels[rows], probs, maps, meanings, out)
 
 
 def main(argv: list[str] | None = None) -> int:

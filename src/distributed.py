@@ -32,9 +32,7 @@ class DistInfo:
 
 def is_main_process() -> bool:
     """True outside torchrun and in its rank 0 (readable before the process group exists)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return True
-    return os.environ["RANK"] == "0"
+    return "WORLD_SIZE" not in os.environ or os.environ.get("RANK", "0") == "0"
 
 
 def init_distributed(use_cuda: bool) -> DistInfo:
@@ -66,10 +64,9 @@ def barrier(info: DistInfo) -> None:
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's `obj`, in rank order (just `[obj]` in a single process)."""
-    if not info.enabled:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [obj] * info.world_size
+    if info.enabled:
+        dist.all_gather_object(out, obj)
     return out
 
 

@@ -20,11 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from pytorch_grad_cam import GradCAM, HiResCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from src.errors import ConfigError
 
-CAMS = ("hirescam", "gradcam")
+CAMS = {"hirescam": HiResCAM, "gradcam": GradCAM}
 MAX_CLASSES_SHOWN = 4  # heatmaps per gallery row
 TILE = 160  # side of a picture in the gallery, pixels
 
@@ -33,20 +37,18 @@ def find_target_layer(net: nn.Module, name: str = "") -> tuple[str, nn.Module]:
     """(name, module) of the layer to explain: `name`, else the last nn.Conv2d."""
     modules = dict(net.named_modules())
     convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    if name:
-        if name not in modules:
-            shown = ", ".join(convs[-3:]) or "none"
-            raise ConfigError(
-                f"The model {type(net).__name__} has no layer {name!r}; name one of its modules "
-                f"(its last convolutions: {shown})."
-            )
-        return name, modules[name]
-    if not convs:
+    if name and name not in modules:
+        raise ConfigError(
+            f"The model {type(net).__name__} has no layer {name!r}; name one of its modules "
+            f"(its last convolutions: {', '.join(convs[-3:]) or 'none'})."
+        )
+    if not name and not convs:
         raise ConfigError(
             f"The model {type(net).__name__} has no nn.Conv2d layer to explain; name the layer "
             "with --target-layer (or [explain] target_layer)."
         )
-    return convs[-1], modules[convs[-1]]
+    name = name or convs[-1]
+    return name, modules[name]
 
 
 class _Logits(nn.Module):
@@ -71,9 +73,6 @@ def heatmaps(
 
     x: float32 [N, C, S, S], as the network is fed. Each map is scaled to [0, 1] on its own
     (pytorch-grad-cam's scaling); all zeros where the class has no positive evidence."""
-    from pytorch_grad_cam import GradCAM, HiResCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     if cam not in CAMS:
         raise ConfigError(f"Unknown CAM method {cam!r}; use one of {', '.join(CAMS)}.")
     _, layer = find_target_layer(net, target_layer)
@@ -81,13 +80,10 @@ def heatmaps(
     maps: list[list[np.ndarray]] = [[] for _ in classes]
     if not pairs:
         return maps
-    was_training = net.training
-    method = HiResCAM if cam == "hirescam" else GradCAM
-    try:
-        with torch.enable_grad(), method(model=_Logits(net), target_layers=[layer]) as explainer:
-            inputs = x[[i for i, _ in pairs]]
-            targets = [ClassifierOutputTarget(c) for _, c in pairs]
-            found = explainer(input_tensor=inputs, targets=targets)
+    was_training, targets = net.training, [ClassifierOutputTarget(c) for _, c in pairs]
+    try:  # (pytorch-grad-cam puts the network in eval mode; its mode is restored below)
+        with torch.enable_grad(), CAMS[cam](model=_Logits(net), target_layers=[layer]) as method:
+            found = method(input_tensor=x[[i for i, _ in pairs]], targets=targets)
     finally:
         net.zero_grad(set_to_none=True)
         net.train(was_training)
@@ -105,8 +101,6 @@ def resized(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3]: the RGB image with the map (resized to it) laid over in a colour map."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
     h, w = image.shape[:2]
     rgb = image.astype(np.float32) / 255
     return show_cam_on_image(rgb, resized(heatmap, h, w), use_rgb=True, image_weight=0.5)
@@ -115,49 +109,42 @@ def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 def display_image(data: torch.Tensor, input_transform: Any) -> np.ndarray:
     """A sample's `data` [C, H, W] as an RGB picture uint8 [H, W, 3]: uint8 as it is, float
     un-normalized with the transform's mean/std when it has them, else scaled to 0..255."""
+    mean, std = getattr(input_transform, "mean", None), getattr(input_transform, "std", None)
     if data.dtype == torch.uint8:
         pixels = data.float()
+    elif mean is not None and std is not None:
+        pixels = (data * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]) * 255
     else:
-        mean = getattr(input_transform, "mean", None)
-        std = getattr(input_transform, "std", None)
-        if mean is not None and std is not None:
-            shape = (-1, 1, 1)
-            pixels = (data * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)) * 255
-        else:
-            low, high = data.min(), data.max()
-            pixels = (data - low) / max(float(high - low), 1e-12) * 255
+        pixels = (data - data.min()) / max(float(data.max() - data.min()), 1e-12) * 255
     pixels = pixels.clamp(0, 255).round().to(torch.uint8)
-    if pixels.shape[0] == 1:
-        pixels = pixels.repeat(3, 1, 1)
-    return pixels[:3].permute(1, 2, 0).numpy()
+    return (pixels[[0, 0, 0]] if len(pixels) == 1 else pixels[:3]).permute(1, 2, 0).numpy()
 
 
 def save_gallery(
     images: Sequence[np.ndarray],
-    classes: Sequence[Sequence[int]],
-    true: Sequence[Sequence[int]],
+    labels: np.ndarray,
     probs: np.ndarray,
     maps: Sequence[Sequence[np.ndarray]],
     label_meanings: Sequence[str],
     path: Path,
 ) -> Path:
     """One row per image: the image under its true labels and top probabilities, then the
-    overlay of each class in `classes` (its true classes, or the most probable one). Drawn
-    with Pillow (a few ms; matplotlib would add a second to every run)."""
-    from PIL import Image, ImageDraw
-
-    cols = 1 + max((len(c) for c in classes), default=1)
+    overlay of each map, the maps of `classes_to_show` (its true classes, or the most probable
+    one). `labels`, `probs`: [N, K], a row per image. Drawn with Pillow (a few ms; matplotlib
+    would add a second to every run)."""
+    classes = [classes_to_show(y, p) for y, p in zip(labels, probs)]
+    cols = 1 + max(map(len, classes), default=1)
     text_h = 14 * 4 + 4  # four lines of Pillow's default font
     sheet = Image.new("RGB", (cols * TILE, len(images) * (TILE + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, image in enumerate(images):
-        top = r * (TILE + text_h)
-        names = ", ".join(label_meanings[k] for k in true[r]) or "none"
+        top, true = r * (TILE + text_h), np.flatnonzero(labels[r])
+        names = ", ".join(label_meanings[k] for k in true) or "none"
         best = np.argsort(-probs[r])[:3]
         lines = [f"true: {names}"] + [f"{label_meanings[k]} {probs[r, k]:.2f}" for k in best]
         tiles = [image] + [overlay(image, m) for m in maps[r]]
         captions = ["\n".join(lines)] + [
-            label_meanings[k] + ("" if k in true[r] else " (top)") for k in classes[r]
+            label_meanings[k] + ("" if k in true else " (top)") for k in classes[r]
         ]
         for c, (tile, caption) in enumerate(zip(tiles, captions)):
             picture = Image.fromarray(tile).resize((TILE, TILE), Image.Resampling.NEAREST)
@@ -170,9 +157,7 @@ def save_gallery(
 
 def gallery_rows(labels: np.ndarray, probs: np.ndarray, n: int) -> list[int]:
     """The first `n` images with a true label, then others when there are too few."""
-    labelled = [i for i in range(len(labels)) if labels[i].any()]
-    others = [i for i in range(len(labels)) if not labels[i].any()]
-    return (labelled + others)[:n]
+    return sorted(range(len(labels)), key=lambda i: not labels[i].any())[:n]  # a stable sort
 
 
 def classes_to_show(label_row: np.ndarray, prob_row: np.ndarray) -> list[int]:

@@ -51,16 +51,11 @@ class StandardSamples(Dataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         sample = self.dataset[idx]
         if isinstance(sample, dict):
-            data, label = sample["data"], sample["label"]
-            img_idx = sample.get("img_idx", idx)
+            data, label, img_idx = sample["data"], sample["label"], sample.get("img_idx", idx)
         else:
-            data, label = sample[0], sample[1]
-            img_idx = idx
-        return {
-            "data": data,
-            "label": label_vector(label, len(self.label_meanings)),
-            "img_idx": int(img_idx),
-        }
+            (data, label), img_idx = sample[:2], idx
+        label = label_vector(label, len(self.label_meanings))
+        return {"data": data, "label": label, "img_idx": int(img_idx)}
 
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes not found here; "dataset" itself is excluded so that
@@ -81,13 +76,10 @@ def label_vector(label: Any, n_labels: int) -> torch.Tensor:
 
 def _is_class_index(label: Any) -> bool:
     """An int (not a bool), or a 0-d integer tensor or array."""
-    if isinstance(label, (bool, np.bool_)):
+    try:  # a tensor's too: NumPy reads its dtype ("b" for bool)
+        return np.ndim(label) == 0 and np.asarray(label).dtype.kind in "iu"
+    except (TypeError, ValueError, RuntimeError):  # what NumPy cannot read is no class index
         return False
-    if isinstance(label, (int, np.integer)):
-        return True
-    if isinstance(label, torch.Tensor):
-        return label.ndim == 0 and not label.dtype.is_floating_point and label.dtype != torch.bool
-    return isinstance(label, np.ndarray) and label.ndim == 0 and label.dtype.kind in "iu"
 
 
 def checked_dataset(dataset: Any, name: str, split: str, problem: str) -> Dataset:
@@ -108,18 +100,17 @@ def checked_dataset(dataset: Any, name: str, split: str, problem: str) -> Datase
         raise DataError(
             f"{where} fails on its first sample: {type(e).__name__}: {' '.join(str(e).split())}."
         ) from None
-    data, label, has_idx, form = _parts(sample, where)
+    data, label = _parts(sample, where)
     _check_image(data, dataset, where)
     class_index = _check_label(label, len(meanings), problem, where)
-    if form == "dict" and has_idx and not class_index and hasattr(dataset, "label_meanings"):
+    as_it_is = isinstance(sample, dict) and "img_idx" in sample and not class_index
+    if as_it_is and hasattr(dataset, "label_meanings"):
         return dataset
     return StandardSamples(dataset, meanings)
 
 
 def _label_meanings(dataset: Any, where: str) -> list[str]:
-    meanings = getattr(dataset, "label_meanings", None)
-    if meanings is None:
-        meanings = getattr(dataset, "classes", None)
+    meanings = getattr(dataset, "label_meanings", getattr(dataset, "classes", None))
     if meanings is None:
         raise DataError(
             f"{where} has no label_meanings; add `self.label_meanings = [...]`, one name per "
@@ -134,8 +125,8 @@ def _label_meanings(dataset: Any, where: str) -> list[str]:
     return meanings
 
 
-def _parts(sample: Any, where: str) -> tuple[Any, Any, bool, str]:
-    """(data, label, whether img_idx is given, 'dict' or 'tuple') of a first sample."""
+def _parts(sample: Any, where: str) -> tuple[Any, Any]:
+    """(data, label) of a first sample, a dict or a tuple."""
     if isinstance(sample, dict):
         missing = [k for k in ("data", "label") if k not in sample]
         if missing:
@@ -143,9 +134,9 @@ def _parts(sample: Any, where: str) -> tuple[Any, Any, bool, str]:
                 f"{where} returns a dict without {' and '.join(repr(k) for k in missing)}; "
                 "return {'data': image tensor [C,H,W], 'label': label vector, 'img_idx': index}."
             )
-        return sample["data"], sample["label"], "img_idx" in sample, "dict"
+        return sample["data"], sample["label"]
     if isinstance(sample, (tuple, list)) and len(sample) >= 2:
-        return sample[0], sample[1], False, "tuple"
+        return sample[0], sample[1]
     raise DataError(
         f"{where} returns a {type(sample).__name__}; return a dict {{'data': image tensor "
         "[C,H,W], 'label': label vector, 'img_idx': index}} or a tuple (image tensor, target)."
@@ -189,8 +180,8 @@ def _check_label(label: Any, n_labels: int, problem: str, where: str) -> bool:
     try:
         vector = np.asarray(label, dtype=np.float64)
     except (TypeError, ValueError):
-        vector = None
-    if vector is None or vector.ndim != 1:
+        vector = np.empty((0, 0))  # no vector: said below
+    if vector.ndim != 1:
         raise DataError(
             f"{where} gives the label {label!r:.60}; give a multi-hot vector of length "
             f"{n_labels} (one entry per label_meanings) or an integer class."
@@ -200,9 +191,9 @@ def _check_label(label: Any, n_labels: int, problem: str, where: str) -> bool:
             f"{where} gives a label vector of length {len(vector)} but has {n_labels} "
             "label_meanings; they must match."
         )
-    if not np.isin(vector, (0.0, 1.0)).all():
+    if len(other := vector[~np.isin(vector, (0.0, 1.0))]):
         raise DataError(
-            f"{where} gives a label vector with values other than 0 and 1 "
-            f"({vector[~np.isin(vector, (0.0, 1.0))][0]}); labels must be multi-hot."
+            f"{where} gives a label vector with values other than 0 and 1 ({other[0]}); labels "
+            "must be multi-hot."
         )
     return False

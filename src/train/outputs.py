@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 import src.train.checkpoint as ckpt_io
@@ -109,9 +108,8 @@ def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
     maps = explain.heatmaps(t.state.model, x, classes, cfg.cam, cfg.target_layer)
     transform = input_transform_of(ds)
     images = [explain.display_image(s["data"].cpu(), transform) for s in samples]
-    true = [[int(k) for k in np.flatnonzero(y)] for y in labels]
     path = t.results_dir / "plots" / "explanations.png"
-    explain.save_gallery(images, classes, true, probs, maps, list(ds.label_meanings), path)
+    explain.save_gallery(images, labels, probs, maps, list(ds.label_meanings), path)
     return [(path, "plots")]
 
 
