@@ -336,14 +336,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     else:
         voc_dir = Path(args.voc_dir)
         source = args.voc_dir + (f" + {args.sbd_dir}" if args.sbd_dir else "")
-    dataset_args = {
-        "setname": args.split,
-        "voc_dataset_dir": voc_dir,
-        "sbd_dataset_dir": args.sbd_dir,
-        "image_size": args.image_size,
-        "augment": args.augment,
-        "return_seglabel": False,
-    }
+    dataset_args = {"setname": args.split, "voc_dataset_dir": voc_dir}
+    dataset_args |= {"sbd_dataset_dir": args.sbd_dir, "image_size": args.image_size}
+    dataset_args |= {"augment": args.augment, "return_seglabel": False}
     uncached = PascalVOC2012(**dataset_args)  # a missing folder fails here, before any timing
     if len(uncached) == 0:
         raise DataError(f"The {args.split} split of {source} lists no images.")

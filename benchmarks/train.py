@@ -180,10 +180,11 @@ def synthetic_batch(batch: int, size: int, n_labels: int, pixels: str, pin: bool
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
-def bare_steps(model, optimizer, batches, device, amp: str, channels_last: bool, mean_std) -> None:
+def bare_steps(model, optimizer, batches, device, variant: Variant, mean_std) -> None:
     """Plain PyTorch: one training step per batch; nothing counted, nothing checked."""
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+    amp = variant.amp
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     model.train()
@@ -260,10 +261,7 @@ def time_steps(m: StepModel, variant: Variant, args: argparse.Namespace, device)
         waits.append(stats["wait"] / max(1e-9, stats["seconds"]))
 
     def bare(n: int) -> None:
-        mean_std = (prep.mean, prep.std)
-        bare_steps(
-            net, optimizer, [batch] * n, device, variant.amp, variant.channels_last, mean_std
-        )
+        bare_steps(net, optimizer, [batch] * n, device, variant, (prep.mean, prep.std))
 
     repo(args.warmup)
     bare(args.warmup)
