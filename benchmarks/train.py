@@ -266,8 +266,11 @@ def time_steps(m: StepModel, variant: Variant, args: argparse.Namespace, device)
     repo(args.warmup)
     bare(args.warmup)
     if m.steps is None:  # enough steps for a pass of about PASS_SECONDS
-        per_step = synced_seconds(lambda: bare(3), device) / 3
-        m.steps = max(3, math.ceil(PASS_SECONDS / per_step))
+        n, seconds = 1, 0.0
+        while seconds < PASS_SECONDS / 10:  # a sample long enough to outlast the clock's noise
+            n *= 2
+            seconds = synced_seconds(lambda k=n: bare(k), device)
+        m.steps = max(3, math.ceil(n * PASS_SECONDS / seconds))
     waits.clear()
     repo_s, bare_s = [], []
     for _ in range(args.repeats):
