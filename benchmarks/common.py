@@ -1,6 +1,6 @@
-"""Command-line pieces shared by the tools that measure the PASCAL data path
+"""Command-line pieces shared by the benchmarks that measure the PASCAL data path
 (`benchmarks.loader`, `benchmarks.tutorial_differences`): which data they read, and one-line
-errors. Imports nothing heavy, so `--help` comes back at once."""
+errors (also for `benchmarks.train --whole-run`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of README.md ("What the loop costs"), in one run of under 8 minutes on one
 # GPU: Demo-3's smoke command on a synthetic VOC tree with random weights, then
-# benchmark_train at 320 px, batch 64, bf16 and channels_last, without and with compile.
+# benchmarks.train (VGG16 at 320 px, batch 64; TinyConv at 32 px, batch 16) with bf16 and
+# channels_last, without and with compile.
 #
 #   bash benchmarks/gpu_benchmark.sh [OUT]        # OUT: where the logs and CSVs go (default results/gpu)
 #
@@ -9,7 +10,7 @@
 # beforehand (`pip download -r requirements.txt -d wheels`), with
 # `pip install --no-index --find-links wheels -r requirements.txt`.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 OUT=${1:-results/gpu}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
@@ -20,5 +21,5 @@ $PY -m load_dataset.generators.make_synthetic_voc --out "$OUT/voc" --n 512 --n-v
 time $PY Demo-3-VGG16-PASCAL.py --voc-dir "$OUT/voc" --sbd-dir '' --no-pretrained \
     --epochs 2 --results-dir "$OUT/results" 2>&1 | tee "$OUT/demo3.log"
 
-time $PY -m benchmarks.train --image-size 320 --batch-size 64 --amp bf16 \
-    --channels-last on --compile off on --out "$OUT/benchmark_train" 2>&1 | tee "$OUT/benchmark_train.log"
+time $PY -m benchmarks.train --amp bf16 --channels-last on --compile off on \
+    --out "$OUT/benchmark_train" 2>&1 | tee "$OUT/benchmark_train.log"

@@ -49,9 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
+import torch.nn.functional as F
+import torchvision
+from matplotlib.figure import Figure
+from PIL import Image, features
+from torch.utils.data import DataLoader
+from torchvision import transforms
 
 from benchmarks.common import add_source_flags, check_source_flags, run_in_temporary_folder
+from load_dataset.custom_pascal import PascalVOC2012, read_mask
+from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
 from load_dataset.pascal.cache import usable_cores
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from src.config import REPO_ROOT
@@ -90,12 +99,6 @@ class Row:
 
 def tutorial_sample(image_path: str, mask_path: str, size: int) -> tuple[torch.Tensor, list[int]]:
     """The tutorial's sample: float32 [3, size, size] ImageNet-normalized, 20 labels of 0/1."""
-    import torch.nn.functional as F
-    from PIL import Image
-    from torchvision import transforms
-
-    from load_dataset.custom_pascal import read_mask
-
     image = Image.open(image_path).convert("RGB")
     x = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(image))
     x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False)[0]
@@ -109,8 +112,6 @@ def tutorial_sample(image_path: str, mask_path: str, size: int) -> tuple[torch.T
 
 def decode_alone(image_path: str) -> np.ndarray:
     """uint8 [H, W, 3]: the JPEG decoded, nothing else."""
-    from PIL import Image
-
     with Image.open(image_path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -153,8 +154,6 @@ def time_passes(passes: dict[str, Callable[[], None]], repeats: int) -> dict[str
 
 def single_core_rows(dataset_args: dict[str, Any], cache_dir: Path, repeats: int) -> list[Row]:
     """Stage 1: images/s of the four pipelines on one core, over the same files."""
-    from load_dataset.custom_pascal import PascalVOC2012
-
     entries = PascalVOC2012(**dataset_args).entries
     size = dataset_args["image_size"]
 
@@ -198,8 +197,6 @@ def loader_rows(
     batch arrives (worker start-up and filling the pipeline happen once per training, not
     per batch), unless that batch is the only one.
     """
-    from torch.utils.data import DataLoader
-
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each worker: num_workers=0 then means one core too
@@ -237,10 +234,6 @@ def cpu_model() -> str:
 
 
 def machine_line() -> str:
-    import PIL
-    import torchvision
-    from PIL import features
-
     turbo = "libjpeg-turbo" if features.check_feature("libjpeg_turbo") else "libjpeg"
     return (
         f"{cpu_model()}, {usable_cores()} usable cores; torch {torch.__version__}, "
@@ -289,12 +282,8 @@ def write_csv(rows: list[Row], tutorial: float, path: Path) -> None:
 
 def write_chart(rows: list[Row], title: str, path: Path) -> None:
     """A horizontal bar per row, images/s on a log axis (the pipelines differ ~100-fold)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.4))
+    fig = Figure(figsize=(8, 0.45 * len(rows) + 1.4))
+    ax = fig.subplots()
     labels = [r.label for r in rows][::-1]
     values = [r.images_per_s for r in rows][::-1]
     colours = ["tab:gray" if r.stage == LOADER else "tab:blue" for r in rows][::-1]
@@ -306,7 +295,6 @@ def write_chart(rows: list[Row], title: str, path: Path) -> None:
     ax.margins(x=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------ command line
@@ -340,9 +328,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """The benchmark with parsed arguments; `tmp` holds the synthetic tree and the cache."""
-    from load_dataset.custom_pascal import PascalVOC2012
-    from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
-
     if args.synthetic is not None:
         start = time.perf_counter()
         voc_dir = write_synthetic_voc(tmp / "voc", args.synthetic)
@@ -351,14 +336,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     else:
         voc_dir = Path(args.voc_dir)
         source = args.voc_dir + (f" + {args.sbd_dir}" if args.sbd_dir else "")
-    dataset_args = {
-        "setname": args.split,
-        "voc_dataset_dir": voc_dir,
-        "sbd_dataset_dir": args.sbd_dir,
-        "image_size": args.image_size,
-        "augment": args.augment,
-        "return_seglabel": False,
-    }
+    dataset_args = {"setname": args.split, "voc_dataset_dir": voc_dir}
+    dataset_args |= {"sbd_dataset_dir": args.sbd_dir, "image_size": args.image_size}
+    dataset_args |= {"augment": args.augment, "return_seglabel": False}
     uncached = PascalVOC2012(**dataset_args)  # a missing folder fails here, before any timing
     if len(uncached) == 0:
         raise DataError(f"The {args.split} split of {source} lists no images.")

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from load_dataset.generators.pascal_tree import make_pascal_tree
 from src.config import REPO_ROOT
 from src.tools.smoke import SMALL
 
@@ -49,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     args = parser.parse_args(argv)
-    from load_dataset.generators.pascal_tree import make_pascal_tree
-
     root = Path(tempfile.mkdtemp(prefix="benchmark-sweep-"))
     try:
         tree = make_pascal_tree(root / "data")

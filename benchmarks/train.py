@@ -1,46 +1,49 @@
 """What the training loop costs: this repository's training step against a bare PyTorch step,
 and the whole Demo-2 process against a bare script doing the same work.
 
-    python -m benchmarks.train                  # Demo-3's VGG16 on synthetic batches
-    python -m benchmarks.train --image-size 96 --batch-size 8 --device cpu
+    python -m benchmarks.train                  # VGG16 (Demo-3) and TinyConv (Demo-2) steps
+    python -m benchmarks.train --config experiments/demo3_vgg16_pascal.toml --image-size 96
     python -m benchmarks.train --amp off bf16 --channels-last off on --compile
     python -m benchmarks.train --whole-run --repeats 3
 
-Step benchmark. The model of --config (default experiments/demo3_vgg16_pascal.toml: VGG16
-with 20 outputs) with its --set overrides, randomly initialized (as --no-pretrained: nothing
-is downloaded), at --image-size (default 320 on CUDA; on the CPU 96, the smallest the VGG-16
-models take), is trained on one synthetic batch of --batch-size (default: the config's on
-CUDA, 8 on the CPU) shaped as the repository's samples: {'data': uint8 [B, 3, S, S]
-(normalized on the device, as PascalVOC2012's; --pixels float32: already normalized, as
-TinyData's), 'label': float32 [B, K] multi-hot}, pinned on CUDA as the DataLoader hands it
-over. No dataset is read. Two steps share the model, the config's optimizer, the batch and
-the device:
+Step benchmark. The model of each --config (default: Demo-3's VGG16 with 20 outputs, then
+Demo-2's TinyConv with 3) with its --set overrides, randomly initialized (as --no-pretrained:
+nothing is downloaded), is trained on one synthetic batch shaped as the repository's samples,
+{'data': images, 'label': float32 [B, K] multi-hot}, the images as its dataset gives them.
+A model that takes `image_size` (the VGG-16 models) gets uint8 [B, 3, S, S] images,
+normalized on the device as PascalVOC2012's, at --image-size (default 320 on CUDA; on the
+CPU 96, the smallest the VGG-16 models take); one that does not (TinyConv) gets float32
+images, already normalized as TinyData's, at TinyData's 32 px. --pixels sets the kind for
+every model. The batch is --batch-size (default: the config's; on the CPU 8 for the VGG-16
+models), pinned on CUDA as the DataLoader hands it over. No dataset is read. Two steps share
+the model, the config's optimizer, the batch and the device:
 
 | step | per batch                                                                         |
 | ---- | --------------------------------------------------------------------------------- |
-| repo | src.train.loop.train_one_epoch over a list of --steps batches: BatchPrep, autocast,      |
+| repo | src.train.loop.train_one_epoch over a list of --steps batches: BatchPrep, autocast, |
 |      | loss, zero_grad, backward, step, the loss sum, a NaN check every 20 steps, tqdm    |
 | bare | written below: to the device (uint8 normalized there), forward, BCEWithLogits,     |
 |      | backward, optimizer.step, zero_grad                                                |
 
 After --warmup steps of each (not timed; torch.compile compiles here), --repeats passes of
---steps steps, the two taking turns; the median pass counts. A row per variant of the grid
---amp x --channels-last x --compile (defaults: the config's; amp and channels_last off on the
-CPU, where the loop ignores them): images/s of both, the overhead ratio (repo / bare seconds
-per step), the loop's own data_wait_fraction, and on CUDA the model FLOPs utilisation of the
-repo step: the FLOPs of one training step (forward + backward, counted by FlopCounterMode)
-per second, over the GPU's dense bf16 peak (BF16_PEAK_TFLOPS; another GPU: no MFU), whatever
-the --amp. A variant that fails (torch.compile on the CPU, out of memory) is a row with a
-note. Written to --out (default results/benchmark_train): results.csv and images_per_s.png.
+--steps steps (default: as many as take about PASS_SECONDS, at least 3), the two taking
+turns; the median pass counts. A row per model and variant of the grid --amp x
+--channels-last x --compile (defaults: the config's; amp and channels_last off on the CPU,
+where the loop ignores them): images/s of both, the overhead ratio (repo / bare seconds per
+step; the goal is at most STEP_GOAL), the loop's own data_wait_fraction, and on CUDA the
+model FLOPs utilisation of the repo step: the FLOPs of one training step (forward + backward,
+counted by FlopCounterMode) per second, over the GPU's dense bf16 peak (BF16_PEAK_TFLOPS;
+another GPU: no MFU), whatever the --amp. A variant that fails (torch.compile on the CPU, out
+of memory) is a row with a note. Written to --out (default results/benchmark_train):
+results.csv and images_per_s.png.
 
 --whole-run: `python Demo-2-TinyConv-TinyData.py --epochs N --patience 0` (N = --epochs,
-default the config's; patience 0 so that both train N epochs) with MLflow and its results in
-a temporary folder, against a bare script (BARE_DEMO2) training the same TinyConv on the
-same TinyData with the same SGD for N epochs, with validation and per-class AUROC each
-epoch and no tracking; also the same Demo run without its end-of-run MLflow model and
-heatmap gallery (`run.log_model=false`, `explain.gallery=false`: the loop and its tracking
-alone), the Demo's --help and a config error (exit code 2). Separate processes, --repeats
-rounds taking turns, medians; written to whole_run.csv.
+default the config's; patience 0 so that both train N epochs), with its MLflow model and
+heatmap gallery, MLflow and its results in a temporary folder, against a bare script
+(BARE_DEMO2) training the same TinyConv on the same TinyData with the same SGD for N epochs,
+with validation and per-class AUROC each epoch and no tracking (the goal is at most
+WHOLE_RUN_GOAL). Separate processes, --repeats rounds taking turns, medians; written to
+whole_run.csv.
 
 Exit codes: 0 done, 1 a Demo or bare process failed, 2 bad arguments or config.
 """
@@ -49,6 +52,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
+import math
 import os
 import statistics
 import subprocess
@@ -56,18 +61,39 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import run_in_temporary_folder
-from src.config import AMP_MODES, REPO_ROOT
+from benchmarks.loader import cpu_model
+from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
+from src.config import AMP_MODES, REPO_ROOT, ExperimentConfig, load
 from src.errors import ConfigError, UserError, one_line, print_user_error
+from src.flags import load_from_args
+from src.train.build import (
+    build_model,
+    build_optimizer,
+    device_name,
+    import_class,
+    pick_device,
+    seed_everything,
+    set_determinism,
+)
+from src.train.loop import BatchPrep, BatchSettings, make_loss, train_one_epoch
 
 DEFAULT_OUT = REPO_ROOT / "results" / "benchmark_train"
-DEFAULT_CONFIG = REPO_ROOT / "experiments" / "demo3_vgg16_pascal.toml"
-# On the CPU: the smallest images the VGG-16 models take (models.components.MIN_IMAGE_SIZE).
-CPU_IMAGE_SIZE = 96
 DEMO2 = REPO_ROOT / "Demo-2-TinyConv-TinyData.py"
 DEMO2_CONFIG = REPO_ROOT / "experiments" / "demo2_tinyconv_tinydata.toml"
+DEFAULT_CONFIGS = [REPO_ROOT / "experiments" / "demo3_vgg16_pascal.toml", DEMO2_CONFIG]
+# On the CPU: the smallest images the VGG-16 models take (models.components.MIN_IMAGE_SIZE).
+CPU_IMAGE_SIZE = 96
+TINY_IMAGE_SIZE = 32  # TinyData's images, the size TinyConv's linear layer is made for
+PASS_SECONDS = 1.0  # a timed pass lasts about this long unless --steps says otherwise
+STEP_GOAL, WHOLE_RUN_GOAL = 1.10, 1.6  # repo / bare
 # Dense bf16 peak in TFLOP/s by a piece of torch.cuda.get_device_name(); the first match wins.
 BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
@@ -97,11 +123,28 @@ class Variant:
 
 
 @dataclass
-class Row:
-    """One variant: median seconds per step of both steps, or the note of its failure."""
+class StepModel:
+    """One model of the step benchmark: its config (image size and random weights set) and
+    the batch it is timed on. `steps` is --steps, or found by the first variant timed."""
 
-    variant: Variant
+    config: ExperimentConfig
+    name: str
+    image_size: int
     batch: int
+    pixels: str
+    n_labels: int
+    n_params: int
+    flops: float | None
+    steps: int | None = None
+
+
+@dataclass
+class Row:
+    """One model and variant: median seconds per step of both steps, or the note of its
+    failure."""
+
+    model: StepModel
+    variant: Variant
     repo_s: float = float("nan")
     bare_s: float = float("nan")
     wait_fraction: float = float("nan")
@@ -110,11 +153,11 @@ class Row:
 
     @property
     def repo_images_per_s(self) -> float:
-        return self.batch / self.repo_s
+        return self.model.batch / self.repo_s
 
     @property
     def bare_images_per_s(self) -> float:
-        return self.batch / self.bare_s
+        return self.model.batch / self.bare_s
 
     @property
     def overhead_ratio(self) -> float:
@@ -127,8 +170,6 @@ class Row:
 def synthetic_batch(batch: int, size: int, n_labels: int, pixels: str, pin: bool) -> dict:
     """A collated batch as the DataLoader gives it: 'data' uint8 [B, 3, S, S] (or float32
     [B, 3, S, S], normalized), 'label' float32 [B, K] of 0/1, 'img_idx' int64 [B]."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     if pixels == "uint8":
         data = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
@@ -139,12 +180,11 @@ def synthetic_batch(batch: int, size: int, n_labels: int, pixels: str, pin: bool
     return {k: v.pin_memory() for k, v in out.items()} if pin else out
 
 
-def bare_steps(model, optimizer, batches, device, amp: str, channels_last: bool, mean_std) -> None:
+def bare_steps(model, optimizer, batches, device, variant: Variant, mean_std) -> None:
     """Plain PyTorch: one training step per batch; nothing counted, nothing checked."""
-    import torch
-
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
+    amp = variant.amp
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     model.train()
@@ -169,11 +209,6 @@ def bare_steps(model, optimizer, batches, device, amp: str, channels_last: bool,
 def training_step_flops(config, x_shape: tuple[int, ...], n_labels: int) -> float | None:
     """FLOPs of one forward + backward pass, counted on the meta device (nothing computed);
     None when the model cannot be built or run there."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from src.train.build import build_model
-
     try:
         with torch.device("meta"):
             model = build_model(config)
@@ -193,71 +228,71 @@ def bf16_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def time_steps(config, variant: Variant, args: argparse.Namespace, device) -> tuple[list, ...]:
+def synced_seconds(run, device: torch.device) -> float:
+    """Wall seconds of `run()`, the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_steps(m: StepModel, variant: Variant, args: argparse.Namespace, device) -> tuple:
     """Seconds per step of each timed pass of the repo step and of the bare step, and the
     loop's data_wait_fraction of each repo pass; after the warm-up, the two taking turns."""
-    import torch
-
-    from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
-    from src.train.build import build_model, build_optimizer, seed_everything
-    from src.train.loop import BatchPrep, BatchSettings, make_loss, train_one_epoch
-
-    cuda = device.type == "cuda"
-    seed_everything(config.run.seed)
-    model = build_model(config).to(device)
+    seed_everything(m.config.run.seed)
+    model = build_model(m.config).to(device)
     if variant.channels_last:  # as src.train.build does
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if variant.compile else model
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(m.config, model)
     scaler = torch.amp.GradScaler("cuda") if variant.amp == "fp16" else None
-    uint8 = args.pixels == "uint8"
+    uint8 = m.pixels == "uint8"
     dataset = argparse.Namespace(mean_std=(IMAGENET_MEAN, IMAGENET_STD) if uint8 else None)
     prep = BatchPrep(dataset, device, variant.channels_last)
     settings = BatchSettings(prep, make_loss("multilabel"), variant.amp)
-    batch = synthetic_batch(args.batch_size, args.image_size, args.n_labels, args.pixels, cuda)
+    batch = synthetic_batch(m.batch, m.image_size, m.n_labels, m.pixels, device.type == "cuda")
+    waits = []
 
-    def repo(n: int) -> float:
+    def repo(n: int) -> None:
         stats = train_one_epoch(net, [batch] * n, optimizer, scaler, settings, "repo step")
-        return stats["wait"] / max(1e-9, stats["seconds"])
+        waits.append(stats["wait"] / max(1e-9, stats["seconds"]))
 
     def bare(n: int) -> None:
-        mean_std = (prep.mean, prep.std)
-        bare_steps(
-            net, optimizer, [batch] * n, device, variant.amp, variant.channels_last, mean_std
-        )
+        bare_steps(net, optimizer, [batch] * n, device, variant, (prep.mean, prep.std))
 
     repo(args.warmup)
     bare(args.warmup)
-    repo_s, bare_s, waits = [], [], []
+    if m.steps is None:  # enough steps for a pass of about PASS_SECONDS
+        n, seconds = 1, 0.0
+        while seconds < PASS_SECONDS / 10:  # a sample long enough to outlast the clock's noise
+            n *= 2
+            seconds = synced_seconds(lambda k=n: bare(k), device)
+        m.steps = max(3, math.ceil(n * PASS_SECONDS / seconds))
+    waits.clear()
+    repo_s, bare_s = [], []
     for _ in range(args.repeats):
-        for step, seconds in ((repo, repo_s), (bare, bare_s)):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            wait = step(args.steps)
-            if cuda:
-                torch.cuda.synchronize(device)
-            seconds.append((time.perf_counter() - start) / args.steps)
-            if wait is not None:
-                waits.append(wait)
+        repo_s.append(synced_seconds(lambda: repo(m.steps), device) / m.steps)
+        bare_s.append(synced_seconds(lambda: bare(m.steps), device) / m.steps)
     return repo_s, bare_s, waits
 
 
-def measure_variant(config, variant: Variant, args: argparse.Namespace, device, flops) -> Row:
-    """The variant's row: medians of `time_steps`, MFU on a known GPU; a failure is a note."""
-    row = Row(variant, args.batch_size)
+def measure_variant(m: StepModel, variant: Variant, args: argparse.Namespace, device) -> Row:
+    """The row of a model and variant: medians of `time_steps`, MFU on a known GPU; a failure
+    is a note."""
+    row = Row(m, variant)
     try:
-        repo_s, bare_s, waits = time_steps(config, variant, args, device)
+        repo_s, bare_s, waits = time_steps(m, variant, args, device)
     except Exception as e:  # torch.compile, out of memory: a row with a note, not a traceback
         row.note = f"{type(e).__name__}: {one_line(e)}"[:300]
         return row
     row.repo_s, row.bare_s = statistics.median(repo_s), statistics.median(bare_s)
     row.wait_fraction = statistics.median(waits)
-    if device.type == "cuda" and flops:
-        import torch
-
+    if device.type == "cuda" and m.flops:
         peak = bf16_peak_tflops(torch.cuda.get_device_name(device))
-        row.mfu = flops / row.repo_s / (peak * 1e12) if peak else None
+        row.mfu = m.flops / row.repo_s / (peak * 1e12) if peak else None
     return row
 
 
@@ -280,33 +315,29 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Row], common: dict[str, Any], path: Path) -> None:
+def write_csv(rows: list[Row], device: str, path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for r in rows:
-            v = r.variant
+            v, m = r.variant, r.model
             figures = ["", "", "", "", ""]
             if not r.note:
                 mfu = "" if r.mfu is None else f"{r.mfu:.4f}"
                 figures = [f"{r.repo_images_per_s:.2f}", f"{r.bare_images_per_s:.2f}"]
                 figures += [f"{r.overhead_ratio:.4f}", f"{r.wait_fraction:.4f}", mfu]
             writer.writerow(
-                [common["device"], common["model"], common["image_size"], r.batch, v.amp]
-                + [v.channels_last, v.compile, *figures, r.note]
+                [device, m.name, m.image_size, m.batch, v.amp, v.channels_last, v.compile]
+                + [*figures, r.note]
             )
 
 
 def write_chart(rows: list[Row], title: str, path: Path) -> None:
-    """Two horizontal bars per variant that ran: the repo step (blue), the bare step (grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """Two horizontal bars per row that ran: the repo step (blue), the bare step (grey), on a
+    log axis."""
     done = [r for r in rows if not r.note][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.8 * max(1, len(done)) + 1.6))
+    fig = Figure(figsize=(8, 0.8 * max(1, len(done)) + 1.6))
+    ax = fig.subplots()
     y = np.arange(len(done))
     for offset, name, colour, values in (
         (0.2, "repo step", "tab:blue", [r.repo_images_per_s for r in done]),
@@ -314,92 +345,93 @@ def write_chart(rows: list[Row], title: str, path: Path) -> None:
     ):
         bars = ax.barh(y + offset, values, height=0.38, color=colour, label=name)
         ax.bar_label(bars, labels=[f"{v:,.1f}" for v in values], padding=3, fontsize=8)
-    ax.set_yticks(y, [r.variant.label for r in done], fontsize=8)
-    ax.set_xlabel("images per second")
+    labels = [f"{r.model.name} {r.model.image_size} px\n{r.variant.label}" for r in done]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xscale("log")  # models differ ~1000-fold
+    ax.set_xlabel("images per second (log scale)")
     ax.set_title(title, fontsize=9)
     ax.margins(x=0.15)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-def load_step_config(args: argparse.Namespace):
-    """The experiment config with --set, --image-size and random weights (--no-pretrained,
-    where the model takes vgginit or pretrained)."""
-    import inspect
-
-    from src.flags import load_from_args
-    from src.train.build import import_class
-
-    flags = argparse.Namespace(set=args.set, image_size=args.image_size, no_pretrained=False)
-    config = load_from_args(args.config, flags)
+def step_model(path: str | Path, args: argparse.Namespace, cuda: bool) -> StepModel:
+    """The model of the experiment at `path` with --set, its image size and random weights
+    (--no-pretrained, where the model takes vgginit or pretrained), and its batch."""
+    config = load_from_args(path, argparse.Namespace(set=args.set))
     params = inspect.signature(import_class(config.model.model, "[model] model", "model"))
-    if {"vgginit", "pretrained"} & set(params.parameters):
-        flags.no_pretrained = True
-        config = load_from_args(args.config, flags)
-    return config
+    params = set(params.parameters)
+    sized = "image_size" in params  # the VGG-16 models; TinyConv is made for 32 px
+    size = (args.image_size or (320 if cuda else CPU_IMAGE_SIZE)) if sized else TINY_IMAGE_SIZE
+    batch = args.batch_size or (8 if sized and not cuda else config.data.batch_size)
+    flags = argparse.Namespace(set=args.set, image_size=size if sized else None)
+    flags.no_pretrained = bool({"vgginit", "pretrained"} & params)
+    config = load_from_args(path, flags)
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
+        probe = build_model(config)
+        linear = [m for m in probe.modules() if isinstance(m, torch.nn.Linear)]
+        x = torch.empty(1, 3, size, size)
+        n_labels = linear[-1].out_features if linear else probe(x)["out"].shape[1]
+    flops = training_step_flops(config, (batch, 3, size, size), n_labels)
+    name = config.model.model.rsplit(":", 1)[-1]
+    n_params = sum(p.numel() for p in probe.parameters())
+    pixels = args.pixels or ("uint8" if sized else "float32")
+    return StepModel(config, name, size, batch, pixels, n_labels, n_params, flops, args.steps)
+
+
+def model_line(m: StepModel) -> str:
+    gflop = "not counted" if m.flops is None else f"{m.flops / m.batch / 1e9:.4g} GFLOP"
+    return (
+        f"model: {m.name} ({m.n_params:,} parameters, {m.n_labels} outputs, random init) at "
+        f"{m.image_size} px, batch {m.batch} of {m.pixels} images; training step "
+        f"(forward + backward) {gflop} per image"
+    )
 
 
 def step_benchmark(args: argparse.Namespace) -> int:
-    import torch
-
-    from benchmarks.loader import cpu_model
-    from src.flags import load_from_args
-    from src.train.build import build_model, device_name, pick_device, set_determinism
-
-    config = load_from_args(args.config, argparse.Namespace(set=args.set))
-    device = pick_device(args.device or config.run.device)
+    first = load_from_args(args.config[0], argparse.Namespace(set=args.set))
+    device = pick_device(args.device or first.run.device)
     cuda = device.type == "cuda"
-    args.image_size = args.image_size or (320 if cuda else CPU_IMAGE_SIZE)
-    args.batch_size = args.batch_size or (config.data.batch_size if cuda else 8)
-    args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup or (5 if cuda else 1)
-    amps = args.amp or [config.train.amp if cuda else "off"]
+    amps = args.amp or [first.train.amp if cuda else "off"]
     if not cuda and amps != ["off"]:
         raise ConfigError(
             "--amp bf16/fp16 needs CUDA: the training loop runs float32 on the CPU; use --amp off."
         )
-    layouts = args.channels_last or [config.train.channels_last and cuda]
-    compiles = args.compile or [config.train.compile]
-    config = load_step_config(args)
-    set_determinism(config.run.deterministic, config.train.cudnn_benchmark and cuda)
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
-        probe = build_model(config)
-        linear = [m for m in probe.modules() if isinstance(m, torch.nn.Linear)]
-        x = torch.empty(1, 3, args.image_size, args.image_size)
-        args.n_labels = linear[-1].out_features if linear else probe(x)["out"].shape[1]
-    n_params = sum(p.numel() for p in probe.parameters())
-    x_shape = (args.batch_size, 3, args.image_size, args.image_size)
-    flops = training_step_flops(config, x_shape, args.n_labels)
-    model_name = config.model.model.rsplit(":", 1)[-1]
+    layouts = args.channels_last or [first.train.channels_last and cuda]
+    compiles = args.compile or [first.train.compile]
+    variants = [Variant(a, c, k) for a in amps for c in layouts for k in compiles]
+    models = [step_model(path, args, cuda) for path in args.config]  # config errors first
+    set_determinism(first.run.deterministic, first.train.cudnn_benchmark and cuda)
     name = device_name(device) if cuda else cpu_model()
     print(
         f"device: {name} ({device}); torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    gflop = "not counted" if flops is None else f"{flops / args.batch_size / 1e9:.2f} GFLOP"
-    print(
-        f"model: {model_name} ({n_params:,} parameters, {args.n_labels} outputs, random init) at "
-        f"{args.image_size} px, batch {args.batch_size} of {args.pixels} images; training step "
-        f"(forward + backward) {gflop} per image"
-    )
-    print(
-        f"timing: {args.warmup} warm-up steps, then {args.repeats} x {args.steps} steps of each, "
-        "taking turns; medians"
-    )
-    variants = [Variant(a, c, k) for a in amps for c in layouts for k in compiles]
-    rows = [measure_variant(config, v, args, device, flops) for v in variants]
-    print()
-    print(format_rows(rows))
+    rows = []
+    for m in models:
+        print()
+        print(model_line(m))
+        rows += [measure_variant(m, v, args, device) for v in variants]
+        print(format_rows([r for r in rows if r.model is m]))
+        print(
+            f"timing: {args.warmup} warm-up steps, then {args.repeats} x {m.steps or '-'} "
+            "steps of each, taking turns; medians"
+        )
     if cuda and bf16_peak_tflops(name) is None:
         print(f"MFU not reported: no bf16 peak known for {name} (BF16_PEAK_TFLOPS).")
+    worst = {}
+    for r in rows:
+        if not r.note:
+            key = f"{r.model.name} at {r.model.image_size} px"
+            worst[key] = max(worst.get(key, 0.0), r.overhead_ratio)
+    ratios = ", ".join(f"{key} {ratio:.2f}x" for key, ratio in worst.items())
+    print(f"\nrepo / bare step, the largest per model: {ratios} (goal <= {STEP_GOAL:.2f}x each)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "results.csv", out / "images_per_s.png"
-    common = {"device": name, "model": model_name, "image_size": args.image_size}
-    write_csv(rows, common, csv_path)
-    title = f"Training step, {model_name} at {args.image_size} px, batch {args.batch_size}: "
-    title += f"this repository's loop against a bare step\n{name}"
+    write_csv(rows, name, csv_path)
+    title = f"Training step: this repository's loop against a bare step\n{name}"
     write_chart(rows, title, png_path)
     print(f"wrote {csv_path} and {png_path}")
     return 0
@@ -466,91 +498,68 @@ def bare_demo2_script(config, epochs: int) -> str:
 
 
 class ProcessFailed(Exception):
-    """A timed process ended with another exit code than expected."""
+    """A timed process ended with an exit code other than 0."""
 
 
 def time_processes(
-    commands: dict[str, tuple[list[str], int]], repeats: int, env: dict[str, str], cwd: Path
+    commands: dict[str, list[str]], repeats: int, env: dict[str, str], cwd: Path
 ) -> dict[str, list[float]]:
-    """Seconds of each command (name: (argv, expected exit code)), run `repeats` times, the
-    commands taking turns. ProcessFailed, at once, when one exits with another code."""
+    """Seconds of each command (name: argv), run `repeats` times, the commands taking turns.
+    ProcessFailed, at once, when one exits with another code than 0."""
     runs: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
-        for name, (argv, code) in commands.items():
+        for name, argv in commands.items():
             start = time.perf_counter()
             done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
             runs[name].append(time.perf_counter() - start)
-            if done.returncode != code:
+            if done.returncode != 0:
                 tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [""]
-                raise ProcessFailed(
-                    f"{name} exited with code {done.returncode} (expected {code}): {tail[0]}"
-                )
+                raise ProcessFailed(f"{name} exited with code {done.returncode}: {tail[0]}")
     return runs
 
 
-LEAN = "Demo-2 lean"  # the end-of-run MLflow model and heatmap gallery left out
-
-
-def summary_lines(runs: dict[str, list[float]]) -> list[str]:
-    """The ratios of the medians; and, as a machine whose neighbours come and go moves both
+def summary_line(runs: dict[str, list[float]]) -> str:
+    """The ratio of the medians; and, as a machine whose neighbours come and go moves both
     by seconds, the ratios round by round (the processes of a round ran one after another)."""
-    medians = {name: statistics.median(seconds) for name, seconds in runs.items()}
-    demo, bare, lean = medians["Demo-2"], medians["bare loop"], medians[LEAN]
-
-    def by_round(name: str) -> str:
-        ratios = sorted(a / b for a, b in zip(runs[name], runs["bare loop"]))
-        spread = f", {ratios[0]:.2f}-{ratios[-1]:.2f}" if len(ratios) > 1 else ""
-        return f"round by round {statistics.median(ratios):.2f}{spread}"
-
-    return [
+    demo, bare = (statistics.median(runs[name]) for name in ("Demo-2", "bare loop"))
+    ratios = sorted(a / b for a, b in zip(runs["Demo-2"], runs["bare loop"]))
+    spread = f", {ratios[0]:.2f}-{ratios[-1]:.2f}" if len(ratios) > 1 else ""
+    return (
         f"whole run: Demo-2 {demo:.1f} s, bare loop {bare:.1f} s, ratio {demo / bare:.2f} "
-        f"({by_round('Demo-2')})",
-        f"without its MLflow model and gallery: Demo-2 {lean:.1f} s, ratio {lean / bare:.2f} "
-        f"({by_round(LEAN)})",
-        f"--help {medians['--help']:.2f} s; config error {medians['config error']:.2f} s",
-    ]
+        f"(round by round {statistics.median(ratios):.2f}{spread}; goal <= {WHOLE_RUN_GOAL}x)"
+    )
 
 
 def whole_run(args: argparse.Namespace, tmp: Path) -> int:
-    from src.config import load
-
     config = load(DEMO2_CONFIG)
     epochs = args.epochs or config.train.epochs
     store = tmp / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
-    demo = [sys.executable, str(DEMO2)]
-    demo_run = ["--epochs", str(epochs), "--patience", "0", "--results-dir", str(tmp / "results")]
+    demo = [sys.executable, str(DEMO2), "--epochs", str(epochs), "--patience", "0"]
     commands = {
-        "Demo-2": (demo + demo_run, 0),
-        LEAN: (
-            demo + demo_run + ["--set", "run.log_model=false", "--set", "explain.gallery=false"],
-            0,
-        ),
-        "bare loop": ([sys.executable, "-c", bare_demo2_script(config, epochs)], 0),
-        "--help": (demo + ["--help"], 0),
-        "config error": (demo + ["--set", "optimizer.lr=nan"], 2),
+        "Demo-2": demo + ["--results-dir", str(tmp / "results")],
+        "bare loop": [sys.executable, "-c", bare_demo2_script(config, epochs)],
     }
     # A new SQLite store takes seconds to create; a user's store exists already: not timed.
     start = time.perf_counter()
     init = "from mlflow.tracking import MlflowClient as C; import os; "
     init += "C(tracking_uri=os.environ['MLFLOW_TRACKING_URI']).search_experiments()"
     try:
-        time_processes(
-            {"creating the MLflow store": ([sys.executable, "-c", init], 0)}, 1, env, tmp
-        )
+        time_processes({"creating the MLflow store": [sys.executable, "-c", init]}, 1, env, tmp)
         print(f"MLflow store {store} created in {time.perf_counter() - start:.1f} s (not timed)")
-        print(f"Demo-2: {epochs} epochs, patience 0, both on {'CUDA' if _cuda() else 'the CPU'}")
+        where = "CUDA" if torch.cuda.is_available() else "the CPU"
+        print(f"Demo-2: {epochs} epochs, patience 0, both on {where}")
         runs = time_processes(commands, args.repeats, env, tmp)
     except ProcessFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    medians = {name: statistics.median(seconds) for name, seconds in runs.items()}
     print()
     print(f"{'process':<14} {'median s':>9}   rounds (s, in order)")
     for name, seconds in runs.items():
-        print(f"{name:<14} {medians[name]:>9.2f}   {' '.join(f'{s:.2f}' for s in seconds)}")
+        rounds = " ".join(f"{s:.2f}" for s in seconds)
+        print(f"{name:<14} {statistics.median(seconds):>9.2f}   {rounds}")
     print()
-    print("\n".join(summary_lines(runs)))
+    print(summary_line(runs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "whole_run.csv", "w", newline="") as f:
@@ -561,12 +570,6 @@ def whole_run(args: argparse.Namespace, tmp: Path) -> int:
                 writer.writerow([name, i, f"{s:.3f}", epochs])
     print(f"wrote {out / 'whole_run.csv'}")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------ command line
@@ -595,28 +598,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="This repository's training step (or whole Demo-2 run) against bare PyTorch.",
     )
     a = parser.add_argument
-    a("--config", help=f"experiment TOML of the model (default {DEFAULT_CONFIG.name})")
+    a("--config", nargs="+", help="experiment TOMLs of the models (default: Demo-3's, Demo-2's)")
     a("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    a("--image-size", type=int, help="side of the images (default 320 on CUDA, 96 on the CPU)")
-    a("--batch-size", type=int, help="default: the config's on CUDA, 8 on the CPU")
+    a("--image-size", type=int, help="side of the VGG-16 models' images (320 on CUDA, 96 on CPU)")
+    a("--batch-size", type=int, help="default: the config's (on the CPU 8 for VGG-16)")
     a("--device", help="auto, cpu, cuda, cuda:1 (default: the config's)")
     a("--amp", nargs="+", choices=AMP_MODES, help="variants, e.g. off bf16 (CUDA only)")
-    a(
-        "--channels-last",
-        nargs="*",
-        type=on_off,
-        metavar="{off,on}",
-        help="variants: on (no value), off, or off on",
-    )
-    a(
-        "--compile",
-        nargs="*",
-        type=on_off,
-        metavar="{off,on}",
-        help="variants: on (no value), off, or off on",
-    )
-    a("--pixels", choices=("uint8", "float32"), help="sample images (default uint8)")
-    a("--steps", type=int, help="timed steps per pass (default 20 on CUDA, 3 on the CPU)")
+    on_or_off = {"nargs": "*", "type": on_off, "metavar": "{off,on}"}
+    a("--channels-last", **on_or_off, help="variants: on (no value), off, or off on")
+    a("--compile", **on_or_off, help="variants: on (no value), off, or off on")
+    a("--pixels", choices=("uint8", "float32"), help="sample images (default: as the dataset's)")
+    a("--steps", type=int, help=f"timed steps per pass (default: about {PASS_SECONDS:g} s of them)")
     a("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 1 on the CPU)")
     a("--repeats", type=int, default=3, help="timed passes (rounds with --whole-run)")
     a("--whole-run", action="store_true", help="time whole Demo-2 processes instead")
@@ -638,8 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{flag} applies to the step benchmark, not to --whole-run")
     elif args.epochs is not None:
         parser.error("--epochs goes with --whole-run")
-    args.config = args.config or str(DEFAULT_CONFIG)
-    args.pixels = args.pixels or "uint8"
+    args.config = args.config or [str(path) for path in DEFAULT_CONFIGS]
     return args
 
 

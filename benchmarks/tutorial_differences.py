@@ -4,7 +4,7 @@
     python -m benchmarks.tutorial_differences --voc-dir data/voc --split val
     python -m benchmarks.tutorial_differences --voc-dir data/voc --sbd-dir data/sbd --split train
 
-Over the images of one VOC 2012 split, the tutorial's sample (benchmark_loader.tutorial_sample:
+Over the images of one VOC 2012 split, the tutorial's sample (benchmarks.loader.tutorial_sample:
 ToTensor -> Normalize -> bicubic F.interpolate on float; labels from the mask resized to S x S
 with PIL NEAREST) against this project's (PascalVOC2012: uint8 antialiased resize, then /255
 and Normalize as the loop does on the device; labels from the full-resolution mask).
@@ -25,24 +25,23 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from PIL import Image
 
 from benchmarks.common import add_source_flags, check_source_flags, run_in_temporary_folder
+from benchmarks.loader import machine_line, tutorial_sample
+from load_dataset.custom_pascal import PascalVOC2012, merge_by_id, read_mask
+from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
+from load_dataset.pascal.labels import VOC_CLASSES, label_vector_from_mask
+from load_dataset.pascal.layout import find_sbd_root, find_voc_root, sbd_entries, voc_entries
 from src.errors import DataError
-
-if TYPE_CHECKING:
-    from load_dataset.custom_pascal import PascalVOC2012
 
 
 def label_changes(mask: np.ndarray, size: int) -> tuple[list[int], list[int]]:
     """Class indices (0..19) lost and gained when the labels come from the mask resized to
     size x size with PIL NEAREST (the tutorial) instead of the full-resolution mask [H, W]."""
-    from PIL import Image
-
-    from load_dataset.pascal.labels import label_vector_from_mask
-
     full = label_vector_from_mask(mask) > 0
     small = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
     resized = label_vector_from_mask(small) > 0
@@ -77,11 +76,6 @@ class AbsDiffStats:
 
 def compare_split(dataset: PascalVOC2012, size: int) -> tuple[dict, AbsDiffStats, AbsDiffStats]:
     """Label and pixel differences over every image of a PascalVOC2012 (augment 'none')."""
-    import torch
-
-    from benchmarks.loader import tutorial_sample
-    from load_dataset.custom_pascal import read_mask
-
     mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in dataset.mean_std)
     grey_per_unit = (std * 255).numpy()
     normalized, grey = AbsDiffStats(1e-3, 20.0), AbsDiffStats(0.05, 1024.0)
@@ -103,9 +97,6 @@ def compare_split(dataset: PascalVOC2012, size: int) -> tuple[dict, AbsDiffStats
 
 def sbd_duplicates(voc_dir: str, sbd_dir: str) -> tuple[int, int, int]:
     """(entries, unique image ids, duplicates) of VOC 2012 train + SBD train_noval."""
-    from load_dataset.custom_pascal import merge_by_id
-    from load_dataset.pascal.layout import find_sbd_root, find_voc_root, sbd_entries, voc_entries
-
     voc = voc_entries(find_voc_root(voc_dir), "train")
     sbd = sbd_entries(find_sbd_root(sbd_dir))
     merged, dropped = merge_by_id(voc, sbd)
@@ -123,8 +114,6 @@ def format_report(
     grey: AbsDiffStats,
     sbd: tuple[int, int, int] | None,
 ) -> list[str]:
-    from load_dataset.pascal.labels import VOC_CLASSES
-
     lost = labels["lost"]
     n_lost = sum(lost.values())
     often = ", ".join(f"{VOC_CLASSES[k]} {n}" for k, n in lost.most_common(5)) or "none"
@@ -176,10 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
     """The comparison with parsed arguments; `tmp` holds the synthetic tree."""
-    from benchmarks.loader import machine_line
-    from load_dataset.custom_pascal import PascalVOC2012
-    from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
-
     if args.synthetic is not None:
         n_train, n_val = (args.synthetic, 1) if args.split == "train" else (1, args.synthetic)
         voc_dir = write_synthetic_voc(tmp / "voc", n_train, n_val)

@@ -27,6 +27,7 @@ from load_dataset.utils import (
     NormalizedInput,
     compute_mean_std,
     image_size,
+    list_images,
     open_rgb,
 )
 
@@ -39,22 +40,6 @@ MISSING_FILES = ("error", "warn")
 # The decoded images a TinyData keeps in memory at most (see `keep_decoded`).
 KEEP_DECODED_BYTES = 512 * 2**20
 N_NAMED = 5  # missing files named in a message; the rest are counted
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files of `folder`, sorted by name; other and hidden files are skipped."""
-    return sorted(
-        (p for p in folder.iterdir() if _is_image_file(p)),
-        key=lambda p: p.name,
-    )
-
-
-def _is_image_file(path: Path) -> bool:
-    # Hidden files include macOS "._001.png" resource forks, which are not images.
-    return (
-        path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
-    )
 
 
 class MissingFilesWarning(UserWarning):
@@ -125,9 +110,8 @@ def check_missing_files(
     absent = sorted(name for name in labels_by_name if name not in on_disk)
     if not absent:
         return
-    named = ", ".join(absent[:N_NAMED])
-    if len(absent) > N_NAMED:
-        named += f" and {len(absent) - N_NAMED} more"
+    more = len(absent) - N_NAMED
+    named = ", ".join(absent[:N_NAMED]) + (f" and {more} more" if more > 0 else "")
     what = f"{csv_path} names {len(absent)} file(s) found in none of train/, val/, test/ beside it"
     if missing_files == "error":
         raise DataError(
@@ -190,18 +174,14 @@ class TinyData(Dataset):
         missing_files: str = "error",
         keep_decoded: bool = True,
     ) -> None:
-        if setname not in SETNAMES:
-            raise DataError(f"Unknown setname {setname!r} for TinyData; use one of {SETNAMES}.")
-        if normalization not in NORMALIZATIONS:
-            raise DataError(
-                f"Unknown normalization {normalization!r} for TinyData; use one of "
-                f"{NORMALIZATIONS}."
-            )
-        if missing_files not in MISSING_FILES:
-            raise DataError(
-                f"Unknown missing_files {missing_files!r} for TinyData; use one of {MISSING_FILES}."
-            )
-        self.setname = setname
+        for name, value, allowed in (
+            ("setname", setname, SETNAMES),
+            ("normalization", normalization, NORMALIZATIONS),
+            ("missing_files", missing_files, MISSING_FILES),
+        ):
+            if value not in allowed:
+                raise DataError(f"Unknown {name} {value!r} for TinyData; use one of {allowed}.")
+        self.setname, self.normalization, self.keep_decoded = setname, normalization, keep_decoded
         self.data_dir = SHIPPED_DATA_DIR if data_dir is None else Path(data_dir).expanduser()
         self.split_dir = self.data_dir / setname
         csv_path = self.data_dir / LABELS_FILE
@@ -216,8 +196,8 @@ class TinyData(Dataset):
             raise DataError(f"The split folder {self.split_dir} is missing; add it with images.")
 
         # One CSV serves every split: list each split folder there is, once.
-        folders = {s: self.data_dir / s for s in SETNAMES if (self.data_dir / s).is_dir()}
-        listed = {s: list_images(folder) for s, folder in folders.items()}
+        folders = [self.data_dir / s for s in SETNAMES]
+        listed = {f.name: list_images(f) for f in folders if f.is_dir()}
         self.image_paths = listed[setname]
         if not self.image_paths:
             raise DataError(f"{self.split_dir} holds no images; add the {setname} images there.")
@@ -232,30 +212,31 @@ class TinyData(Dataset):
         check_missing_files(labels_by_name, listed, csv_path, missing_files)
         self.labels = np.stack([labels_by_name[name] for name in self.image_ids])
         self.mean_std = None  # samples leave here normalized, as float32
-        self.keep_decoded = keep_decoded
         self._decoded: dict[int, torch.Tensor] = {}
         self._decoded_bytes = 0
 
         # One header read (no decode) here; each sample is then checked against it for free.
         self.size_reference = (listed.get("train") or self.image_paths)[0]
         self.image_size_wh = image_size(self.size_reference)
-
-        self.normalization = normalization
-        if normalization == "imagenet":
-            self.norm_mean, self.norm_std = IMAGENET_MEAN, IMAGENET_STD
-        else:
-            train_dir = self.data_dir / "train"
-            if not train_dir.is_dir():
-                raise DataError(f"normalization='train_split' needs the folder {train_dir}.")
-            self.norm_mean, self.norm_std = compute_mean_std(
-                list_images(train_dir), cache_path=self.data_dir / MEAN_STD_CACHE_FILE
-            )
-            if min(self.norm_std) == 0:  # dividing by it would turn every image into inf/nan
-                raise DataError(
-                    f"A colour channel is constant over the images in {train_dir}; use "
-                    "normalization='imagenet'."
-                )
+        self.norm_mean, self.norm_std = self._normalization_stats()
         self.input_transform = NormalizedInput(self.image_size_wh, self.norm_mean, self.norm_std)
+
+    def _normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """ImageNet's mean and std, or those of this folder's training images (cached)."""
+        if self.normalization == "imagenet":
+            return IMAGENET_MEAN, IMAGENET_STD
+        train_dir = self.data_dir / "train"
+        if not train_dir.is_dir():
+            raise DataError(f"normalization='train_split' needs the folder {train_dir}.")
+        mean, std = compute_mean_std(
+            list_images(train_dir), cache_path=self.data_dir / MEAN_STD_CACHE_FILE
+        )
+        if min(std) == 0:  # dividing by it would turn every image into inf/nan
+            raise DataError(
+                f"A colour channel is constant over the images in {train_dir}; use "
+                "normalization='imagenet'."
+            )
+        return mean, std
 
     def __len__(self) -> int:
         return len(self.image_paths)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from load_dataset.errors import DataError
 
@@ -27,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # What a file that cannot be decoded asks of the user, unless the caller knows better.
 REPLACE_OR_REMOVE = "replace or remove it"
 _REFUSE_BOMB_WARNINGS = ("error", None, Image.DecompressionBombWarning, None, 0)
@@ -64,6 +66,16 @@ def _too_many_pixels(path: str | os.PathLike, err: Exception) -> str:
         f"{Image.MAX_IMAGE_PIXELS:,} (a guard against decompression bombs); downscale it, or, "
         "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) in the "
         "script, before the data is read."
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of `folder`, sorted by name; other and hidden files are skipped
+    (hidden files include macOS "._001.png" resource forks, which are not images)."""
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
     )
 
 
@@ -127,25 +139,18 @@ def to_tensor_and_normalize(
     pil_image: Image.Image,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    size_hw: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """A PIL image as a normalized tensor: [3, H, W] float32, `(pixel / 255 - mean) / std`.
 
     The tutorial's ToTensor + Normalize with ImageNet statistics by default. Images that
     are not RGB (grey, palette, RGBA, 16-bit) are converted to 8-bit RGB first (`to_rgb`).
+    With `size_hw` (height, width) the 8-bit image is resized first (`resize_pixels`).
     """
-    pil_image = to_rgb(pil_image, source=getattr(pil_image, "filename", None))
-    pixels = torch.from_numpy(np.array(pil_image, dtype=np.uint8))  # [H, W, 3]
-    return normalize_pixels(pixels.permute(2, 0, 1), mean, std)
-
-
-def normalize_pixels(
-    pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """uint8 [3, H, W] -> float32 [3, H, W], `(pixel / 255 - mean) / std` per channel."""
-    x = pixels.to(torch.float32).div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(mean_t).div_(std_t)
+    pixels = F.pil_to_tensor(to_rgb(pil_image, source=getattr(pil_image, "filename", None)))
+    if size_hw is not None:
+        pixels = resize_pixels(pixels, size_hw)
+    return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(mean), list(std))
 
 
 def resize_pixels(pixels: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
@@ -153,8 +158,6 @@ def resize_pixels(pixels: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
     resize as PASCAL's (`load_dataset.pascal.augment`). Unchanged when it has that size."""
     if tuple(pixels.shape[-2:]) == tuple(size_hw):
         return pixels
-    from torchvision.transforms.v2 import functional as F
-
     return F.resize(pixels, list(size_hw), antialias=True)
 
 
@@ -170,11 +173,7 @@ class NormalizedInput:
     std: tuple[float, ...]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.size == tuple(self.size_wh):
-            return to_tensor_and_normalize(image, self.mean, self.std)
-        pixels = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
-        width, height = self.size_wh
-        return normalize_pixels(resize_pixels(pixels, (height, width)), self.mean, self.std)
+        return to_tensor_and_normalize(image, self.mean, self.std, self.size_wh[::-1])
 
 
 def file_list_key(image_paths: Sequence[Path]) -> str:
@@ -184,9 +183,9 @@ def file_list_key(image_paths: Sequence[Path]) -> str:
     rewritten; a copied folder may hash differently, which only costs a recomputation.
     """
     h = hashlib.sha256()
-    for path in image_paths:
-        st = Path(path).stat()
-        h.update(f"{Path(path).name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    for path in map(Path, image_paths):
+        st = path.stat()
+        h.update(f"{path.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -212,9 +211,7 @@ def compute_mean_std(image_paths: Sequence[Path], cache_path: Path | None = None
     if cached is not None:
         return cached
 
-    total = np.zeros(3, dtype=np.float64)
-    total_sq = np.zeros(3, dtype=np.float64)
-    count = 0
+    total, total_sq, count = np.zeros(3), np.zeros(3), 0  # float64
     for path in paths:
         pixels = np.asarray(open_rgb(path), dtype=np.float64).reshape(-1, 3) / 255.0
         total += pixels.sum(axis=0)
@@ -251,13 +248,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """
     path = Path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 64 random bits taken
-            continue
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, flags, 0o666)  # O_EXCL: never a file of someone else's
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from torch import nn
 
-CONV_TYPES: tuple[str, ...] = ("512to256to64_1x1", "512to64_1x1", "512to512_3x3")
+# Each head: (out channels, kernel, stride) of each conv, no padding, each conv followed by a
+# ReLU; the order of the module's table.
+HEADS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "512to256to64_1x1": ((256, 1, 1), (64, 1, 1)),
+    "512to64_1x1": ((64, 1, 1),),
+    "512to512_3x3": ((512, 3, 3),),
+}
+CONV_TYPES: tuple[str, ...] = tuple(HEADS)
 FEATURE_CHANNELS = 512  # VGG-16's last conv block
 N_POOLS = 5  # VGG-16 halves the side five times
 MIN_IMAGE_SIZE = 96
@@ -45,37 +52,27 @@ def check_image_size(image_size: int) -> int:
 
 def make_head(conv_type: str) -> nn.Sequential:
     """The head for `conv_type`: [B, 512, s, s] -> [B, C, h, w] (see the module's table)."""
-    check_conv_type(conv_type)
-    if conv_type == "512to256to64_1x1":
-        return nn.Sequential(
-            nn.Conv2d(FEATURE_CHANNELS, 256, kernel_size=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 64, kernel_size=1),
-            nn.ReLU(inplace=True),
-        )
-    if conv_type == "512to64_1x1":
-        return nn.Sequential(nn.Conv2d(FEATURE_CHANNELS, 64, kernel_size=1), nn.ReLU(inplace=True))
-    return nn.Sequential(
-        nn.Conv2d(FEATURE_CHANNELS, 512, kernel_size=3, stride=3, padding=0),
-        nn.ReLU(inplace=True),
-    )
+    layers: list[nn.Module] = []
+    channels = FEATURE_CHANNELS
+    for width, kernel, stride in HEADS[check_conv_type(conv_type)]:
+        layers += [nn.Conv2d(channels, width, kernel, stride=stride), nn.ReLU(inplace=True)]
+        channels = width
+    return nn.Sequential(*layers)
 
 
 def vgg16_feature_side(image_size: int) -> int:
-    """Side of VGG-16's feature map for a square image: five floor-halvings (320 -> 10)."""
-    side = int(image_size)
-    for _ in range(N_POOLS):
-        side //= 2
-    return side
+    """Side of VGG-16's feature map for a square image: five floor-halvings (320 -> 10), which
+    are one floor division by 2 ** 5."""
+    return int(image_size) // 2**N_POOLS
 
 
 def head_output_shape(conv_type: str, image_size: int) -> tuple[int, int, int]:
     """(channels, height, width) of the head's output for a square image of `image_size`."""
-    check_conv_type(conv_type)
+    convs = HEADS[check_conv_type(conv_type)]
     side = vgg16_feature_side(check_image_size(image_size))
-    if conv_type == "512to512_3x3":
-        return (512, (side - 3) // 3 + 1, (side - 3) // 3 + 1)
-    return (64, side, side)
+    for _, kernel, stride in convs:
+        side = (side - kernel) // stride + 1
+    return (convs[-1][0], side, side)
 
 
 def flattened_size(conv_type: str, image_size: int) -> int:

@@ -6,15 +6,14 @@ to {'out': logits [B, n_outputs]}; the loss (sigmoid or softmax) is the training
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
+from torchvision.models import VGG16_Weights
 
 from models.components import check_conv_type, check_image_size, flattened_size, make_head
 from src.errors import PretrainedWeightsError
@@ -85,9 +84,7 @@ def vgg16_features() -> nn.Sequential:
 
 def imagenet_weights_path() -> Path:
     """Where torchvision keeps VGG-16's ImageNet weights: <torch.hub.get_dir()>/checkpoints/."""
-    from torchvision.models import VGG16_Weights
-
-    name = os.path.basename(urlparse(VGG16_Weights.IMAGENET1K_V1.url).path)
+    name = VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]  # as torch.hub names it
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
@@ -98,37 +95,25 @@ def load_imagenet_features(features: nn.Sequential) -> None:
     Raises PretrainedWeightsError (one sentence: file, folder, what to do) when the file is
     neither on disk nor downloadable, or cannot be read.
     """
-    from torchvision.models import VGG16_Weights
-
-    weights = VGG16_Weights.IMAGENET1K_V1
-    path = imagenet_weights_path()
-    on_disk = path.is_file()
+    url, path = VGG16_Weights.IMAGENET1K_V1.url, imagenet_weights_path()
     try:
         state = torch.hub.load_state_dict_from_url(
-            weights.url,
-            model_dir=str(path.parent),
-            map_location="cpu",
-            progress=True,
-            check_hash=True,
-            weights_only=True,
+            url, str(path.parent), map_location="cpu", check_hash=True, weights_only=True
         )
     except Exception as e:  # network, hash or unpickling failures all end in the same advice
         reason = " ".join(str(e).split()) or type(e).__name__
-        if on_disk:
-            message = (
-                f"The VGG-16 ImageNet weights {path.name} in {path.parent} cannot be read "
-                f"({reason}); delete the file to download it again, or use vgginit='random' "
-                "(flag --no-pretrained)."
-            )
+        if path.is_file():  # torch.hub downloads nothing when the file is there
+            trouble = f"in {path.parent} cannot be read ({reason}); delete the file to "
+            trouble += "download it again"
         else:
-            message = (
-                f"The VGG-16 ImageNet weights {path.name} are not in {path.parent} and could "
-                f"not be downloaded from {weights.url} ({reason}); put the file there, or use "
-                "vgginit='random' (flag --no-pretrained)."
-            )
-        raise PretrainedWeightsError(message) from None
-    prefix = "features."
-    feature_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            trouble = f"are not in {path.parent} and could not be downloaded from {url} "
+            trouble += f"({reason}); put the file there"
+        raise PretrainedWeightsError(
+            f"The VGG-16 ImageNet weights {path.name} {trouble}, or use vgginit='random' "
+            "(flag --no-pretrained)."
+        ) from None
+    prefix = "features."  # the file also holds the classifier, which these models do not use
+    feature_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     try:
         features.load_state_dict(feature_state)
     except RuntimeError as e:
@@ -160,11 +145,10 @@ class VGG16Customizable(nn.Module):
         image_size: int = 320,
     ) -> None:
         super().__init__()
-        check_conv_type(conv_type)
+        self.conv_type = check_conv_type(conv_type)
         if vgginit not in VGGINITS:
             raise ValueError(f"vgginit={vgginit!r} is not known; use 'random' or 'pretrained'.")
-        self.image_size = check_image_size(image_size)
-        self.conv_type, self.vgginit = conv_type, vgginit
+        self.image_size, self.vgginit = check_image_size(image_size), vgginit
         self.features = vgg16_features()
         if vgginit == "pretrained":
             load_imagenet_features(self.features)
@@ -194,12 +178,8 @@ class VGG16(VGG16Customizable):
     """
 
     def __init__(self, n_outputs: int = 20, image_size: int = 320, pretrained: bool = True) -> None:
-        super().__init__(
-            n_outputs=n_outputs,
-            conv_type="512to256to64_1x1",
-            vgginit="pretrained" if pretrained else "random",
-            image_size=image_size,
-        )
+        vgginit = "pretrained" if pretrained else "random"
+        super().__init__(n_outputs, "512to256to64_1x1", vgginit, image_size)
 
 
 # The tutorial's VGG models wrapped torchvision's `vgg16().features` in one more Sequential
@@ -221,13 +201,12 @@ def state_dict_from_tutorial(state: Mapping[str, Any]) -> dict[str, torch.Tensor
         state = params
     # `conv.*` names the head of a VGG model, but the convolutions of TinyConv.
     is_vgg = any(key.startswith("features.") for key in state)
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+
+    def ours(key: str) -> str:
         key = _TUTORIAL_FEATURES_KEY.sub(r"features.\1", key)
-        if is_vgg and key.startswith("conv."):
-            key = "conv2d." + key[len("conv.") :]
-        renamed[key] = value
-    return renamed
+        return re.sub(r"^conv\.", "conv2d.", key) if is_vgg else key
+
+    return {ours(key): value for key, value in state.items()}
 
 
 def _translate_tutorial_keys(
@@ -236,10 +215,5 @@ def _translate_tutorial_keys(
     """load_state_dict pre-hook: renames this module's entries (those under `prefix`) in
     place, so that `model.load_state_dict(tutorial_state)` needs no conversion first."""
     own = [key for key in state_dict if key.startswith(prefix)]
-    local = {key[len(prefix) :]: state_dict[key] for key in own}
-    renamed = state_dict_from_tutorial(local)
-    if renamed.keys() == local.keys():
-        return
-    for key in own:
-        del state_dict[key]
-    state_dict.update({prefix + key: value for key, value in renamed.items()})
+    local = {key.removeprefix(prefix): state_dict.pop(key) for key in own}
+    state_dict.update({prefix + k: v for k, v in state_dict_from_tutorial(local).items()})

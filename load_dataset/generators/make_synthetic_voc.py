@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from load_dataset.pascal.labels import VOID, voc_colormap
+from load_dataset.generators.pascal_tree import make_voc_folders, write_voc_lists, write_voc_mask
+from load_dataset.pascal.labels import VOID
 
 # (height, width) of VOC photos: the longer side is 500; landscape 4:3 is the commonest.
 SIZES = ((375, 500), (375, 500), (375, 500), (333, 500), (500, 375))
@@ -100,10 +101,8 @@ def write_synthetic_voc(
     out = Path(out)
     n_val = max(1, n_train // 8) if n_val is None else n_val
     voc = out / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (voc / sub).mkdir(parents=True, exist_ok=True)
+    make_voc_folders(voc)
     rng = np.random.default_rng(seed)
-    palette = voc_colormap().ravel().tolist()
     ids = [f"2012_{n:06d}" for n in range(n_train + n_val)]
     for image_id in ids:
         height, width = SIZES[int(rng.integers(len(SIZES)))]
@@ -111,13 +110,8 @@ def write_synthetic_voc(
         Image.fromarray(photo).save(
             voc / "JPEGImages" / f"{image_id}.jpg", quality=JPEG_QUALITY, subsampling="4:2:0"
         )
-        png = Image.fromarray(mask, mode="P")
-        png.putpalette(palette)
-        png.save(voc / "SegmentationClass" / f"{image_id}.png")
-    lists = voc / "ImageSets" / "Segmentation"
-    (lists / "train.txt").write_text("".join(f"{i}\n" for i in ids[:n_train]))
-    (lists / "val.txt").write_text("".join(f"{i}\n" for i in ids[n_train:]))
-    (lists / "trainval.txt").write_text("".join(f"{i}\n" for i in ids))
+        write_voc_mask(voc / "SegmentationClass" / f"{image_id}.png", mask)
+    write_voc_lists(voc, ids[:n_train], ids[n_train:])
     return out
 
 

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.io
+import scipy.sparse
 from PIL import Image
+
+from load_dataset.pascal.labels import voc_colormap
 
 HEIGHT, WIDTH = 48, 64
 
@@ -64,8 +68,6 @@ def draw_mask(objects: Objects, void_border: bool) -> np.ndarray:
 
 def draw_image(objects: Objects, seed: int) -> np.ndarray:
     """uint8 [HEIGHT, WIDTH, 3]: a noisy gradient with each object in its VOC colour."""
-    from load_dataset.pascal.labels import voc_colormap
-
     rng = np.random.default_rng(seed)
     ramp = np.linspace(40, 200, WIDTH)[None, :, None]
     image = np.broadcast_to(ramp, (HEIGHT, WIDTH, 3)) + rng.normal(0, 12, (HEIGHT, WIDTH, 3))
@@ -77,8 +79,6 @@ def draw_image(objects: Objects, seed: int) -> np.ndarray:
 
 def write_voc_mask(path: Path, mask: np.ndarray) -> None:
     """A palette ("P") PNG with the VOC colours, as in SegmentationClass/."""
-    from load_dataset.pascal.labels import voc_colormap
-
     image = Image.fromarray(mask, mode="P")
     image.putpalette(voc_colormap().ravel().tolist())
     image.save(path)
@@ -86,9 +86,6 @@ def write_voc_mask(path: Path, mask: np.ndarray) -> None:
 
 def write_sbd_mat(path: Path, mask: np.ndarray) -> None:
     """An SBD cls/<id>.mat: struct GTcls with Segmentation, Boundaries, CategoriesPresent."""
-    import scipy.io
-    import scipy.sparse
-
     boundaries = np.empty((20, 1), dtype=object)
     for k in range(20):
         inside = mask == k + 1
@@ -125,6 +122,19 @@ def _write_list(path: Path, ids: list[str]) -> None:
     path.write_text("".join(f"{i}\n" for i in ids))
 
 
+def make_voc_folders(voc2012: Path) -> None:
+    """The folders of a VOC 2012 segmentation tree under `voc2012` (VOCdevkit/VOC2012)."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc2012 / sub).mkdir(parents=True, exist_ok=True)
+
+
+def write_voc_lists(voc2012: Path, train_ids: list[str], val_ids: list[str]) -> None:
+    """ImageSets/Segmentation/{train,val,trainval}.txt, one id a line, sorted."""
+    lists = voc2012 / "ImageSets" / "Segmentation"
+    for name, ids in (("train", train_ids), ("val", val_ids), ("trainval", train_ids + val_ids)):
+        _write_list(lists / f"{name}.txt", sorted(ids))
+
+
 def make_pascal_tree(
     root: Path,
     voc_train: dict[str, Objects] | None = None,
@@ -137,17 +147,13 @@ def make_pascal_tree(
     sbd = SBD_TRAIN_NOVAL if sbd_train_noval is None else sbd_train_noval
     tree = PascalTree(voc_dir=root / "VOC", sbd_dir=root / "SBD")
 
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (tree.voc2012 / sub).mkdir(parents=True, exist_ok=True)
+    make_voc_folders(tree.voc2012)
     for n, (image_id, objects) in enumerate(sorted({**voc_train, **voc_val}.items())):
         Image.fromarray(draw_image(objects, seed=n)).save(tree.voc_image(image_id), quality=90)
         mask = draw_mask(objects, void_border=True)
         write_voc_mask(tree.voc_mask(image_id), mask)
         tree.voc_masks[image_id] = mask
-    lists = tree.voc2012 / "ImageSets" / "Segmentation"
-    _write_list(lists / "train.txt", sorted(voc_train))
-    _write_list(lists / "val.txt", sorted(voc_val))
-    _write_list(lists / "trainval.txt", sorted({**voc_train, **voc_val}))
+    write_voc_lists(tree.voc2012, list(voc_train), list(voc_val))
 
     for sub in ("img", "cls"):
         (tree.sbd_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def model_uri(source: str, tracking_uri: str | None) -> tuple[str, str]:
 def image_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """(image files, [(argument, why nothing was found)]): files as given, folders' images
     sorted by name, glob patterns' matches sorted."""
-    from load_dataset.custom_tiny import list_images
+    from load_dataset.utils import list_images
 
     found: list[Path] = []
     missing: list[tuple[str, str]] = []

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from load_dataset.generators.pascal_tree import make_pascal_tree
 from src.config import REPO_ROOT
 
 SMALL = ["--image-size", "96", "--no-pretrained", "--epochs", "1", "--batch-size", "2"]
@@ -55,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
-    from load_dataset.generators.pascal_tree import make_pascal_tree
-
     folder = Path(tempfile.mkdtemp(prefix="pascal-smoke-"))
     store = f"sqlite:///{folder / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MPLBACKEND": "Agg"}
