@@ -76,11 +76,11 @@ CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--seed": ("run.seed", int, "random seed"),
     "--device": ("run.device", str, "auto, cpu, cuda, cuda:1, mps"),
     "--lr": ("optimizer.lr", float, "learning rate"),
-    "--tracking-uri": ("run.tracking_uri", str, "default: sqlite:///<repo>/mlflow.db"),
+    "--tracking-uri": ("run.tracking_uri", str, "MLflow URI (default: <repo>/mlflow.db)"),
     "--experiment-name": ("run.experiment_name", str, "MLflow experiment name"),
     "--run-name": ("run.run_name", str, "MLflow run name"),
-    "--register-model": ("run.register_model", str, "also register the run's MLflow model"),
-    "--results-dir": ("run.results_dir", from_cwd, "checkpoints and outputs (default: results/)"),
+    "--register-model": ("run.register_model", str, "a name to register the model under"),
+    "--results-dir": ("run.results_dir", from_cwd, "checkpoints (default: <repo>/results)"),
     "--download": ("data.args.download", bool, "let torchvision download the dataset"),
     "--max-batches": ("train.max_batches", int, "at most N batches per epoch (smoke runs)"),
     "--task": ("run.task", str, "train_eval, predict_on_valid or predict_on_test"),
@@ -101,7 +101,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             a(flag, dest=key, type=kind, metavar=flag[2:].replace("-", "_").upper(), help=text)
     a("--image-size", type=int, help="side of the square input images (dataset and model)")
-    a("--no-pretrained", action="store_true", help="VGG models: random initial weights")
+    a("--no-pretrained", action="store_true", help="VGG: random initial weights, not ImageNet's")
     a(
         "--set",
         action="append",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from src import config as cfg
+import src.config as cfg
 from src.run_experiment import run
 from src.train.checkpoint import CheckpointError
 from tests.command_line import run_here
