@@ -118,10 +118,9 @@ def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
     when it declares no `--data-dir` itself. ConfigError when the declaration is malformed or
     names an argument the class does not take. The class is imported, never called.
     """
-    cls = import_object(dataset_path, "dataset")
-    params = _signature(cls)
+    params = _params(dataset_path, "dataset")
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    declared = getattr(cls, "path_flags", None) or {}
+    declared = getattr(import_object(dataset_path, "dataset"), "path_flags", None) or {}
     well_formed = isinstance(declared, dict) and all(
         isinstance(flag, str) and flag.startswith("--") and _is_pair_of_strings(spec)
         for flag, spec in declared.items()
@@ -259,9 +258,11 @@ class FlagParser(argparse.ArgumentParser):
         )
 
 
-def _signature(cls: Any) -> dict[str, inspect.Parameter]:
+def _params(path: str, what: str) -> dict[str, inspect.Parameter]:
+    """The constructor arguments of the dataset or model class at `path` (imported, not
+    called)."""
     try:
-        return dict(inspect.signature(cls).parameters)
+        return dict(inspect.signature(import_object(path, what)).parameters)
     except (TypeError, ValueError):  # not callable, or no signature: src.train.build refuses it
         return {}
 
@@ -302,10 +303,11 @@ def _class_flag_overrides(
     that no class takes is an error: a flag never silently does nothing."""
     out: dict[str, Any] = {}
     if getattr(args, "image_size", None) is not None:
-        for section, path in [("data", dataset_path), ("model", model_path)]:
-            if "image_size" in _signature(
-                import_object(path, "dataset" if section == "data" else "model")
-            ):
+        for section, what, path in [
+            ("data", "dataset", dataset_path),
+            ("model", "model", model_path),
+        ]:
+            if "image_size" in _params(path, what):
                 out[f"{section}.args.image_size"] = args.image_size
         if not out:
             raise ConfigError(
@@ -313,7 +315,7 @@ def _class_flag_overrides(
                 "takes image_size."
             )
     if getattr(args, "no_pretrained", False):
-        model = _signature(import_object(model_path, "model"))
+        model = _params(model_path, "model")
         if "vgginit" in model:
             out["model.args.vgginit"] = "random"
         elif "pretrained" in model:
