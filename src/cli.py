@@ -1,24 +1,19 @@
-"""The command line shared by `python -m src.run_experiment` and the Demo scripts: flags,
-one-line errors (exit code 2) and the closing report."""
+"""The command line shared by `python -m src.run_experiment` and the Demo scripts: flags
+(src/flags.py), one-line errors (exit code 2) and the closing report."""
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
+import collections
 import math
-from typing import TYPE_CHECKING
 
+import src.tracking as tracking
 from src.config import ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
 from src.flags import FlagParser, add_config_flags, load_from_args
 from src.interrupts import exit_code
-
-if TYPE_CHECKING:
-    from src.train.experiment import RunResult
-
-# torch, MLflow and the training code are imported once the flags and the config are read:
-# `--help` and a mistyped flag or key answer at once, not after seconds of imports.
+from src.sweep.multirun import run_seeds
+from src.train.experiment import RunResult, run
 
 
 def make_parser(default_config: str | None, description: str) -> argparse.ArgumentParser:
@@ -48,15 +43,9 @@ def main(
 ) -> int:
     """Parse flags, run, print the outcome; user errors become one line and exit code 2."""
     args = make_parser(default_config, description).parse_args(argv)
-    # At exit, Python collects the objects of every module (torch's, ...) one last time:
-    # seconds after a run. Frozen objects are left to the end of the process.
-    atexit.unregister(gc.freeze)  # once, however often main runs in one process
-    atexit.register(gc.freeze)
     try:
         config = load_from_args(args.config, args)
         if args.seeds:
-            from src.sweep.multirun import run_seeds
-
             if args.resume:
                 raise ConfigError(
                     "--seeds and --resume cannot be combined; to go on with a stopped set of "
@@ -70,11 +59,7 @@ def main(
         from src import tracking_service
 
         if not args.resume and config.run.task == "train_eval":  # MLflow opens while torch loads
-            from src import tracking
-
             tracking_service.start(tracking.tracking_uri(config), config.run.log_model)
-        from src.train.experiment import run
-
         result = run(config, resume=args.resume)
         tracking_service.stop()
     except UserError as e:
@@ -87,30 +72,27 @@ def main(
 
 
 def group_hint(config: ExperimentConfig, experiment_id: str, parent_id: str) -> str:
-    from src import tracking
-
     return tracking.ui_hint(tracking.tracking_uri(config), experiment_id, parent_id)
 
 
 def report(config: ExperimentConfig, result: RunResult) -> None:
-    m = result.best_metrics
+    """The closing lines: the best epoch's figures (or the predictions'), where the files are,
+    and the link to the run in the MLflow UI."""
+    m = collections.defaultdict(lambda: math.nan, result.best_metrics)
     if config.run.task == "train_eval":
-        auroc, ap = m.get("best_val_auroc_mean", math.nan), m.get("best_val_ap_mean", math.nan)
-        loss = m.get("best_val_loss", math.nan)
         print(
             f"\nBest epoch (lowest val_loss): {result.best_epoch} of {result.epochs_run}"
             + (" (stopped early)" if result.stopped_early else "")
-            + f": val_loss {loss:.4f}, val_auroc_mean {auroc:.4f}, val_ap_mean {ap:.4f}"
+            + f": val_loss {m['best_val_loss']:.4f}, val_auroc_mean "
+            f"{m['best_val_auroc_mean']:.4f}, val_ap_mean {m['best_val_ap_mean']:.4f}"
         )
         print(f"Checkpoints: {result.results_dir}")
     else:
         split = "val" if config.run.task == "predict_on_valid" else "test"
-        auroc, ap = m.get(f"{split}_auroc_mean", math.nan), m.get(f"{split}_ap_mean", math.nan)
         print(
             f"\n{split} predictions of the weights of epoch {result.best_epoch} "
-            f"({config.run.checkpoint}): {split}_auroc_mean {auroc:.4f}, {split}_ap_mean {ap:.4f}"
+            f"({config.run.checkpoint}): {split}_auroc_mean {m[f'{split}_auroc_mean']:.4f}, "
+            f"{split}_ap_mean {m[f'{split}_ap_mean']:.4f}"
         )
         print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
-    from src import tracking
-
     print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id, result.run_id))

@@ -9,9 +9,9 @@ the repository root. Command-line flags become dotted-key overrides in `src/flag
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
-import importlib.util
 import math
 import re
 import sys
@@ -19,25 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from src.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-from src.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
 PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
-SCHEDULERS = ("none", "cosine", "step")
 CAMS = ("hirescam", "gradcam")  # src/serve/explain.py
 # 'package.module:ClassName', the form of every class a config names.
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-# Packages outside this repository whose classes a stored run's config may name without
-# `--trust` (src.tools.reproduce); the repository's own top-level packages are the others.
-TRUSTED_PACKAGES = ("torchvision",)
 # In a string of [data.args], replaced by the split's name ("train", "val", "test"); a dataset
 # whose arguments hold it is called without the split as first argument (ImageFolder).
 SETNAME_PLACEHOLDER = "{setname}"
@@ -91,11 +89,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "SGD"
+    name: str = "SGD"  # a name of src/train/build.py's OPTIMIZERS table
     lr: float = 1e-3
     momentum: float = 0.99
     weight_decay: float = 1e-7
-    scheduler: str = "none"  # "none", "cosine" (over train.epochs) or "step" (every step_size)
+    # A name of src/train/build.py's SCHEDULERS table: "none", "cosine" (over train.epochs) or
+    # "step" (every step_size epochs).
+    scheduler: str = "none"
     step_size: int = 30  # "step": epochs between learning-rate decays
     gamma: float = 0.1  # "step": factor per decay
 
@@ -142,20 +142,11 @@ class ExperimentConfig:
 
     def replace(self, **dotted: Any) -> ExperimentConfig:
         """A copy with dotted keys changed, e.g. `cfg.replace(**{'run.seed': 3})`."""
-        tree = self.to_dict()
-        for key, value in dotted.items():
-            _set_dotted(tree, key, value)
-        return from_dict(tree, base_dir=REPO_ROOT)
+        return from_dict(self.to_dict(), dotted)
 
 
-SECTIONS: dict[str, type] = {
-    "run": RunConfig,
-    "data": DataConfig,
-    "model": ModelConfig,
-    "optimizer": OptimizerConfig,
-    "train": TrainConfig,
-    "explain": ExplainConfig,
-}
+# Section name -> its dataclass: {"run": RunConfig, "data": DataConfig, ...}.
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(ExperimentConfig)}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -184,47 +175,49 @@ def _is_path_key(key: str) -> bool:
 
 
 def _resolve_path(value: Any, base_dir: Path) -> Any:
-    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-        return str((base_dir / value).resolve())
-    if isinstance(value, str) and value:
-        return str(Path(value).expanduser())
-    return value
+    if not (isinstance(value, str) and value):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+# The field types of the sections above, as written there -> the Python types a value may
+# have ("int | str": an int or "auto").
+TYPES = {
+    "bool": bool,
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "int | str": int,
+    "dict": dict,
+}
 
 
 def _check_type(section: str, key: str, value: Any, expected: Any) -> Any:
     """Return `value` if it fits the annotation `expected` (a string, as written above)."""
-    name = f"[{section}] {key}"
     expected = str(expected)
-    if expected == "bool":
-        ok = isinstance(value, bool)
-    elif expected == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif expected == "str":
-        ok = isinstance(value, str)
-    elif expected == "int | str":
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or value == "auto"
-    elif expected == "dict":
-        ok = isinstance(value, dict)
-    else:  # pragma: no cover - a new field type must be added here
-        raise TypeError(f"unhandled config type {expected}")
-    if not ok:
+    ok = isinstance(value, TYPES[expected]) and (expected == "bool" or not isinstance(value, bool))
+    if not (ok or (expected == "int | str" and value == "auto")):
         shown = 'int or "auto"' if expected == "int | str" else expected
         raise ConfigError(
-            f"Config key {name} must be of type {shown}, "
+            f"Config key [{section}] {key} must be of type {shown}, "
             f"got {value!r} ({type(value).__name__}); fix it in the TOML or on the command line."
         )
-    return value
+    return float(value) if expected == "float" else value
 
 
-def from_dict(tree: dict[str, Any], base_dir: Path = REPO_ROOT) -> ExperimentConfig:
-    """Validate a nested dict (the TOML structure) into an ExperimentConfig.
+def from_dict(
+    tree: dict[str, Any], overrides: dict[str, Any] | None = None, base_dir: Path = REPO_ROOT
+) -> ExperimentConfig:
+    """Validate a nested dict (the TOML structure, left as it is) with dotted-key overrides
+    (`{"train.epochs": 5}`) into an ExperimentConfig.
 
     Relative paths (`run.results_dir`, dataset args named `root`, `*_dir`, `*_path`) are
     resolved against `base_dir`.
     """
+    tree = copy.deepcopy(tree)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
     tree = _renamed_keys(tree)
     unknown = set(tree) - set(SECTIONS)
     if unknown:
@@ -236,13 +229,12 @@ def from_dict(tree: dict[str, Any], base_dir: Path = REPO_ROOT) -> ExperimentCon
     for section, cls in SECTIONS.items():
         values = dict(tree.get(section, {}))
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
+        for key, value in values.items():
             if key not in fields:
                 raise ConfigError(
                     f"Unknown config key [{section}] {key}; allowed keys are "
                     f"{', '.join(sorted(fields))}."
                 )
-        for key, value in values.items():
             values[key] = _check_type(section, key, value, fields[key].type)
         if "args" in values:
             values["args"] = {
@@ -282,26 +274,47 @@ def _renamed_keys(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def check_choice(section: str, key: str, value: Any, allowed: Any) -> None:
+    """ConfigError unless `value` of `[section] key` is one of `allowed` (names, or a table's
+    keys: src/train/build.py checks the optimizer and the scheduler against its tables)."""
+    if value not in allowed:
+        raise ConfigError(
+            f"Config key [{section}] {key} = {value!r} is not one of {', '.join(allowed)}."
+        )
+
+
 def _check_choices(config: ExperimentConfig) -> None:
-    choices = [
-        ("run", "task", config.run.task, TASKS),
-        ("data", "problem", config.data.problem, PROBLEMS),
-        ("train", "amp", config.train.amp, AMP_MODES),
-        ("optimizer", "name", config.optimizer.name, ("SGD", "Adam", "AdamW")),
-        ("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS),
-        ("run", "server_unreachable", config.run.server_unreachable, ("continue", "stop")),
-        ("explain", "cam", config.explain.cam, CAMS),
-    ]
-    for section, key, value, allowed in choices:
-        if value not in allowed:
-            raise ConfigError(
-                f"Config key [{section}] {key} = {value!r} is not one of {', '.join(allowed)}."
-            )
+    check_choice("run", "task", config.run.task, TASKS)
+    check_choice("data", "problem", config.data.problem, PROBLEMS)
+    check_choice("train", "amp", config.train.amp, AMP_MODES)
+    check_choice("run", "server_unreachable", config.run.server_unreachable, ("continue", "stop"))
+    check_choice("explain", "cam", config.explain.cam, CAMS)
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.run.device):
         raise ConfigError(
             f"Config key [run] device = {config.run.device!r} is not one of auto, cpu, cuda, "
             "cuda:N (N = a GPU index), mps."
         )
+    for section, path in [("data", config.data.dataset), ("model", config.model.model)]:
+        if not IMPORT_PATH.fullmatch(path):
+            raise ConfigError(
+                f"Config key [{section}] {'dataset' if section == 'data' else 'model'} = "
+                f"{path!r} must be an import path of the form 'package.module:ClassName'."
+            )
+    _check_model_name(config.run.register_model)
+    if config.run.register_model and not config.run.log_model:
+        raise ConfigError(
+            "Config key [run] register_model needs log_model = true (the model it registers)."
+        )
+    if config.run.task == "predict_on_test" and not config.run.use_test_set:
+        raise ConfigError(
+            "task = 'predict_on_test' needs use_test_set = true in [run]: the test split is "
+            "kept out of every run unless the config asks for it."
+        )
+    _check_numbers(config)
+
+
+def _check_numbers(config: ExperimentConfig) -> None:
+    """Each number in its range, so that a run never trains on a value that cannot work."""
     for key in ("server_wait_s", "progress_every_s"):
         value = getattr(config.run, key)
         if not 0 < value < float("inf"):
@@ -324,24 +337,8 @@ def _check_choices(config: ExperimentConfig) -> None:
             "Config key [explain] gallery_images must be at least 1; to leave the gallery out, "
             "set [explain] gallery = false."
         )
-    _check_model_name(config.run.register_model)
-    if config.run.register_model and not config.run.log_model:
-        raise ConfigError(
-            "Config key [run] register_model needs log_model = true (the model it registers)."
-        )
     if isinstance(config.data.num_workers, int) and config.data.num_workers < 0:
         raise ConfigError('Config key [data] num_workers must be 0 or more, or "auto".')
-    if config.run.task == "predict_on_test" and not config.run.use_test_set:
-        raise ConfigError(
-            "task = 'predict_on_test' needs use_test_set = true in [run]: the test split is "
-            "kept out of every run unless the config asks for it."
-        )
-    for section, path in [("data", config.data.dataset), ("model", config.model.model)]:
-        if not IMPORT_PATH.fullmatch(path):
-            raise ConfigError(
-                f"Config key [{section}] {'dataset' if section == 'data' else 'model'} = "
-                f"{path!r} must be an import path of the form 'package.module:ClassName'."
-            )
     _check_optimizer_numbers(config.optimizer)
 
 
@@ -450,99 +447,14 @@ def import_object(path: str, what: str) -> Any:
     return getattr(module, attr)
 
 
-def import_paths(config: ExperimentConfig) -> list[tuple[str, str, str]]:
-    """Every class the config names, as (key, import path, kind): the dataset, the model and
-    each transform table (`{class = "module:Name", ...}`) in [data.args], in that order.
-    Nothing is imported."""
-    out = [
-        ("[data] dataset", config.data.dataset, "dataset"),
-        ("[model] model", config.model.model, "model"),
-    ]
-
-    def transforms(value: Any, key: str) -> None:
-        if isinstance(value, dict):
-            if "class" in value:
-                out.append((f"{key}.class", str(value["class"]), "transform"))
-            for k, v in value.items():
-                if k != "class":
-                    transforms(v, f"{key}.{k}")
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                transforms(v, f"{key}[{i}]")
-
-    for key, value in config.data.args.items():
-        transforms(value, f"data.args.{key}")
-    return out
-
-
-def is_trusted_import(path: str) -> bool:
-    """Whether `path` ('package.module:Name') names a class of one of this repository's
-    top-level packages (a folder or module right in the repository root, found where Python
-    would import it from) or of a TRUSTED_PACKAGES one. The package is found, not imported:
-    importing a module runs its code."""
-    if not IMPORT_PATH.fullmatch(path):
-        return False
-    top = path.partition(":")[0].split(".")[0]
-    if top in TRUSTED_PACKAGES:
-        return True
-    try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return False
-    if spec is None:
-        return False
-    if spec.submodule_search_locations:  # a package (a namespace package: all its folders)
-        places = list(spec.submodule_search_locations)
-    elif spec.has_location and spec.origin:  # a module file
-        places = [spec.origin]
-    else:  # built into the interpreter
-        return False
-    return all(Path(p).resolve().parent == REPO_ROOT for p in places)
-
-
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read a TOML experiment, apply dotted-key overrides, validate and resolve it."""
-    path = Path(path)
-    tree = read_toml(path)
-    for key, value in (overrides or {}).items():
-        _set_dotted(tree, key, value)
-    return from_dict(tree, base_dir=REPO_ROOT)
+    return from_dict(read_toml(path), overrides)
 
 
 def to_toml(config: ExperimentConfig) -> str:
-    """The resolved config as TOML text (stored with every run)."""
-    lines: list[str] = []
-    for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        nested = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                nested[key] = value
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-        for key, table in nested.items():
-            lines.append(f"[{section}.{key}]")
-            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # e.g. a transform table inside [data.args]
-        return (
-            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-        )
-    raise ConfigError(f"Config value {value!r} cannot be written as TOML.")
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+    """The resolved config as TOML text (stored with every run); `load` reads it back."""
+    try:
+        return tomli_w.dumps(config.to_dict())
+    except TypeError as e:  # e.g. None, which TOML has no way to write
+        raise ConfigError(f"The config cannot be written as TOML: {e}.") from None

@@ -8,6 +8,8 @@ what kind of mistake it is to code that catches the built-in types.
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A mistake the user can fix; `str(e)` is one sentence saying what and how."""
@@ -48,7 +50,5 @@ def one_line(e: BaseException) -> str:
 
 def print_user_error(e: BaseException) -> int:
     """Print `e` as the one line `error: ...` on stderr; return the exit code 2."""
-    import sys
-
     print(f"error: {one_line(e)}", file=sys.stderr)
     return 2

@@ -1,13 +1,14 @@
-"""The command-line flags shared by every Demo and `python -m src.run_experiment`, turned into
-dotted-key overrides of an experiment's TOML (`--epochs 5` -> `train.epochs = 5`).
+"""The command-line flags shared by every Demo, `python -m src.run_experiment` and
+`python -m src.sweep`. Each flag stores its value under the config key it sets (`--epochs 5` ->
+`train.epochs`), and `load_from_args` makes the config from the experiment's TOML and them.
 
 Folder flags belong to the dataset: a dataset class declares them in its `path_flags`
 attribute, `{"--voc-dir": ("voc_dataset_dir", "help text"), ...}` (flag -> (constructor
-argument, help)), and `FlagParser` reads the experiment file named on the command line before
-parsing, so that `--help` lists the flags of that file's dataset and only they are accepted.
-Every dataset that takes `data_dir` or `root` also gets `--data-dir` for it, unless it
-declares `--data-dir` itself. A fork's dataset thus brings its own flags; nothing here names
-a dataset.
+argument, help)), and `FlagParser` reads the experiment file named on the command line and
+imports that file's dataset class before parsing, so that `--help` lists its flags and only
+they are accepted. Every dataset that takes `data_dir` or `root` also gets `--data-dir` for it,
+unless it declares `--data-dir` itself. A fork's dataset thus brings its own flags; nothing here
+names a dataset. The TOML is read once: the parsed flags carry its tree on to the config.
 
 Flags that set another argument of the dataset or of the model (`--image-size`,
 `--no-pretrained`) check that the class takes it, so a flag never silently does nothing.
@@ -18,8 +19,7 @@ expects.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
+import functools
 import inspect
 import sys
 from collections.abc import Sequence
@@ -28,13 +28,12 @@ from typing import Any, NoReturn
 
 from src.config import (
     SETNAME_PLACEHOLDER,
-    TASKS,
     ConfigError,
     DataConfig,
     ExperimentConfig,
     ModelConfig,
+    from_dict,
     import_object,
-    load,
     read_toml,
 )
 
@@ -43,56 +42,66 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-# A path flag stores its value under the key it overrides: `--voc-dir` -> data.args.voc_dataset_dir.
-PATH_FLAG_DEST = "data.args."
 # The arguments the generic `--data-dir` sets, first match wins, for datasets that do not
 # declare `--data-dir` themselves (torchvision's ImageFolder, a fork's folder dataset).
 DATA_DIR_ARGS = ("data_dir", "root")
 
 
+def from_cwd(value: str, per_split: bool = False) -> str:
+    """A folder given as a flag, resolved against the current directory; '' stays '' (that
+    folder left out, where the dataset allows it); `per_split` appends `/{setname}` (a root
+    whose TOML value holds it, as ImageFolder's: a folder per split under the one given)."""
+    if not value:
+        return ""
+    path = Path(value).expanduser().resolve()
+    return str(path / SETNAME_PLACEHOLDER if per_split else path)
+
+
+def toml_value(text: str) -> Any:
+    """A value as TOML reads it (`2` -> 2, `true` -> True); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+# The flags that set one config key each: flag -> (key, type, help). A flag stores its value
+# under its key, as the dataset's folder flags do (`--voc-dir` -> data.args.voc_dataset_dir);
+# `bool` makes a switch that sets true.
+CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--epochs": ("train.epochs", int, "maximum number of epochs"),
+    "--patience": ("train.patience", int, "early-stopping patience in epochs (on val_loss)"),
+    "--batch-size": ("data.batch_size", int, "batch size (per process under torchrun)"),
+    "--num-workers": ("data.num_workers", toml_value, 'DataLoader worker processes, or "auto"'),
+    "--seed": ("run.seed", int, "random seed"),
+    "--device": ("run.device", str, "auto, cpu, cuda, cuda:1, mps"),
+    "--lr": ("optimizer.lr", float, "learning rate"),
+    "--tracking-uri": ("run.tracking_uri", str, "MLflow URI (default: <repo>/mlflow.db)"),
+    "--experiment-name": ("run.experiment_name", str, "MLflow experiment name"),
+    "--run-name": ("run.run_name", str, "MLflow run name"),
+    "--register-model": ("run.register_model", str, "a name to register the model under"),
+    "--results-dir": ("run.results_dir", from_cwd, "checkpoints (default: <repo>/results)"),
+    "--download": ("data.args.download", bool, "let torchvision download the dataset"),
+    "--max-batches": ("train.max_batches", int, "at most N batches per epoch (smoke runs)"),
+    "--task": ("run.task", str, "train_eval, predict_on_valid or predict_on_test"),
+    "--deterministic": ("run.deterministic", bool, "use deterministic algorithms only"),
+}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by every Demo and by `python -m src.run_experiment`.
+    """The flags shared by every Demo, `python -m src.run_experiment` and `python -m src.sweep`.
 
     The dataset's folder flags (`--data-dir`, `--voc-dir`, ...) are not among them: a
     `FlagParser` adds those of the experiment's dataset when it parses (`add_path_flags`).
     """
     a = parser.add_argument
-    a("--epochs", type=int, help="maximum number of epochs")
-    a("--patience", type=int, help="early-stopping patience in epochs (on val_loss)")
-    a("--batch-size", type=int, help="batch size (per process under torchrun)")
-    a("--num-workers", help='DataLoader worker processes, or "auto"')
-    a("--seed", type=int, help="random seed")
-    a("--device", help="auto, cpu, cuda, cuda:1, mps")
-    a("--lr", type=float, help="learning rate")
-    a(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: sqlite:///<repo>/mlflow.db)",
-    )
-    a("--experiment-name", help="MLflow experiment name")
-    a("--run-name", help="MLflow run name")
-    a(
-        "--register-model",
-        metavar="NAME",
-        help="also register the run's MLflow model as a new version of NAME (models:/NAME/<v>)",
-    )
-    a(
-        "--results-dir",
-        help="folder for checkpoints and outputs (default: <repo>/results)",
-    )
-    a("--download", action="store_true", help="let torchvision download the dataset")
+    for flag, (key, kind, text) in CONFIG_FLAGS.items():
+        if kind is bool:
+            a(flag, dest=key, action="store_const", const=True, help=text)
+        else:
+            a(flag, dest=key, type=kind, metavar=flag[2:].replace("-", "_").upper(), help=text)
     a("--image-size", type=int, help="side of the square input images (dataset and model)")
-    a(
-        "--no-pretrained",
-        action="store_true",
-        help="VGG models: random initial weights instead of ImageNet-pretrained ones",
-    )
-    a(
-        "--max-batches",
-        type=int,
-        help="at most N batches per epoch, in training and validation (smoke runs)",
-    )
-    a("--task", choices=TASKS, help="train_eval, predict_on_valid or predict_on_test")
-    a("--deterministic", action="store_true", help="use deterministic algorithms only")
+    a("--no-pretrained", action="store_true", help="VGG: random initial weights, not ImageNet's")
     a(
         "--set",
         action="append",
@@ -107,92 +116,37 @@ def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
 
     The class's own `path_flags`, plus `--data-dir` for its `data_dir` or `root` argument
     when it declares no `--data-dir` itself. ConfigError when the declaration is malformed or
-    names an argument the class does not take.
+    names an argument the class does not take. The class is imported, never called.
     """
-    read = _read_without_importing(dataset_path)
-    if read is None:
-        cls = import_object(dataset_path, "dataset")
-        signature = _signature(cls)
-        params = set(signature)
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-        declared = getattr(cls, "path_flags", None) or {}
-    else:
-        declared, params, takes_any = read
-    if not isinstance(declared, dict):
+    params = _params(dataset_path, "dataset")
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    declared = getattr(import_object(dataset_path, "dataset"), "path_flags", None) or {}
+    well_formed = isinstance(declared, dict) and all(
+        isinstance(flag, str) and flag.startswith("--") and _is_pair_of_strings(spec)
+        for flag, spec in declared.items()
+    )
+    if not well_formed:
         raise ConfigError(
-            f"{dataset_path}.path_flags must be a dict {{'--flag': (argument, help)}}."
+            f"{dataset_path}.path_flags must map each '--flag' to (argument, help), both "
+            f"strings; it is {declared!r}."
         )
-    flags: dict[str, tuple[str, str]] = {}
-    for flag, spec in declared.items():
-        if not (
-            isinstance(flag, str)
-            and flag.startswith("--")
-            and isinstance(spec, tuple)
-            and len(spec) == 2
-            and all(isinstance(s, str) for s in spec)
-        ):
+    for flag, (arg, _) in declared.items():
+        if arg not in params and not takes_any:
             raise ConfigError(
-                f"{dataset_path}.path_flags must map each '--flag' to (argument, help), "
-                f"both strings; {flag!r}: {spec!r} does not."
-            )
-        if spec[0] not in params and not takes_any:
-            raise ConfigError(
-                f"{dataset_path}.path_flags gives {flag} for the argument {spec[0]!r}, which "
+                f"{dataset_path}.path_flags gives {flag} for the argument {arg!r}, which "
                 "the class does not take."
             )
-        flags[flag] = spec
-    if "--data-dir" not in flags:
-        arg = next((a for a in DATA_DIR_ARGS if a in params), None)
-        if arg is not None:
-            flags["--data-dir"] = (arg, "the dataset's main folder")
-    return flags
+    arg = next((a for a in DATA_DIR_ARGS if a in params), None)
+    if "--data-dir" in declared or arg is None:
+        return dict(declared)
+    return {**declared, "--data-dir": (arg, "the dataset's main folder")}
 
 
-def _read_without_importing(dataset_path: str) -> tuple[Any, set[str], bool] | None:
-    """(path_flags, constructor argument names, takes **kwargs) of a dataset class read from
-    its source, without importing its module (torch and torchvision take seconds): when the
-    class itself defines `__init__` and `path_flags`, as a literal. None when it does not
-    (inherited, computed, a compiled module): the caller imports the class."""
-    module_name, _, name = dataset_path.partition(":")
-    try:
-        spec = importlib.util.find_spec(module_name)
-        source = Path(spec.origin).read_text() if spec and spec.origin else None
-        tree = ast.parse(source) if source else None
-    except (ImportError, ValueError, OSError, SyntaxError, UnicodeDecodeError):
-        return None
-    body = next(
-        (
-            n.body
-            for n in getattr(tree, "body", [])
-            if isinstance(n, ast.ClassDef) and n.name == name
-        ),
-        None,
-    )
-    if body is None:
-        return None
-    init = next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
-    if init is None:
-        return None
-    a = init.args
-    params = {p.arg for p in [*a.posonlyargs, *a.args, *a.kwonlyargs][1:]}
-    declared: Any = None
-    for node in body:
-        target = node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-        if isinstance(target, ast.Name) and target.id == "path_flags" and node.value is not None:
-            try:
-                declared = ast.literal_eval(node.value)
-            except ValueError:
-                return None
-    if declared is None:  # maybe inherited: only the class itself knows
-        return None
-    return declared, params, a.kwarg is not None
+def _is_pair_of_strings(spec: Any) -> bool:
+    return isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(s, str) for s in spec)
 
 
-def add_path_flags(
-    parser: FlagParser, dataset_path: str, dataset_args: dict[str, Any] | None = None
-) -> None:
+def add_path_flags(parser: FlagParser, dataset_path: str, dataset_args: dict[str, Any]) -> None:
     """Give `parser` the path flags of the dataset at `dataset_path`, in a group of their own.
 
     Each one stores its value under the key it overrides (`data.args.<argument>`); its help
@@ -205,12 +159,13 @@ def add_path_flags(
         "leaves that folder out, where the dataset allows it.",
     )
     for flag, (arg, text) in flags.items():
-        now = (dataset_args or {}).get(arg)
+        now = dataset_args.get(arg)
         text = f"{text} (sets {arg}" + (f"; the experiment file has {now})" if now else ")")
         try:
             group.add_argument(
                 flag,
-                dest=PATH_FLAG_DEST + arg,
+                dest=f"data.args.{arg}",
+                type=functools.partial(from_cwd, per_split=SETNAME_PLACEHOLDER in str(now)),
                 metavar="DIR" if flag.endswith("-dir") else "PATH",
                 help=text.replace("%", "%%"),
             )
@@ -222,10 +177,6 @@ def add_path_flags(
     parser.dataset, parser.path_flags = dataset_path, flags
 
 
-class _ReadAheadFailed(Exception):
-    """The command line does not parse, even leaving the path flags aside."""
-
-
 class FlagParser(argparse.ArgumentParser):
     """An ArgumentParser that gives itself the path flags of the experiment's dataset.
 
@@ -233,68 +184,66 @@ class FlagParser(argparse.ArgumentParser):
     argument: `python -m src.run_experiment`'s positional, a Demo's `--config`), takes its
     `[data] dataset`, or the one a `--set data.dataset=...` puts in its place (the flags are
     those of the dataset that will be built), and adds that class's path flags
-    (`add_path_flags`). Then it parses for real, so `--help` lists them. A flag that neither
-    this parser nor the dataset knows, and an experiment file that cannot be read, end in one
-    line `error: ...` and exit code 2.
+    (`add_path_flags`). Then it parses for real, so `--help` lists them; the parsed flags hold
+    the file's tree as `toml` = (path, tree) for `load_from_args`. Every mistake (a flag that
+    neither this parser nor the dataset knows, a value of the wrong type, an experiment file
+    that cannot be read) ends in one line `error: ...` and exit code 2.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dataset: str | None = None
         self.path_flags: dict[str, tuple[str, str]] = {}
-        self._reading_ahead = False
+        self.toml: tuple[str, dict[str, Any]] | None = None
 
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         argv = sys.argv[1:] if args is None else list(args)
-        if self.dataset is None:
-            try:
+        try:
+            if self.dataset is None:
                 self._add_dataset_flags(argv)
-            except ConfigError as e:
-                self.exit(2, f"error: {e}\n")
-        parsed, extras = self.parse_known_args(argv, namespace)
-        if extras:
-            self.exit(2, f"error: {self._unknown(extras)}\n")
+            parsed, extras = self.parse_known_args(argv, namespace)
+            if extras:
+                raise ConfigError(self._unknown(extras))
+        except ConfigError as e:
+            self.exit(2, f"error: {e}\n")  # one line, as every user error; no usage block
+        parsed.toml = self.toml
         return parsed
 
     def error(self, message: str) -> NoReturn:
-        if self._reading_ahead:
-            raise _ReadAheadFailed(message)
-        super().error(message)
+        raise ConfigError(message)  # `parse_args` prints it
 
     def _add_dataset_flags(self, argv: list[str]) -> None:
         known = self._read_ahead(argv)
-        config = getattr(known, "config", None)
-        if config is None:  # no experiment file yet (or argv does not parse): no path flags
+        if getattr(known, "config", None) is None:  # no experiment file yet, or no parse
             self.epilog = "--help after the experiment file also lists its dataset's folder flags."
             return
-        tree = read_toml(config)
-        dataset = _class_path(tree, getattr(known, "set", None), "data", "dataset")
+        tree = read_toml(known.config)
+        self.toml = (str(known.config), tree)
+        dataset = _class_path(tree, known.set, "data", "dataset")
         add_path_flags(self, dataset, tree.get("data", {}).get("args", {}))
 
     def _read_ahead(self, argv: list[str]) -> argparse.Namespace | None:
         """argv parsed without the path flags, which are not known yet; None if it fails."""
         argv = [a for a in argv if a not in ("-h", "--help")]
-        self._reading_ahead = True
         try:
             known, extras = self.parse_known_args(argv)
-            # The unknown flags are path flags, which take one value each. Without them and
-            # their values, no value is mistaken for the positional experiment file.
-            unknown = {a for a in extras if a.startswith("-") and "=" not in a}
-            if unknown:
-                kept, rest = [], iter(argv)
-                for a in rest:
-                    if a in unknown:
-                        next(rest, None)
-                    else:
-                        kept.append(a)
-                known, _ = self.parse_known_args(kept)
-            return known
-        except _ReadAheadFailed:
+        except ConfigError:
             return None
-        finally:
-            self._reading_ahead = False
+        # The unknown flags are path flags, which take one value each. Without them and their
+        # values, no value is mistaken for the positional experiment file.
+        unknown = {a for a in extras if a.startswith("-") and "=" not in a}
+        kept, rest = [], iter(argv)
+        for a in rest:
+            if a in unknown:
+                next(rest, None)
+            else:
+                kept.append(a)
+        try:
+            return self.parse_known_args(kept)[0] if unknown else known
+        except ConfigError:
+            return None
 
     def _unknown(self, extras: list[str]) -> str:
         flag = next((a.split("=", 1)[0] for a in extras if a.startswith("-")), None)
@@ -309,23 +258,13 @@ class FlagParser(argparse.ArgumentParser):
         )
 
 
-def _signature(cls: Any) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):  # not callable, or no signature: src.config refuses it
-        return {}
-
-
 def _params(path: str, what: str) -> dict[str, inspect.Parameter]:
-    """The constructor arguments of the dataset or model class at `path`."""
-    return _signature(import_object(path, what))
-
-
-def _parse_value(text: str) -> Any:
+    """The constructor arguments of the dataset or model class at `path` (imported, not
+    called)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare string
+        return dict(inspect.signature(import_object(path, what)).parameters)
+    except (TypeError, ValueError):  # not callable, or no signature: src.train.build refuses it
+        return {}
 
 
 def _class_path(tree: dict[str, Any], set_items: list[str] | None, section: str, key: str) -> str:
@@ -335,121 +274,71 @@ def _class_path(tree: dict[str, Any], set_items: list[str] | None, section: str,
     for item in set_items or []:
         name, sep, text = item.partition("=")
         if sep and name.strip() == f"{section}.{key}":
-            path = _parse_value(text.strip())
+            path = toml_value(text.strip())
     default = DataConfig.dataset if section == "data" else ModelConfig.model
     return str(path) if path is not None else default
 
 
-# Flags that set one config key as they are given.
-SIMPLE_FLAGS = {
-    "epochs": "train.epochs",
-    "patience": "train.patience",
-    "batch_size": "data.batch_size",
-    "seed": "run.seed",
-    "device": "run.device",
-    "lr": "optimizer.lr",
-    "tracking_uri": "run.tracking_uri",
-    "experiment_name": "run.experiment_name",
-    "run_name": "run.run_name",
-    "register_model": "run.register_model",
-    "task": "run.task",
-    "max_batches": "train.max_batches",
-}
-
-
 def overrides_from_args(
-    args: argparse.Namespace,
-    dataset_path: str,
-    model_path: str = ModelConfig.model,
-    dataset_args: dict[str, Any] | None = None,
+    args: argparse.Namespace, dataset_path: str, model_path: str = ModelConfig.model
 ) -> dict[str, Any]:
-    """Dotted-key overrides from parsed flags; path flags are resolved against the cwd.
-
-    Path flags arrive under the key they set (`data.args.voc_dataset_dir`, see
-    `add_path_flags`); an empty value stays empty, and a folder whose TOML value holds
-    `{setname}` (ImageFolder's root) gets `/{setname}` appended. `--image-size` and
-    `--no-pretrained` check that the class takes the argument they set, so a flag never
-    silently does nothing. `--set KEY=VALUE` comes last and wins.
-    """
-    out = {
-        key: getattr(args, a)
-        for a, key in SIMPLE_FLAGS.items()
-        if getattr(args, a, None) is not None
-    }
-    if getattr(args, "num_workers", None) is not None:
-        nw = args.num_workers
-        out["data.num_workers"] = nw if nw == "auto" else _parse_value(nw)
-    if getattr(args, "results_dir", None):
-        out["run.results_dir"] = str(Path(args.results_dir).expanduser().resolve())
-    if getattr(args, "deterministic", False):
-        out["run.deterministic"] = True
-    out.update(_path_overrides(args, dataset_args or {}))
-    if getattr(args, "download", False):
-        out["data.args.download"] = True
-    if getattr(args, "image_size", None) is not None:
-        out.update(_image_size_overrides(args.image_size, dataset_path, model_path))
-    if getattr(args, "no_pretrained", False):
-        out.update(_no_pretrained_override(model_path))
-    for item in getattr(args, "set", []) or []:
+    """Dotted-key overrides from parsed flags: every flag stored under a config key (a dotted
+    `dest`, folders already resolved), then what `--image-size` and `--no-pretrained` set in
+    the classes that take it, then `--set KEY=VALUE`, which comes last and wins."""
+    out = {key: v for key, v in vars(args).items() if "." in key and v is not None}
+    out.update(_class_flag_overrides(args, dataset_path, model_path))
+    for item in getattr(args, "set", None) or []:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r} must have the form KEY=VALUE.")
-        out[key.strip()] = _parse_value(text.strip())
+        out[key.strip()] = toml_value(text.strip())
     return out
 
 
-def _path_overrides(args: argparse.Namespace, dataset_args: dict[str, Any]) -> dict[str, str]:
-    out = {}
-    for key, value in vars(args).items():
-        if not key.startswith(PATH_FLAG_DEST) or value is None:
-            continue
-        # An empty value (--sbd-dir '') leaves that part out, where the dataset allows it.
-        path = str(Path(value).expanduser().resolve()) if value else ""
-        if path and SETNAME_PLACEHOLDER in str(dataset_args.get(key[len(PATH_FLAG_DEST) :], "")):
-            path = str(Path(path) / SETNAME_PLACEHOLDER)  # ImageFolder: a folder per split
-        out[key] = path
+def _class_flag_overrides(
+    args: argparse.Namespace, dataset_path: str, model_path: str
+) -> dict[str, Any]:
+    """`--image-size` sets image_size of the dataset (it resizes to it) and of the model (it
+    sizes its linear layer by it); `--no-pretrained` the model's vgginit or pretrained. A flag
+    that no class takes is an error: a flag never silently does nothing."""
+    out: dict[str, Any] = {}
+    if getattr(args, "image_size", None) is not None:
+        for section, what, path in [
+            ("data", "dataset", dataset_path),
+            ("model", "model", model_path),
+        ]:
+            if "image_size" in _params(path, what):
+                out[f"{section}.args.image_size"] = args.image_size
+        if not out:
+            raise ConfigError(
+                f"--image-size does not apply to {dataset_path} or {model_path}: neither "
+                "takes image_size."
+            )
+    if getattr(args, "no_pretrained", False):
+        model = _params(model_path, "model")
+        if "vgginit" in model:
+            out["model.args.vgginit"] = "random"
+        elif "pretrained" in model:
+            out["model.args.pretrained"] = False
+        else:
+            raise ConfigError(
+                f"--no-pretrained does not apply to the model {model_path}, which takes "
+                "neither vgginit nor pretrained."
+            )
     return out
-
-
-def _image_size_overrides(size: int, dataset_path: str, model_path: str) -> dict[str, int]:
-    # The dataset resizes to it and the model sizes its linear layer by it: set both.
-    targets = [
-        f"{section}.args.image_size"
-        for section, path, what in [
-            ("data", dataset_path, "dataset"),
-            ("model", model_path, "model"),
-        ]
-        if "image_size" in _params(path, what)
-    ]
-    if not targets:
-        raise ConfigError(
-            f"--image-size does not apply to {dataset_path} or {model_path}: neither takes "
-            "image_size."
-        )
-    return dict.fromkeys(targets, size)
-
-
-def _no_pretrained_override(model_path: str) -> dict[str, Any]:
-    params = _params(model_path, "model")
-    if "vgginit" in params:
-        return {"model.args.vgginit": "random"}
-    if "pretrained" in params:
-        return {"model.args.pretrained": False}
-    raise ConfigError(
-        f"--no-pretrained does not apply to the model {model_path}, which takes neither "
-        "vgginit nor pretrained."
-    )
 
 
 def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConfig:
-    """`load` with the overrides given by the shared command-line flags.
+    """The config of the experiment file `path` with the overrides of the parsed flags; the
+    TOML as the parser read it (`args.toml`) when that is this file, else read here.
 
     The dataset and model are the TOML's, or those that `--set data.dataset=...` /
     `--set model.model=...` put in their place, as in `FlagParser`.
     """
-    tree = read_toml(path)
+    read, tree = getattr(args, "toml", None) or (None, {})
+    if read != str(path):
+        tree = read_toml(path)
     items = getattr(args, "set", None)
     dataset_path = _class_path(tree, items, "data", "dataset")
-    model_path = _class_path(tree, items, "model", "model")
-    dataset_args = tree.get("data", {}).get("args", {})
-    return load(path, overrides_from_args(args, dataset_path, model_path, dataset_args))
+    overrides = overrides_from_args(args, dataset_path, _class_path(tree, items, "model", "model"))
+    return from_dict(tree, overrides)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from src.cli import main as cli_main
 from src.train.experiment import RunResult, finish, fit, run
 
 __all__ = ["RunResult", "finish", "fit", "main", "run"]
@@ -19,8 +20,6 @@ __all__ = ["RunResult", "finish", "fit", "main", "run"]
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m src.run_experiment CONFIG [flags]`; the exit code."""
-    from src.cli import main as cli_main
-
     return cli_main(argv)
 
 

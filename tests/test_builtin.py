@@ -372,7 +372,7 @@ def test_download_true_with_files_present_reads_them_without_network(cifar10_roo
 
 
 def test_cifar10_experiment_config():
-    from src import config as cfg
+    import src.config as cfg
 
     c = cfg.load(REPO / "experiments" / "cifar10_tinyconv.toml")
     assert c.data.dataset == "load_dataset.builtin:TorchvisionClassification"
@@ -388,7 +388,7 @@ def test_cifar10_experiment_config():
 def test_fixture_configs_are_valid_experiments(tmp_path, name):
     import tomllib
 
-    from src import config as cfg
+    import src.config as cfg
 
     tree = builtin_config(name, tmp_path / "data", tmp_path / "results", epochs=1)
     c = cfg.from_dict(tree)
@@ -402,7 +402,7 @@ def test_mnist_experiment_from_the_command_line(
 ):
     from mlflow.tracking import MlflowClient
 
-    from src import config as cfg
+    import src.config as cfg
     from tests.command_line import run_here
 
     root, _ = mnist_root
@@ -426,7 +426,7 @@ def test_mnist_experiment_from_the_command_line(
 def test_cifar10_experiment_runs_in_process(mlflow_uri, cifar10_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from src import config as cfg
+    import src.config as cfg
     from src.run_experiment import run
 
     root, _ = cifar10_root  # the md5 patch reaches only this process: no subprocess here

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from src import config as cfg
-from src import flags
+import src.config as cfg
+import src.flags as flags
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
@@ -201,6 +201,24 @@ def test_a_folder_flag_of_another_dataset_is_one_line_naming_the_dataset(capsys)
     )
 
 
+def test_a_command_reads_its_experiment_file_once(monkeypatch):
+    """The parser reads the TOML for the dataset's folder flags; the config is made from the
+    same tree, not from a second reading (a file edited in between would give two configs)."""
+    reads = []
+
+    def counted(path):
+        reads.append(Path(path))
+        return cfg.read_toml(path)
+
+    monkeypatch.setattr(flags, "read_toml", counted)
+    args = _parse(["--epochs", "2", "--voc-dir", "v"], DEMO3)
+    c = flags.load_from_args(args.config, args)
+    assert reads == [DEMO3]
+    assert c.train.epochs == 2 and c.data.dataset == "load_dataset.custom_pascal:PascalVOC2012"
+    flags.load_from_args(DEMO2, args)  # another file than the parser read: read here
+    assert reads == [DEMO3, DEMO2]
+
+
 def test_the_positional_experiment_file_may_follow_its_folder_flags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = _parse(["--voc-dir", "v", "--epochs", "2", str(DEMO3), "--cache-dir", "c"], None)
@@ -333,3 +351,52 @@ def test_the_old_name_data_task_is_read_as_data_problem_with_a_note(tmp_path, ca
     path.write_text(both)
     with pytest.raises(cfg.ConfigError, match="keep only problem"):
         cfg.load(path)
+
+
+def test_an_optimizer_or_scheduler_name_is_checked_against_its_table(tmp_path):
+    """The allowed names are the keys of src/train/build.py's tables, checked before any data
+    is read, in the one-line form of every other choice."""
+    from src.train.build import check_names
+
+    c = cfg.load(DEMO2, {"optimizer.name": "Adamm", "data.args.data_dir": str(tmp_path / "none")})
+    with pytest.raises(cfg.ConfigError) as e:
+        check_names(c)
+    assert str(e.value) == "Config key [optimizer] name = 'Adamm' is not one of SGD, Adam, AdamW."
+    c = cfg.load(DEMO2, {"optimizer.scheduler": "linear"})
+    with pytest.raises(cfg.ConfigError, match=r"\[optimizer\] scheduler = 'linear' is not one of"):
+        check_names(c)
+
+
+def test_a_fork_adds_an_optimizer_with_one_line_in_the_table(monkeypatch):
+    """An optimizer gets the [optimizer] numbers its constructor takes: SGD lr, momentum and
+    weight decay; Adam no momentum; a class added to the table the same way."""
+    import torch
+
+    import src.train.build as build
+
+    model = torch.nn.Linear(2, 3)
+    numbers = {"optimizer.lr": 0.5, "optimizer.momentum": 0.25, "optimizer.weight_decay": 0.125}
+    sgd = build.build_optimizer(cfg.load(DEMO2, numbers), model).defaults
+    assert (sgd["lr"], sgd["momentum"], sgd["weight_decay"]) == (0.5, 0.25, 0.125)
+    adam = build.build_optimizer(cfg.load(DEMO2, {**numbers, "optimizer.name": "Adam"}), model)
+    assert isinstance(adam, torch.optim.Adam) and "momentum" not in adam.defaults
+    monkeypatch.setitem(build.OPTIMIZERS, "RMSprop", torch.optim.RMSprop)
+    rms = build.build_optimizer(cfg.load(DEMO2, {**numbers, "optimizer.name": "RMSprop"}), model)
+    assert isinstance(rms, torch.optim.RMSprop) and rms.defaults["momentum"] == 0.25
+    step = cfg.load(DEMO2, {"optimizer.scheduler": "step", "optimizer.step_size": 2})
+    assert isinstance(build.build_scheduler(step, adam), torch.optim.lr_scheduler.StepLR)
+    assert build.build_scheduler(cfg.load(DEMO2), adam) is None
+
+
+def test_the_loss_of_each_problem():
+    """multilabel: BCE with logits; multiclass: cross-entropy of the one-hot label's class."""
+    import torch
+
+    from src.train.loop import make_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    one_hot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
+    assert make_loss("multiclass")(logits, one_hot) == expected
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, one_hot)
+    assert make_loss("multilabel")(logits, one_hot) == bce

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from src import flags
+import src.flags as flags
 from tests.command_line import run_here
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from src import config as cfg
+import src.config as cfg
 from src.run_experiment import run
 from src.train.checkpoint import CheckpointError
 from tests.command_line import run_here
@@ -280,15 +280,35 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args", [["--help"], ["--set", "optimizer.lr=nan"], ["--epochs", "x"]])
-def test_help_and_user_errors_answer_before_torch_or_mlflow_is_imported(args, tmp_path):
-    """`--help`, a bad key or a bad flag: read and answered before the seconds of imports that
-    training needs (torch, torchvision, MLflow, scikit-learn, matplotlib, pandas)."""
-    loaded = set(_imported([str(REPO / "Demo-2-TinyConv-TinyData.py"), *args]))
-    heavy = {"torch", "torchvision", "mlflow", "sklearn", "matplotlib", "pandas", "numpy"}
-    assert not heavy & loaded, sorted(heavy & loaded)
-    assert "src.cli" in loaded
+def test_help_lists_the_folder_flags_of_the_experiments_dataset(tmp_path, capsys, monkeypatch):
+    """`--help` of a Demo names its dataset's folder flags, read from the dataset class."""
+    out = run_here(
+        [str(REPO / "Demo-2-TinyConv-TinyData.py"), "--help"], tmp_path, capsys, monkeypatch
+    )
+    assert out.returncode == 0, out.stderr
+    assert "folders of the dataset load_dataset.custom_tiny:TinyData" in out.stdout
+    assert "--data-dir DIR" in out.stdout and "tiny_labels.csv" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "optimizer.lr=nan"], "error: Config key [optimizer] lr = nan must be a finite"),
+        (["--set", "train.epochz=3"], "error: Unknown config key [train] epochz; allowed keys"),
+        (["--epochs", "x"], "error: argument --epochs: invalid int value: 'x'"),
+        (["--bogus", "3"], "error: --bogus is not a flag of this command and does not apply"),
+    ],
+)
+def test_a_bad_key_or_flag_is_one_line_with_exit_code_2(
+    args, expected, tmp_path, capsys, monkeypatch
+):
+    """A bad key or a bad flag: one line naming it, exit code 2, no traceback, nothing run."""
+    demo = [str(REPO / "Demo-2-TinyConv-TinyData.py"), "--results-dir", str(tmp_path / "r")]
+    out = run_here([*demo, *args], tmp_path, capsys, monkeypatch)
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(expected), line
+    assert "Traceback" not in out.stderr and not (tmp_path / "r").exists()
 
 
 def _imported(args: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ Exit codes: 0 identical (or within --tolerance), 1 different, 2 a user error.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -38,6 +39,9 @@ from src.flags import overrides_from_args
 from src.tools.compare_runs import MetricDiff, compare_metrics, get_run, open_client
 
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+# Packages outside this repository whose classes a stored run's config may name without
+# `--trust`; the repository's own top-level packages are the others.
+TRUSTED_PACKAGES = ("torchvision",)
 
 
 @dataclass
@@ -122,10 +126,57 @@ def load_run_config(
         return cfg.load(path, overrides)
 
 
+def import_paths(config: cfg.ExperimentConfig) -> list[tuple[str, str]]:
+    """Every class the config names, as (key, import path): the dataset, the model and each
+    transform table (`{class = "module:Name", ...}`) in [data.args], in that order. Nothing is
+    imported."""
+    out = [("[data] dataset", config.data.dataset), ("[model] model", config.model.model)]
+
+    def transforms(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            if "class" in value:
+                out.append((f"{key}.class", str(value["class"])))
+            for k, v in value.items():
+                if k != "class":
+                    transforms(v, f"{key}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                transforms(v, f"{key}[{i}]")
+
+    for key, value in config.data.args.items():
+        transforms(value, f"data.args.{key}")
+    return out
+
+
+def is_trusted_import(path: str) -> bool:
+    """Whether `path` ('package.module:Name') names a class of one of this repository's
+    top-level packages (a folder or module right in the repository root, found where Python
+    would import it from) or of a TRUSTED_PACKAGES one. The package is found, not imported:
+    importing a module runs its code."""
+    if not cfg.IMPORT_PATH.fullmatch(path):
+        return False
+    top = path.partition(":")[0].split(".")[0]
+    if top in TRUSTED_PACKAGES:
+        return True
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    if spec.submodule_search_locations:  # a package (a namespace package: all its folders)
+        places = list(spec.submodule_search_locations)
+    elif spec.has_location and spec.origin:  # a module file
+        places = [spec.origin]
+    else:  # built into the interpreter
+        return False
+    return all(Path(p).resolve().parent == cfg.REPO_ROOT for p in places)
+
+
 def check_import_paths(config: cfg.ExperimentConfig, run_id: str, trust: bool = False) -> None:
     """Print the classes the run's config imports; ConfigError for one from outside this
     repository's packages and torchvision unless `trust`. Nothing is imported here."""
-    paths = [(key, path, cfg.is_trusted_import(path)) for key, path, _ in cfg.import_paths(config)]
+    paths = [(key, path, is_trusted_import(path)) for key, path in import_paths(config)]
     print(f"Classes the config of run {run_id} imports:", flush=True)
     for key, path, trusted in paths:
         note = "" if trusted else "  (outside this repository and torchvision)"

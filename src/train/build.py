@@ -3,8 +3,10 @@ optimizer a config names; `set_up` puts them together into the `Trainer` the epo
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,18 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, StepLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+import src.distributed as ddp
 import src.train.checkpoint as ckpt_io
 from load_dataset.errors import DataError
-from src import distributed as ddp
 from src.config import (
     IMPORT_PATH,
     SETNAME_PLACEHOLDER,
     ConfigError,
     ExperimentConfig,
+    check_choice,
     import_object,
-    import_paths,
 )
 from src.train.dataset_contract import checked_dataset
 from src.train.loop import BatchPrep, BatchSettings, make_loss
@@ -83,20 +86,13 @@ def resolve_num_workers(value: int | str, local_world_size: int = 1) -> int:
     return max(1, (cores or 1) // max(1, local_world_size) - 1)
 
 
-# What each kind of class a config names must be, and what the error says when it is not.
+# What each kind of class a config names must derive from (a transform may also be any class
+# of torchvision.transforms), and what the error says when it does not.
 _CLASS_KINDS = {
-    "dataset": (
-        lambda cls: issubclass(cls, Dataset),
-        "is not a torch.utils.data.Dataset class; name a Dataset subclass",
-    ),
-    "model": (
-        lambda cls: issubclass(cls, nn.Module),
-        "is not an nn.Module class; name an nn.Module subclass",
-    ),
+    "dataset": (Dataset, "is not a torch.utils.data.Dataset class; name a Dataset subclass"),
+    "model": (nn.Module, "is not an nn.Module class; name an nn.Module subclass"),
     "transform": (
-        lambda cls: (
-            issubclass(cls, nn.Module) or cls.__module__.startswith("torchvision.transforms")
-        ),
+        nn.Module,
         "is neither a torchvision.transforms class nor an nn.Module subclass; name a "
         "transform class",
     ),
@@ -108,23 +104,42 @@ def import_class(path: Any, key: str, kind: str) -> type:
     of its `kind` ("dataset", "model", "transform") right after the import, before anything
     calls it: a config, or a run's stored config, names classes and is never a way to call a
     function (`os:system`)."""
-    is_kind, refusal = _CLASS_KINDS[kind]
+    base, refusal = _CLASS_KINDS[kind]
     if not (isinstance(path, str) and IMPORT_PATH.fullmatch(path)):
         raise ConfigError(
             f"{key} = {path!r} must be an import path of the form 'package.module:ClassName'."
         )
     what = f"transform of {key.removesuffix('.class')}" if kind == "transform" else kind
     cls = import_object(path, what)
-    if not (isinstance(cls, type) and is_kind(cls)):
+    transform = kind == "transform" and getattr(cls, "__module__", "").startswith(
+        "torchvision.transforms"
+    )
+    if not (isinstance(cls, type) and (issubclass(cls, base) or transform)):
         raise ConfigError(f"{key} = {path!r} {refusal}.")
     return cls
 
 
-def check_classes(config: ExperimentConfig) -> None:
-    """ConfigError unless the dataset, the model and every transform the config names is a
-    class of its kind; before any data is read, so a wrong model is not found minutes later."""
-    for key, path, kind in import_paths(config):
-        import_class(path, key, kind)
+# [optimizer] name -> the optimizer class: a fork adds an optimizer with one line here. Each
+# gets the [optimizer] numbers its constructor takes (lr, momentum, weight_decay).
+OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+# [optimizer] scheduler -> the per-epoch learning-rate schedule of an optimizer (None: the lr
+# stays); a fork adds a schedule with one line here.
+SCHEDULERS: dict[str, Callable[[Any, ExperimentConfig], LRScheduler | None]] = {
+    "none": lambda optimizer, config: None,
+    "cosine": lambda optimizer, config: CosineAnnealingLR(optimizer, T_max=config.train.epochs),
+    "step": lambda optimizer, c: StepLR(optimizer, c.optimizer.step_size, c.optimizer.gamma),
+}
+
+
+def check_names(config: ExperimentConfig) -> None:
+    """ConfigError unless the dataset and the model the config names are classes of their kind
+    and its optimizer and scheduler are names of the tables above; before any data is read,
+    so a wrong model is not found minutes later. (A transform is checked as it is built, before
+    the dataset that takes it is called.)"""
+    import_class(config.data.dataset, "[data] dataset", "dataset")
+    import_class(config.model.model, "[model] model", "model")
+    check_choice("optimizer", "name", config.optimizer.name, OPTIMIZERS)
+    check_choice("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS)
 
 
 def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
@@ -137,7 +152,7 @@ def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
     name = config.data.dataset
     cls = import_class(name, "[data] dataset", "dataset")
     args = {k: _arg_value(v, f"data.args.{k}", setname) for k, v in config.data.args.items()}
-    by_placeholder = any(_has_placeholder(v) for v in config.data.args.values())
+    by_placeholder = SETNAME_PLACEHOLDER in str(config.data.args)  # in any string, nested too
     try:
         dataset = cls(**args) if by_placeholder else cls(setname, **args)
     except TypeError as e:
@@ -147,16 +162,6 @@ def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
             raise
         raise DataError(f"{name} ('{setname}' split): {' '.join(str(e).split())}") from None
     return checked_dataset(dataset, name, setname, config.data.problem)
-
-
-def _has_placeholder(value: Any) -> bool:
-    if isinstance(value, str):
-        return SETNAME_PLACEHOLDER in value
-    if isinstance(value, dict):
-        return any(_has_placeholder(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_placeholder(v) for v in value)
-    return False
 
 
 def _arg_value(value: Any, key: str, setname: str) -> Any:
@@ -216,21 +221,13 @@ def build_loader(
     exactly once (no padding)."""
     workers = resolve_num_workers(config.data.num_workers, info.local_world_size)
     drop_last = train and train_drop_last(len(dataset), info.world_size, config.data.batch_size)
+    sampler = None
     if train:
         sampler = DistributedSampler(
-            dataset,
-            num_replicas=info.world_size,
-            rank=info.rank,
-            shuffle=True,
-            seed=config.run.seed,
-            drop_last=True,
+            dataset, info.world_size, info.rank, shuffle=True, seed=config.run.seed, drop_last=True
         )
-    else:
-        sampler = None
-        if info.enabled:
-            dataset = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    generator = torch.Generator()
-    generator.manual_seed(config.run.seed)
+    elif info.enabled:
+        dataset = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     return DataLoader(
         dataset,
         batch_size=config.data.batch_size,
@@ -241,7 +238,7 @@ def build_loader(
         drop_last=drop_last,
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker,
-        generator=generator,
+        generator=torch.Generator().manual_seed(config.run.seed),
     )
 
 
@@ -263,29 +260,19 @@ def train_drop_last(n_images: int, world_size: int, batch_size: int) -> bool:
     return per_process >= batch_size
 
 
-def build_scheduler(
-    config: ExperimentConfig, optimizer: torch.optim.Optimizer
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The per-epoch learning-rate schedule of [optimizer] scheduler, or None for "none"."""
-    o = config.optimizer
-    if o.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
-    if o.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
-    return None
-
-
 def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The OPTIMIZERS class of [optimizer] name, given the [optimizer] numbers it takes."""
     o = config.optimizer
-    if o.name == "SGD":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-        )
-    cls = torch.optim.Adam if o.name == "Adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    check_choice("optimizer", "name", o.name, OPTIMIZERS)
+    takes = inspect.signature(OPTIMIZERS[o.name]).parameters
+    numbers = {k: getattr(o, k) for k in ("lr", "momentum", "weight_decay") if k in takes}
+    return OPTIMIZERS[o.name](model.parameters(), **numbers)
+
+
+def build_scheduler(config: ExperimentConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """The SCHEDULERS schedule of [optimizer] scheduler (an LRScheduler), or None for "none"."""
+    check_choice("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS)
+    return SCHEDULERS[config.optimizer.scheduler](optimizer, config)
 
 
 # ------------------------------------------------------------------ the trainer
@@ -319,7 +306,7 @@ class Trainer:
 def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | None) -> Trainer:
     """Seeds, device, datasets (checked), loaders, model, optimizer and the training state,
     restored from `resume` (a run's results folder or last.pt) when given."""
-    check_classes(config)
+    check_names(config)
     device = pick_device(config.run.device, info.local_rank)
     seed_everything(config.run.seed)
     set_determinism(
@@ -373,20 +360,15 @@ def _training_state(
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def print_setup(device: torch.device, datasets: dict[str, Any], config, info) -> None:
     """The device picked and each split's size; a note when a batch holds the whole split."""
     sizes = ", ".join(f"{split} {len(ds):,}" for split, ds in datasets.items())
     procs = f" x {info.world_size} processes" if info.world_size > 1 else ""
-    why = (
-        ", picked by device = auto: CUDA, else MPS, else the CPU"
-        if config.run.device == "auto"
-        else ""
-    )
+    auto = config.run.device == "auto"
+    why = ", picked by device = auto: CUDA, else MPS, else the CPU" if auto else ""
     print(f"Device: {device_name(device)} ({device}{why}){procs}. Images: {sizes}.", flush=True)
     n_train = len(datasets["train"]) // info.world_size
     if not train_drop_last(len(datasets["train"]), info.world_size, config.data.batch_size):

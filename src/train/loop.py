@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from src import distributed as ddp
-from src import evaluate
+import src.distributed as ddp
+import src.evaluate as evaluate
 from src.errors import ConfigError, NonFiniteLossError
 
 
@@ -67,11 +68,20 @@ class BatchSettings:
         return self.prep.device
 
 
+class OneHotCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy of logits [B, K] and the loop's one-hot label vectors [B, K]."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, labels.argmax(1))
+
+
+# [data] problem -> the loss: a fork changes the loss of a problem with one line here.
+LOSSES = {"multilabel": nn.BCEWithLogitsLoss, "multiclass": OneHotCrossEntropy}
+
+
 def make_loss(problem: str) -> nn.Module:
-    if problem == "multiclass":
-        ce = nn.CrossEntropyLoss()
-        return lambda logits, labels: ce(logits, labels.argmax(1))  # type: ignore[return-value]
-    return nn.BCEWithLogitsLoss()
+    """The LOSSES loss of [data] problem ('multilabel' or 'multiclass', checked by src.config)."""
+    return LOSSES[problem]()
 
 
 def to_probs(logits: torch.Tensor, problem: str) -> torch.Tensor:
@@ -93,8 +103,6 @@ def _progress(iterable, total: int, desc: str, every_s: float = 30.0):
     """A bar on a terminal; in a log file (nohup, sbatch, a pipe) a line every `every_s`."""
     if not sys.stderr.isatty():
         return _ProgressLines(iterable, total, desc, every_s)
-    from tqdm import tqdm
-
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
@@ -119,17 +127,14 @@ class _ProgressLines:
         if now - self.last < self.every_s or not self.done:
             return
         self.last = now
-        per_batch = (now - self.start) / self.done
-        eta = per_batch * (self.total - self.done)
+        eta = (now - self.start) / self.done * (self.total - self.done)
         print(
             f"{self.desc}: batch {self.done}/{self.total}, {images:,} images, {img_s} img/s, "
-            f"loss {loss}, "
-            f"epoch ETA {eta:.0f} s",
+            f"loss {loss}, epoch ETA {eta:.0f} s",
             flush=True,
         )
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None: ...
 
 
 def train_one_epoch(
@@ -171,19 +176,11 @@ def train_one_epoch(
             mean_loss = loss_sum.item() / n_images
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(f"the training loss became {mean_loss} at step {step}")
-            bar.set_postfix(
-                loss=f"{mean_loss:.4f}",
-                img_s=f"{n_images / (time.perf_counter() - start):.0f}",
-                images=n_images,
-            )
+            img_s = f"{n_images / (time.perf_counter() - start):.0f}"
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=img_s, images=n_images)
     bar.close()
-    elapsed = time.perf_counter() - start
-    return {
-        "loss_sum": loss_sum.item(),
-        "images": n_images,
-        "seconds": elapsed,
-        "wait": wait,
-    }
+    seconds = time.perf_counter() - start
+    return {"loss_sum": loss_sum.item(), "images": n_images, "seconds": seconds, "wait": wait}
 
 
 @torch.no_grad()
@@ -201,12 +198,7 @@ def predict(model: nn.Module, loader: DataLoader, batches: BatchSettings) -> dic
         labels.append(y.cpu())
         idx.append(batch["img_idx"].cpu())
     cat = (lambda xs: torch.cat(xs).numpy()) if probs else (lambda xs: np.zeros((0, 0)))
-    return {
-        "loss_sum": loss_sum,
-        "probs": cat(probs),
-        "labels": cat(labels),
-        "idx": cat(idx),
-    }
+    return {"loss_sum": loss_sum, "probs": cat(probs), "labels": cat(labels), "idx": cat(idx)}
 
 
 def gather_predictions(part: dict[str, Any], info: ddp.DistInfo) -> dict[str, Any]:
@@ -224,9 +216,6 @@ def gather_predictions(part: dict[str, Any], info: ddp.DistInfo) -> dict[str, An
 
 def epoch_metrics(pred: dict[str, Any], label_meanings: list[str], problem: str, prefix: str):
     # Batch losses are means over their images, summed weighted by batch size: / n is the mean.
-    out = {f"{prefix}_loss": pred["loss_sum"] / max(1, len(pred["idx"]))}
-    for key, value in evaluate.compute_metrics(
-        pred["labels"], pred["probs"], label_meanings, problem
-    ).items():
-        out[f"{prefix}_{key}"] = value
-    return out
+    metrics = evaluate.compute_metrics(pred["labels"], pred["probs"], label_meanings, problem)
+    loss = pred["loss_sum"] / max(1, len(pred["idx"]))
+    return {f"{prefix}_loss": loss, **{f"{prefix}_{k}": v for k, v in metrics.items()}}
