@@ -100,18 +100,14 @@ def tiny_image():
 
 def newest_demo2_run(uri: str) -> str | None:
     """The id of the newest FINISHED run of Demo-2's experiment in the store, or None."""
-    from mlflow.tracking import MlflowClient
+    import src.tracking as tracking
+    from src.errors import TrackingError
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(DEMO2_EXPERIMENT)
-    if exp is None:
+    try:
+        finished = "attributes.status = 'FINISHED'"
+        runs = tracking.find_runs(uri, DEMO2_EXPERIMENT, finished, newest_first=True, limit=1)
+    except TrackingError:  # no Demo-2 experiment in this store yet
         return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
     return runs[0].info.run_id if runs else None
 
 
@@ -132,8 +128,8 @@ def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
     probs = classifier.probabilities(images)
     classes = [explain.classes_to_show(ds.labels[i], p) for i, p in zip(rows, probs)]
     x = classifier.model_inputs(images)
-    maps = explain.heatmaps(classifier.net, x, classes, "hirescam", classifier.target_layer)
-    meanings = classifier.label_meanings
+    maps = explain.heatmaps(classifier.net, x, classes, "hirescam", classifier.spec.target_layer)
+    meanings = classifier.spec.label_meanings
     return explain.save_gallery(images, ds.labels[rows], probs, maps, meanings, out)
 
 
@@ -145,17 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the unit tests failed (pytest exit code {code}).", file=sys.stderr)
             return 1
 
+    import src.tracking as tracking
     from load_dataset.errors import DataError
     from load_dataset.pascal.visualize import build_augmentation_gallery
-    from src import tracking
-    from src.config import ExperimentConfig, RunConfig
     from src.errors import UserError, print_user_error
 
-    config = ExperimentConfig(
-        run=RunConfig(experiment_name=args.experiment_name, tracking_uri=args.tracking_uri or "")
-    )
+    uri = tracking.tracking_uri(args.tracking_uri or "")
     try:
-        tracker = tracking.start_parent(config, "visualization", {"demo": "Demo-0"})
+        tracker = tracking.start(uri, args.experiment_name, "visualization", {"demo": "Demo-0"})
     except UserError as e:
         return print_user_error(e)
     out = Path(args.results_dir).expanduser().resolve() / "Demo-0" / tracker.run_id
@@ -181,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         tracker.log_artifact(gallery)
         print(f"wrote {gallery}")
-        uri = tracking.tracking_uri(config)
         source = args.explain_model or newest_demo2_run(uri)
         if source is None:
             print(f"no explanations: no finished {DEMO2_EXPERIMENT} run yet (run Demo-2 first)")
@@ -194,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         tracker.end("FAILED")
         raise
-    print(tracking.ui_hint(tracking.tracking_uri(config), tracker.experiment_id))
+    print(tracking.ui_hint(uri, tracker.experiment_id))
     return 0
 
 

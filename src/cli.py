@@ -56,12 +56,7 @@ def main(
                 print(f"\nParent run of the {len(children)} seeds: {parent_id}")
                 print(group_hint(config, children[0].experiment_id, parent_id))
             return 0
-        from src import tracking_service
-
-        if not args.resume and config.run.task == "train_eval":  # MLflow opens while torch loads
-            tracking_service.start(tracking.tracking_uri(config), config.run.log_model)
         result = run(config, resume=args.resume)
-        tracking_service.stop()
     except UserError as e:
         return print_user_error(e)
     except KeyboardInterrupt as e:  # the run said how it stopped and how to resume
@@ -72,7 +67,9 @@ def main(
 
 
 def group_hint(config: ExperimentConfig, experiment_id: str, parent_id: str) -> str:
-    return tracking.ui_hint(tracking.tracking_uri(config), experiment_id, parent_id)
+    return tracking.ui_hint(
+        tracking.tracking_uri(config.run.tracking_uri), experiment_id, parent_id
+    )
 
 
 def report(config: ExperimentConfig, result: RunResult) -> None:
@@ -95,4 +92,5 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
             f"{split}_ap_mean {m[f'{split}_ap_mean']:.4f}"
         )
         print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
-    print(tracking.ui_hint(tracking.tracking_uri(config), result.experiment_id, result.run_id))
+    uri = tracking.tracking_uri(config.run.tracking_uri)
+    print(tracking.ui_hint(uri, result.experiment_id, result.run_id))

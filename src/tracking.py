@@ -1,50 +1,58 @@
-"""Everything MLflow: where runs go, starting and resuming a run, params, tags, metrics, artifacts.
+"""The one door to MLflow's tracking API: where runs go, a run's records, reading runs back.
 
-The tracking URI is `MLFLOW_TRACKING_URI` (or the config's `run.tracking_uri`) when set, else
-`sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns`, so `mlflow ui` started in
-the repository root shows every run. Only rank 0 of a distributed launch tracks anything:
-the other ranks get a `NullTracker` with the same methods. A `Tracker` holds Ctrl-C and SIGTERM
-until its run ends (src/interrupts.py): a signal is never lost and never cuts an MLflow write in
-half.
+The tracking URI is the one given (a config's `run.tracking_uri`), else `MLFLOW_TRACKING_URI`,
+else `sqlite:///<repo>/mlflow.db` with artifacts under `<repo>/mlruns`, so `mlflow ui` started
+in the repository root shows every run. This module takes plain values (URIs, names, dicts,
+texts) and knows nothing of training, models or datasets. A `Tracker` is one run; it holds
+Ctrl-C and SIGTERM until the run ends (src/interrupts.py): a signal is never lost and never
+cuts an MLflow write in half. An MLflow error a user meets is one line naming the store.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
-import hashlib
 import importlib.metadata
+import logging
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
 
-from src import interrupts
-from src.config import REPO_ROOT, RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
+import src.interrupts as interrupts
 from src.errors import TrackingError, one_line
-from src.outbox import Outbox
 
-END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
-LOCAL_LINGER_S = 2.0  # a local store gets the epochs of this many seconds as one write
+REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
+END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
+RETRY_S = 2.0  # between two tries of metrics a tracking server refused
+# MLflow's async queue logs each failed batch as an error; the run says so itself, once.
+logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
 
 
-def tracking_uri(config: ExperimentConfig | None = None) -> str:
-    """The config's URI, else MLFLOW_TRACKING_URI, else the repository's SQLite store."""
-    if config is not None and config.run.tracking_uri:
-        return config.run.tracking_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+def tracking_uri(configured: str = "") -> str:
+    """`configured` (a config's run.tracking_uri), else MLFLOW_TRACKING_URI, else the
+    repository's SQLite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def check_server(uri: str, timeout_s: float = 5.0) -> None:
@@ -52,7 +60,7 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
 
     The MLflow client would otherwise retry for minutes before the first metric is logged.
     """
-    if not uri.startswith(("http://", "https://")):
+    if not _remote(uri):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
@@ -66,37 +74,33 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def _sqlite_dir(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).parent
-    return None
+    return Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else None
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The command that opens the MLflow UI on this store, the link to the runs table and,
     given `run_id`, to that run's own page (its Model metrics tab, the curves)."""
-    sqlite_dir = _sqlite_dir(uri)
-    base = uri.rstrip("/") if sqlite_dir is None else "http://127.0.0.1:5000"
-    run_page = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
-    this_run = f"\nThis run: {run_page}" if run_id else ""
-    if sqlite_dir is None:
-        return f"Runs: {base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}{this_run}"
-    try:
-        shown = os.path.relpath(uri[len("sqlite:///") :], REPO_ROOT)
-        if shown.startswith(".."):
-            raise ValueError
-        store = f"sqlite:///{shown}"
-    except ValueError:
-        store = uri
+    local = _sqlite_dir(uri) is not None
+    base = "http://127.0.0.1:5000" if local else uri.rstrip("/")
+    this_run = f"\nThis run: {base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+    runs = f"{base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}{this_run if run_id else ''}"
+    if not local:
+        return f"Runs: {runs}"
+    shown = os.path.relpath(uri[len("sqlite:///") :], REPO_ROOT)
+    store = uri if shown.startswith("..") else f"sqlite:///{shown}"
     mlflow_bin = os.path.relpath(Path(sys.executable).parent / "mlflow", REPO_ROOT)
-    if mlflow_bin.startswith(".."):
-        mlflow_bin = "mlflow"
-    return (
-        f"Open the MLflow UI (from {REPO_ROOT}): {mlflow_bin} ui --backend-store-uri {store}\n"
-        f"then {base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}{this_run}"
-    )
+    mlflow_bin = "mlflow" if mlflow_bin.startswith("..") else mlflow_bin
+    opens = f"Open the MLflow UI (from {REPO_ROOT}): {mlflow_bin} ui --backend-store-uri {store}"
+    return f"{opens}\nthen {runs}"
 
 
-# ------------------------------------------------------------------ run records
+def slug(name: str) -> str:
+    """`name` as one folder name: runs of other characters become one '-', and leading and
+    trailing dots and dashes go ('..' or '../x' never leave the folder they are put in)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "experiment"
+
+
+# ------------------------------------------------------------------ where a run came from
 
 
 def git_state() -> dict[str, str]:
@@ -131,54 +135,229 @@ def _new_file_diff(path: str, max_bytes: int = 1_000_000) -> str:
     return header + f"--- /dev/null\n+++ b/{path}\n@@ -0,0 +1,{len(lines)} @@\n" + body
 
 
-def package_versions() -> dict[str, str]:
-    import torch
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "mlflow", "numpy", "pillow", "scikit-learn"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    # What this torch was built for; "cuda"/"cudnn" only when a GPU is there to use them.
-    out["cuda_build"] = torch.version.cuda or "none"
-    gpu = torch.cuda.is_available()
-    out["cuda"] = (torch.version.cuda or "none") if gpu else "none"
-    cudnn = torch.backends.cudnn.version() if gpu and torch.backends.cudnn.is_available() else None
-    out["cudnn"] = str(cudnn) if cudnn else "none"
-    return out
-
-
 def pip_freeze() -> str:
-    dists = {
-        f"{d.metadata['Name']}=={d.version}"
-        for d in importlib.metadata.distributions()
-        if d.metadata["Name"]
-    }
-    return "\n".join(sorted(dists, key=str.lower)) + "\n"
+    dists = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()}
+    return "\n".join(sorted((d for d in dists if not d.startswith("None")), key=str.lower)) + "\n"
 
 
-def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """A hash of the ordered image ids and their labels, and the count.
-
-    Two runs whose datasets differ in any id, order or label get different fingerprints.
-    """
-    h = hashlib.sha256()
-    ids = list(dataset.image_ids)
-    labels = np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.float32))
-    h.update("\n".join(ids).encode())
-    h.update(str(labels.shape).encode())
-    h.update(labels.tobytes())
-    return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
+# ------------------------------------------------------------------ the store
 
 
-def slug(name: str) -> str:
-    """`name` as one folder name: runs of other characters become one '-', and leading and
-    trailing dots and dashes go ('..' or '../x' never leave the folder they are put in)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "experiment"
+def _client(uri: str) -> MlflowClient:
+    """An MlflowClient of `uri`: short HTTP retries; a SQLite store's folder and tables made
+    once, one process at a time; a store that cannot be opened is one line naming it."""
+    if _remote(uri):
+        # MLflow retries a request 7 times with a doubling back-off (minutes in all) before
+        # it fails: a few seconds, then the run's own handling (`Tracker`) takes over.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    sqlite_dir = _sqlite_dir(uri)
+    if sqlite_dir is None or uri in _READY_STORES:
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates a new SQLite store's tables on first use; runs that start together (a
+    # job array) would each create them and all but one crash ("table ... already exists").
+    try:
+        sqlite_dir.mkdir(parents=True, exist_ok=True)
+        with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
+            with suppress(OSError):  # a file system without locks (some NFS): go on unguarded
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            client = _store_call(uri, MlflowClient, tracking_uri=uri)
+            _store_call(uri, client.search_experiments, max_results=1)
+    except OSError as e:
+        raise _store_error(uri, e) from None
+    _READY_STORES.add(uri)
+    return client
 
 
-# ------------------------------------------------------------------ trackers
+_READY_STORES: set[str] = set()
+
+
+def _store_error(uri: str, e: BaseException) -> TrackingError:
+    if _remote(uri):
+        return TrackingError(
+            f"The MLflow server {uri} failed: {one_line(e)}; resume with --resume once it "
+            "answers again."
+        )
+    return TrackingError(
+        f"The MLflow store {uri} cannot be used: {one_line(e)}; it needs a folder you can "
+        "write to and a file that is an MLflow database (or none yet): pass another "
+        "--tracking-uri (or MLFLOW_TRACKING_URI)."
+    )
+
+
+def _store_call(uri: str, fn: Callable, *args: Any, interruptible: bool = True, **kw: Any) -> Any:
+    """One MLflow call; a signal waits for it (src/interrupts.py); its error is one line."""
+    with interrupts.mlflow_call(interruptible):
+        try:
+            return fn(*args, **kw)
+        except TrackingError:
+            raise
+        except Exception as e:
+            raise _store_error(uri, e) from None
+
+
+def existing_store(uri: str | None = None) -> str:
+    """`uri` (default: as for training) for the commands that read runs: a SQLite store that
+    is not there is refused (MLflow would create an empty one), a server must answer."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise TrackingError(
+            f"The MLflow store {uri} does not exist; run an experiment first or pass "
+            "--tracking-uri."
+        )
+    check_server(uri)
+    return uri
+
+
+# ------------------------------------------------------------------ reading and tagging runs
+
+
+def get_run(uri: str, run_id: str, what_to_do: str = "") -> Any:
+    """The MLflow run `run_id` (`.info`, `.data.params/.tags/.metrics`), or one line naming
+    the store and `what_to_do`."""
+    try:
+        with interrupts.mlflow_call():
+            return _client(uri).get_run(run_id)
+    except TrackingError:
+        raise
+    except Exception:  # MLflow's error for an unknown or malformed id
+        what_to_do = what_to_do or (
+            "copy the run id from the MLflow UI or from `python -m src.tools.compare_runs`, "
+            "or pass --tracking-uri"
+        )
+        raise TrackingError(
+            f"MLflow run {run_id!r} is not in the store {uri}; {what_to_do}."
+        ) from None
+
+
+def find_runs(
+    uri: str, experiment: str, filter_string: str = "", newest_first: bool = False, limit=None
+) -> list[Any]:
+    """The active runs of the experiment named `experiment` that match MLflow's search
+    `filter_string`, oldest first (newest first), at most `limit`."""
+    client = _client(uri)
+    found = _store_call(uri, client.get_experiment_by_name, experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in _store_call(uri, client.search_experiments))
+        raise TrackingError(
+            f"There is no MLflow experiment named {experiment!r} in {uri}; the experiments "
+            f"there are: {', '.join(names) or 'none'}."
+        )
+    return _search(uri, found.experiment_id, filter_string, newest_first, limit)
+
+
+def child_runs(
+    uri: str, parent_run_id: str, filter_string: str = "", newest_first=False, limit=None
+):
+    """The runs whose parent is `parent_run_id` (and match `filter_string`)."""
+    parent = get_run(uri, parent_run_id)
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    where += f" and {filter_string}" if filter_string else ""
+    return _search(uri, parent.info.experiment_id, where, newest_first, limit)
+
+
+def _search(uri, experiment_id, filter_string, newest_first, limit) -> list[Any]:
+    client, runs, token = _client(uri), [], None
+    order = [f"attributes.start_time {'DESC' if newest_first else 'ASC'}"]
+    while limit is None or len(runs) < limit:
+        try:
+            with interrupts.mlflow_call():
+                page = client.search_runs(
+                    [experiment_id], filter_string, order_by=order,
+                    max_results=min(1000, limit or 1000), page_token=token,
+                )  # fmt: skip
+        except Exception as e:
+            if getattr(e, "error_code", "") != "INVALID_PARAMETER_VALUE":
+                raise _store_error(uri, e) from None
+            first = str(e.message).strip().splitlines()[0]
+            raise TrackingError(
+                f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
+                "\"params.optimizer.lr = '0.01'\"."
+            ) from None
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[Any]:
+    """Every value logged for `key` (`.step`, `.value`, `.timestamp`)."""
+    return _store_call(uri, _client(uri).get_metric_history, run_id, key)
+
+
+def download_text(uri: str, run_id: str, path: str) -> str | None:
+    """The text of the run's artifact `path`, or None when the run has none there."""
+    client = _client(uri)
+    folder, _, name = path.rpartition("/")
+    listed = _store_call(uri, client.list_artifacts, run_id, folder or None)
+    if name not in {Path(a.path).name for a in listed}:
+        return None
+    with quiet(), tempfile.TemporaryDirectory() as tmp:
+        return Path(_store_call(uri, client.download_artifacts, run_id, path, tmp)).read_text()
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    _store_call(uri, _client(uri).log_batch, run_id, tags=items)
+
+
+def set_terminated(uri: str, run_id: str, status: str) -> None:
+    _store_call(uri, _client(uri).set_terminated, run_id, status=status)
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable `name` set to `value` (None: unset) for the block."""
+    before = os.environ.get(name)
+    _set_env(name, value)
+    try:
+        yield
+    finally:
+        _set_env(name, before)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """MLflow's notes while it logs or loads a model (the CloudPickle caution, the check of the
+    input example) and its download bars left out of the output; its errors still show."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.pyfunc", "mlflow.models")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextmanager
+def tracking_uri_set(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` for the block (`Model.log` and loading a
+    `runs:/` or `models:/` URI read only that), then put back as it was, MLFLOW_TRACKING_URI
+    included (MLflow's own `_use_tracking_uri` deletes that variable when no URI was set)."""
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    with _env("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")):
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            utils.set_tracking_uri(before)
+
+
+# ------------------------------------------------------------------ one run
 
 
 class NullTracker:
@@ -190,11 +369,15 @@ class NullTracker:
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
 
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
 
     def log_text(self, text: str, name: str) -> None: ...
 
     def set_tags(self, tags: dict[str, Any]) -> None: ...
+
+    def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
 
@@ -205,77 +388,81 @@ class NullTracker:
 class Tracker(NullTracker):
     """One MLflow run, driven through `MlflowClient` (no global 'active run' state).
 
-    It holds Ctrl-C and SIGTERM until `end` (src/interrupts.py): its calls raise a signal's
-    interrupt that Python lost. Epochs' metrics go through an `Outbox` (src/outbox.py):
-    training does not wait for the store, and a local store gets the epochs of the last
-    `LOCAL_LINGER_S` seconds as one write (a fast run's epochs go together; an epoch longer
-    than that is written as it ends). When a tracking server has not answered for
-    `server_wait_s`, the run says so once and trains on, or stops with a one-line error when
-    `server_unreachable = "stop"`; at its end the run waits up to `END_WAIT_S` for it.
+    Epochs' metrics go through MLflow's asynchronous logging: training does not wait for the
+    store. MLflow drops a batch its store refused (it only logs an error), so the tracker keeps
+    each batch until the store has taken it, and sends a refused one again: a tracking server
+    that is down or hangs never stops training. When it has not answered for `server_wait_s`,
+    the run says so once and trains on, or stops with a one-line error when
+    `server_unreachable = "stop"`; any other call, and the run's end, first waits up to
+    `END_WAIT_S` for it. What is not sent is in last.pt: a resumed run logs it.
     """
 
-    def __init__(self, client: Any, uri: str, experiment_id: str, run_id: str) -> None:
-        self.client = client
-        self.uri = uri
-        self.experiment_id = experiment_id
-        self.run_id = run_id
+    def __init__(self, client: MlflowClient, uri: str, experiment_id: str, run_id: str) -> None:
+        self.client, self.uri = client, uri
+        self.experiment_id, self.run_id = experiment_id, run_id
         self.holds_signals = interrupts.hold()
-        self.remote = uri.startswith(("http://", "https://"))
-        self.outbox: Outbox | None = None
-        self.server_wait_s = 60.0
-        self.server_unreachable = "continue"
+        self.server_wait_s, self.server_unreachable = 60.0, "continue"
+        self.sent: list[tuple[float, list[Metric], Any]] = []  # (sent at, batch, RunOperations)
+        self.failing_since: float | None = None  # time.monotonic() of the first refused send
+        self.last_error = ""
         self._said_unreachable = False
 
-    def configure(self, config: ExperimentConfig) -> Tracker:
-        self.server_wait_s = float(getattr(config.run, "server_wait_s", 60.0))
-        self.server_unreachable = getattr(config.run, "server_unreachable", "continue")
+    def configure(self, server_wait_s: float, server_unreachable: str) -> Tracker:
+        self.server_wait_s, self.server_unreachable = server_wait_s, server_unreachable
         return self
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
-        """All of an epoch's metrics in one call, at step=epoch (NaN values are skipped)."""
+        """All of an epoch's metrics in one batch, at step=epoch (NaN values are skipped)."""
         now = int(time.time() * 1000)
         batch = [
-            (key, float(v), now, epoch)
+            Metric(key, float(v), now, epoch)
             for key, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]
-        if self.outbox is None:
-            linger = 0.0 if self.remote else LOCAL_LINGER_S
-            self.outbox = Outbox(self._log_metrics, linger_s=linger, retry=self.remote)
-        self.outbox.put(batch)
-        if self.remote:
+        if batch:
+            self._send(batch)
+        self._settle()
+        if _remote(self.uri):
             self._check_server()
-        elif self.outbox.error is not None:  # a local store's errors are not the user's to fix
-            raise self.outbox.error
 
-    def _log_metrics(self, batch: list) -> None:
-        for i in range(0, len(batch), 1000):
-            self._log_batch(metrics=batch[i : i + 1000])
+    def _send(self, batch: list[Metric]) -> None:
+        operations = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        self.sent.append((time.monotonic(), batch, operations))
 
-    def _log_batch(self, metrics=(), params=(), tags=()) -> None:
-        """Metrics (key, value, timestamp, step), params and tags (key, value) as tuples: the
-        tracking process's client (src/tracking_service.py) takes them so (`log_tuples`),
-        MLflow's own client as entities."""
-        log_tuples = getattr(self.client, "log_tuples", None)
-        if log_tuples is not None:
-            log_tuples(self.run_id, metrics, params, tags)
-            return
-        from mlflow.entities import Metric, Param, RunTag
+    def _settle(self) -> None:
+        """Forget the batches the store took; send again those a server refused. A local
+        store that refuses one fails the run (one line naming the store)."""
+        sent, self.sent = self.sent, []
+        for i, (at, batch, operations) in enumerate(sent):
+            # RunOperations offers only a wait without a time limit: its futures say whether
+            # a batch is done without waiting.
+            futures = operations._operation_futures
+            if not all(f.done() for f in futures):
+                self.sent.append((at, batch, operations))
+                continue
+            error = next((f.exception() for f in futures if f.exception() is not None), None)
+            if error is None:
+                self.failing_since = None
+                continue
+            if not _remote(self.uri):
+                self.sent += sent[i + 1 :]
+                raise _store_error(self.uri, error)
+            self.last_error = one_line(error).split("[")[-1].rstrip("]")
+            self.failing_since = min(self.failing_since or at, at)
+            self._send(batch)
 
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(*m) for m in metrics],
-            params=[Param(*p) for p in params],
-            tags=[RunTag(*t) for t in tags],
-        )
+    def unreachable_s(self) -> float:
+        """How long the server has refused the oldest batch not yet taken (0 while it answers)."""
+        self._settle()
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
     def _check_server(self) -> None:
-        assert self.outbox is not None
-        waited = self.outbox.unreachable_s()
+        waited = self.unreachable_s()
         if waited < self.server_wait_s:
             return
-        why = f"The MLflow server {self.uri} has not answered for {waited:.0f} s"
-        why += f" ({self.outbox.last_error})"
+        why = (
+            f"The MLflow server {self.uri} has not answered for {waited:.0f} s ({self.last_error})"
+        )
         if self.server_unreachable == "stop":
             raise TrackingError(
                 f"{why}; stopped (server_unreachable = 'stop'). last.pt holds every epoch: "
@@ -284,44 +471,43 @@ class Tracker(NullTracker):
         if not self._said_unreachable:
             self._said_unreachable = True
             print(
-                f"warning: {why}; training goes on, and {self.outbox.pending()} epochs' "
-                "metrics are kept (also in last.pt) and sent when it is back.",
+                f"warning: {why}; training goes on, and {len(self.sent)} epochs' metrics are "
+                "kept (also in last.pt) and sent when it is back.",
                 file=sys.stderr,
                 flush=True,
             )
 
-    def _call(self, fn: Any, *args: Any, interruptible: bool = True, **kwargs: Any) -> Any:
-        """One MLflow call, after the epochs waiting in the outbox; a server that does not
-        answer is one line, not a traceback."""
-        if self.outbox is not None and not self.outbox.drain(END_WAIT_S):
-            if self.outbox.error is not None:
-                raise self.outbox.error
+    def _drain(self, timeout_s: float) -> bool:
+        """Wait until the store has taken every batch (True) or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while (self._settle() or self.sent) and (left := deadline - time.monotonic()) > 0:
+            if self.failing_since is not None:
+                time.sleep(min(left, RETRY_S))
+            else:
+                waiting = [
+                    f for _, _, operations in self.sent for f in operations._operation_futures
+                ]
+                concurrent.futures.wait(waiting, timeout=left)
+        return not self.sent
+
+    def _call(self, fn: Callable, *args: Any, interruptible: bool = True, **kwargs: Any) -> Any:
+        """One MLflow call, after the epochs' metrics not yet taken; a store or a server that
+        fails is one line, not a traceback."""
+        if not self._drain(END_WAIT_S):
             raise TrackingError(
-                f"The MLflow server {self.uri} has not answered for "
-                f"{self.outbox.unreachable_s():.0f} s ({self.outbox.last_error}); "
-                f"{self.outbox.pending()} epochs' metrics were not sent. last.pt holds them: "
-                "resume with --resume once the server is back."
+                f"The MLflow server {self.uri} has not answered for {self.unreachable_s():.0f} s "
+                f"({self.last_error}); {len(self.sent)} epochs' metrics were not sent. last.pt "
+                "holds them: resume with --resume once the server is back."
             )
-        with interrupts.mlflow_call(interruptible):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:
-                if not self.remote:  # a local store's errors are not the user's to fix
-                    raise
-                raise TrackingError(
-                    f"The MLflow server {self.uri} failed: {one_line(e)}; resume with "
-                    "--resume once it answers again."
-                ) from None
+        return _store_call(self.uri, fn, *args, interruptible=interruptible, **kwargs)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._call(self._log_batch, params=items[i : i + 100])
+        items = [Param(k, str(v)) for k, v in params.items()]
+        self._call(self.client.log_batch, self.run_id, params=items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            self._call(self._log_batch, tags=items[i : i + 100])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call(self.client.log_batch, self.run_id, tags=items)
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self._call(self.client.log_artifact, self.run_id, str(path), artifact_path=subdir)
@@ -330,91 +516,73 @@ class Tracker(NullTracker):
         self._call(self.client.log_text, self.run_id, text, name)
 
     def logged_steps(self, key: str) -> list[int]:
-        history = self._call(self.client.get_metric_history, self.run_id, key)
-        return sorted(m.step for m in history)
+        return sorted(m.step for m in self._call(self.client.get_metric_history, self.run_id, key))
+
+    def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any:
+        """Log the model `name` of the run with MLflow's `Model.log(**model)` (its flavor,
+        python_model, artifacts, code_paths, signature, ...), its metrics at `step`, registered
+        as `register_as` when given; its registered version, else None. No fluent run is
+        started or left active and the run's status is not touched."""
+
+        def log() -> Any:
+            # Created here, in the run's experiment: left to itself, Model.log puts a model
+            # logged without an active run into the default experiment ('0').
+            params = self.client.get_run(self.run_id).data.params
+            logged = self.client.create_logged_model(
+                self.experiment_id, name=name, source_run_id=self.run_id, params=params
+            )
+            return Model.log(
+                artifact_path=None, name=name, model_id=logged.model_id, run_id=self.run_id,
+                step=step, registered_model_name=register_as or None, **model,
+            )  # fmt: skip
+
+        path = list(sys.path)  # loading the model to check its input example prepends code/
+        try:
+            with tracking_uri_set(self.uri), quiet():
+                return getattr(self._call(log), "registered_model_version", None)
+        finally:
+            sys.path[:] = path
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run `status` and let the signals go.
 
         `end("FINISHED")` raises a pending Ctrl-C or SIGTERM instead (before or after the
         write), so the caller marks the run KILLED and the program exits with 130 or 143.
-        A run that did not finish does not wait for a server that does not answer.
+        A run that did not finish waits only a few seconds for its metrics (last.pt has them).
         """
         finished = status == "FINISHED"
         try:
-            if not finished and self.outbox is not None:
-                self.outbox.drain(5.0)
-                self.outbox.close()
-                self.outbox = None
-            try:
-                self._call(
-                    self.client.set_terminated, self.run_id, status=status, interruptible=finished
-                )
-            except TrackingError:
-                if not getattr(self.client, "ended", lambda: False)():
-                    raise
-                # The tracking process is gone (src/tracking_service.py): the run's status is
-                # written from here, so that it is not left RUNNING; a run that was to finish
-                # lost what the process had not written yet, and ends FAILED.
-                self.client = _client(self.uri)
-                self._call(
-                    self.client.set_terminated,
-                    self.run_id,
-                    status="FAILED" if finished else status,
-                    interruptible=finished,
-                )
-                raise
+            if not finished:
+                with suppress(Exception):
+                    self._drain(5.0)
+                self.sent = []
+            self._call(
+                self.client.set_terminated, self.run_id, status=status, interruptible=finished
+            )
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show
         finally:
-            if self.outbox is not None:
-                self.outbox.close()
-                self.outbox = None
+            self.sent = []
             if self.holds_signals:
                 self.holds_signals = False
                 interrupts.release()
 
 
-def client_for(config: ExperimentConfig) -> Any:
-    """An MlflowClient of the config's store, set up as every client of the repository is
-    (`_client`: short HTTP retries, the SQLite store's folder and tables made once)."""
-    return _client(tracking_uri(config))
+@contextmanager
+def ended_on_error(tracker: NullTracker) -> Iterator[None]:
+    """A run whose set-up fails ends KILLED on Ctrl-C or SIGTERM, else FAILED (not RUNNING
+    forever)."""
+    try:
+        yield
+    except BaseException as e:
+        tracker.end("FAILED" if interrupts.stop_of(e) is None else "KILLED")
+        raise
 
 
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    if uri.startswith(("http://", "https://")):
-        # MLflow retries a request 7 times with a doubling back-off (minutes in all) before
-        # it fails: a few seconds, then the run's own handling (src/outbox.py) takes over.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    sqlite_dir = _sqlite_dir(uri)
-    if sqlite_dir is None or uri in _READY_STORES:
-        return MlflowClient(tracking_uri=uri)
-    sqlite_dir.mkdir(parents=True, exist_ok=True)
-    # MLflow creates a new SQLite store's tables on first use; runs that start together (a
-    # job array) would each create them and all but one crash ("table ... already exists"):
-    # the first use is one process at a time.
-    with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some NFS mounts): go on unguarded
-            pass
-        with interrupts.mlflow_call():
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)
-    _READY_STORES.add(uri)
-    return client
-
-
-_READY_STORES: set[str] = set()
-
-
-def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of the experiment `name`, created if new (artifacts beside a SQLite store)."""
+    exp = _store_call(uri, client.get_experiment_by_name, name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(
@@ -425,155 +593,59 @@ def get_or_create_experiment(client: Any, uri: str, name: str) -> str:
     sqlite_dir = _sqlite_dir(uri)
     location = (sqlite_dir / "mlruns" / slug(name)).as_uri() if sqlite_dir else None
     # The UI opens on its GenAI views unless the experiment says it is for model training.
-    return client.create_experiment(
-        name,
-        artifact_location=location,
-        tags={"mlflow.experimentKind": "custom_model_development"},
-    )
-
-
-def _open_experiment(config: ExperimentConfig) -> tuple[Any, str, str]:
-    """(client, tracking URI, experiment id) of the config's experiment, created if new; the
-    client is the tracking process's (src/tracking_service.py) when one was started."""
-    from src import tracking_service
-
-    uri = tracking_uri(config)
-    check_server(uri)
-    client = tracking_service.client(uri) or _client(uri)
-    return client, uri, get_or_create_experiment(client, uri, config.run.experiment_name)
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    return _store_call(uri, client.create_experiment, name, artifact_location=location, tags=kind)
 
 
 def start(
-    config: ExperimentConfig,
-    enabled: bool = True,
-    parent_run_id: str | None = None,
-    extra_tags: dict[str, Any] | None = None,
-) -> NullTracker:
-    """Create the run of `config` and record what makes it reproducible.
-
-    Records: params = the flattened config; tags = git commit and dirty flag, package
-    versions, seed, device; artifacts = the resolved config TOML, `pip freeze`, and the git
-    diff when the checkout is dirty.
-    """
-    if not enabled:
-        return NullTracker()
-    client, uri, experiment_id = _open_experiment(config)
-    tags: dict[str, Any] = {
-        "seed": config.run.seed,
-        "deterministic": config.run.deterministic,
-    }
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    git = git_state()
-    tags.update({"git.commit": git["commit"], "git.dirty": git["dirty"]})
-    tags.update({f"version.{k}": v for k, v in package_versions().items()})
-    tags.update(extra_tags or {})
-    run = client.create_run(
-        experiment_id,
-        run_name=config.run.run_name,
-        tags={k: str(v) for k, v in tags.items()},
-    )
-    tracker = Tracker(client, uri, experiment_id, run.info.run_id).configure(config)
-    with ended_on_error(tracker):
-        tracker.log_params(config.flat())
-        tracker.log_text(to_toml(config), "config/config.toml")
-        tracker.log_text(pip_freeze(), "environment/pip_freeze.txt")
-        if git["diff"]:
-            tracker.log_text(git["diff"], "environment/git_diff.patch")
-    return tracker
-
-
-@contextmanager
-def ended_on_error(tracker: Tracker) -> Iterator[None]:
-    """A run whose set-up fails ends KILLED on Ctrl-C or SIGTERM, else FAILED (not RUNNING
-    forever)."""
-    try:
-        yield
-    except BaseException as e:
-        tracker.end("FAILED" if interrupts.stop_of(e) is None else "KILLED")
-        raise
-
-
-def resume(config: ExperimentConfig, run_id: str, enabled: bool = True) -> NullTracker:
-    """Reopen the run `run_id` for a resumed training; its params must equal the config's."""
-    if not enabled:
-        return NullTracker()
-    uri = tracking_uri(config)
-    check_server(uri)
-    client = _client(uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception as e:  # MlflowException for an unknown id
-        raise TrackingError(
-            f"MLflow run {run_id} (from the checkpoint) is not in the store {uri}: {e}; "
-            "resume with the same --tracking-uri as the original run."
-        ) from None
-    logged = run.data.params
-    mismatch = config_mismatch(logged, config, may_differ=RESUME_MAY_CHANGE, as_params=True)
-    if mismatch is not None:
-        key, theirs, ours = mismatch
-        raise TrackingError(
-            f"Config key {key} is {ours!r} but the run being resumed used {theirs!r}; resume "
-            "with the original config (params cannot change)."
-        )
-    flat = config.flat()
-    changed = {  # "train longer": params stay, a tag says so
-        f"resumed.{key}": flat[key]
-        for key in RESUME_MAY_CHANGE
-        if logged.get(key) != str(flat[key])
-    }
-    client.update_run(run_id, status="RUNNING")
-    tracker = Tracker(client, uri, run.info.experiment_id, run_id).configure(config)
-    with ended_on_error(tracker):
-        tracker.set_tags(changed)
-    return tracker
-
-
-def find_group(config: ExperimentConfig, key: str) -> tuple[str | None, dict[str, Any]]:
-    """The parent run of the group `key` (tag `group.key`) if its newest one did not finish,
-    and that parent's child runs by run name (the newest of each name); else (None, {})."""
-    client = _client(tracking_uri(config))
-    with interrupts.mlflow_call():
-        exp = client.get_experiment_by_name(config.run.experiment_name)
-        if exp is None:
-            return None, {}
-        parents = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`group.key` = '{key}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not parents or parents[0].info.status == "FINISHED":
-            return None, {}
-        parent_id = parents[0].info.run_id
-        children = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-            order_by=["attributes.start_time ASC"],
-        )
-    return parent_id, {r.info.run_name: r for r in children}
-
-
-def start_parent(
-    config: ExperimentConfig,
+    uri: str,
+    experiment_name: str,
     run_name: str,
     tags: dict[str, Any],
-    enabled: bool = True,
-    reopen: str | None = None,
-) -> NullTracker:
-    """A run in the config's experiment without the config's params: the parent that groups
-    child runs (a grid or a set of seeds), or a run that only holds pictures (Demo-0).
-    `reopen`: the id of a parent that did not finish, marked RUNNING again."""
-    if not enabled:
-        return NullTracker()
-    client, uri, experiment_id = _open_experiment(config)
-    if reopen is not None:
-        with interrupts.mlflow_call():
-            client.update_run(reopen, status="RUNNING")
-        return Tracker(client, uri, experiment_id, reopen)
+    params: dict[str, Any] | None = None,
+    texts: dict[str, str] | None = None,
+) -> Tracker:
+    """A new run of the experiment `experiment_name` (created if new) in the store `uri`:
+    `tags` plus the git commit and dirty flag, `params`, and `texts` (artifact path -> text;
+    a run given texts also gets the git diff of a dirty checkout, environment/git_diff.patch).
+    A run whose records fail ends FAILED."""
+    check_server(uri)
+    client = _client(uri)
+    experiment_id = _experiment_id(client, uri, experiment_name)
     git = git_state()
-    all_tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
-    run = client.create_run(
-        experiment_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()}
+    tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
+    tags_str = {k: str(v) for k, v in tags.items()}
+    run = _store_call(
+        uri, client.create_run, experiment_id, run_name=run_name or None, tags=tags_str
     )
-    return Tracker(client, uri, experiment_id, run.info.run_id)
+    tracker = Tracker(client, uri, experiment_id, run.info.run_id)
+    if texts and git["diff"]:
+        texts = {**texts, "environment/git_diff.patch": git["diff"]}
+    with ended_on_error(tracker):
+        if params:
+            tracker.log_params(params)
+        for name, text in (texts or {}).items():
+            tracker.log_text(text, name)
+    return tracker
+
+
+def reopen(uri: str, run_id: str) -> Tracker:
+    """The run `run_id` (which did not finish, or is resumed) marked RUNNING again."""
+    check_server(uri)
+    run = get_run(uri, run_id)
+    client = _client(uri)
+    _store_call(uri, client.update_run, run_id, status="RUNNING")
+    return Tracker(client, uri, run.info.experiment_id, run_id)
+
+
+def find_group(uri: str, experiment_name: str, key: str) -> tuple[str | None, dict[str, Any]]:
+    """The parent run of the group `key` (tag `group.key`) if its newest one did not finish,
+    and that parent's child runs by run name (the newest of each name); else (None, {})."""
+    try:
+        found = find_runs(uri, experiment_name, f"tags.`group.key` = '{key}'", True, 1)
+    except TrackingError:  # no such experiment yet
+        return None, {}
+    if not found or found[0].info.status == "FINISHED":
+        return None, {}
+    parent_id = found[0].info.run_id
+    return parent_id, {r.info.run_name: r for r in child_runs(uri, parent_id)}

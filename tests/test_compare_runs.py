@@ -8,8 +8,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from src import tracking
-from src.config import ExperimentConfig, RunConfig
+import src.tracking as tracking
 from src.run_experiment import run
 from src.tools.compare_runs import compare_metrics, differing_params, main
 from tests.test_evaluate import TAB10, count_colour, png_pixels
@@ -75,7 +74,7 @@ def test_table_csv_and_plot_of_two_runs_with_different_lr(mlflow_uri, tmp_path, 
 
 
 def test_unknown_experiment_or_bad_filter_is_one_line_and_exit_2(mlflow_uri, capsys):
-    tracking.start(ExperimentConfig(run=RunConfig(experiment_name="exists"))).end()
+    tracking.start(mlflow_uri, "exists", "r", {}).end()
     assert main(["--experiment", "no-such-experiment"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: There is no MLflow experiment named 'no-such-experiment'")
@@ -96,7 +95,7 @@ def test_differing_params_keeps_only_keys_that_vary():
 
 def test_compare_metrics_step_by_step(mlflow_uri):
     def logged(values: dict[str, list[float | None]]) -> str:
-        tracker = tracking.start(ExperimentConfig(run=RunConfig(experiment_name="diff")))
+        tracker = tracking.start(mlflow_uri, "diff", "r", {})
         for step in range(3):
             tracker.log_epoch({k: v[step] for k, v in values.items() if v[step] is not None}, step)
         tracker.end()
@@ -119,7 +118,7 @@ def test_compare_metrics_step_by_step(mlflow_uri):
             "best_val_loss": [None, None, 0.3],
         }
     )
-    diffs = compare_metrics(MlflowClient(mlflow_uri), a, b)
+    diffs = compare_metrics(mlflow_uri, a, b)
     # Wall-clock throughput is left out; x exists in the original only; the summary counts
     # with its last value.
     assert [(d.key, d.step) for d in diffs] == [

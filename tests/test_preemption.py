@@ -121,9 +121,8 @@ def test_the_same_run_resumed_twice_at_once_is_refused_the_second_time(
 
 START_A_RUN = """
 import sys
-from src import config, tracking
-c = config.load(sys.argv[1], {"run.experiment_name": "together", "run.run_name": sys.argv[2]})
-tracking.start_parent(c, sys.argv[2], {}).end("FINISHED")
+import src.tracking as tracking
+tracking.start(tracking.tracking_uri(), "together", sys.argv[2], {}).end("FINISHED")
 """
 
 

@@ -11,8 +11,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+import src.tracking as tracking
 from src import config as cfg
-from src import tracking
 from src.run_experiment import run
 from src.tools.compare_runs import MetricDiff
 from src.tools.reproduce import (
@@ -22,6 +22,7 @@ from src.tools.reproduce import (
     reproduce,
     resumed_overrides,
 )
+from src.train.experiment import data_fingerprint
 from tests.test_run_experiment import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ def test_a_run_records_what_reproduces_it(mlflow_uri, tmp_path):
         "1",
     )
     for split, count in (("train", "150"), ("val", "50")):
-        expected = tracking.data_fingerprint(TinyData(split))
+        expected = data_fingerprint(TinyData(split))
         assert tags[f"data.{split}.fingerprint"] == expected["fingerprint"]
         assert tags[f"data.{split}.count"] == count == str(expected["count"])
     assert "data.test.fingerprint" not in tags  # the test split stays out unless asked for
@@ -88,15 +89,11 @@ def test_one_changed_label_changes_the_fingerprint(tmp_path):
     from load_dataset.custom_tiny import TinyData
 
     data_dir = copy_tiny_data(tmp_path)
-    before = {
-        s: tracking.data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")
-    }
+    before = {s: data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")}
     # The same images and labels in another folder: the same fingerprint.
-    assert before["train"] == tracking.data_fingerprint(TinyData("train"))
+    assert before["train"] == data_fingerprint(TinyData("train"))
     flip_first_train_label(data_dir)
-    after = {
-        s: tracking.data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")
-    }
+    after = {s: data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")}
     assert after["train"]["fingerprint"] != before["train"]["fingerprint"]
     assert after["train"]["count"] == before["train"]["count"]
     assert after["val"] == before["val"]

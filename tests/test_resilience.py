@@ -244,22 +244,14 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where,
 
 
 def _loader_workers(proc: subprocess.Popen, limit_s: float = 60) -> list:
-    """The run's DataLoader worker processes, once an epoch has started them (its tracking
-    process, src/tracking_service.py, is not one of them)."""
+    """The run's DataLoader worker processes, once an epoch has started them."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        children = [c for c in psutil.Process(proc.pid).children() if not _tracking(c)]
+        children = psutil.Process(proc.pid).children()
         if len(children) >= 2:
             return children
         time.sleep(0.01)
     raise AssertionError(f"no DataLoader workers within {limit_s} s")
-
-
-def _tracking(process) -> bool:
-    try:
-        return "src.tracking_service" in process.cmdline()
-    except psutil.Error:  # ended meanwhile
-        return False
 
 
 def _tiny_copy(tmp_path: Path) -> Path:

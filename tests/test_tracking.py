@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from src import tracking
+import src.tracking as tracking
 from src.config import ExperimentConfig, RunConfig
+from src.train.experiment import data_fingerprint, package_versions, resume_run, start_run
 
 
 def _config(**run) -> ExperimentConfig:
@@ -23,11 +24,11 @@ def test_default_uri_is_the_repo_store(monkeypatch):
     assert tracking.tracking_uri() == f"sqlite:///{tracking.REPO_ROOT / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://h:1")
     assert tracking.tracking_uri() == "http://h:1"
-    assert tracking.tracking_uri(_config(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+    assert tracking.tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
 
 
 def test_start_records_config_tags_and_artifacts(mlflow_uri, tmp_path):
-    tracker = tracking.start(_config(seed=7))
+    tracker = start_run(_config(seed=7))
     tracker.log_epoch({"train_loss": 0.5, "val_auroc/red": 0.75, "skipped": float("nan")}, 0)
     tracker.log_epoch({"train_loss": 0.25}, 1)
     tracker.end()
@@ -50,51 +51,44 @@ def test_start_records_config_tags_and_artifacts(mlflow_uri, tmp_path):
     assert exp.artifact_location.startswith((tmp_path / "store" / "mlruns").as_uri())
 
 
-def test_a_fast_runs_epochs_go_to_a_local_store_together_and_its_errors_surface(
-    mlflow_uri, monkeypatch
-):
-    """Epochs logged within LOCAL_LINGER_S are one write from the outbox's thread; a write
-    that fails there is raised in the training thread at its next MLflow call."""
-    from mlflow.exceptions import MlflowException
-
-    monkeypatch.setattr(tracking, "LOCAL_LINGER_S", 600.0)  # however slow the machine
-    tracker = tracking.start(_config())
+def test_epochs_go_to_a_local_store_in_the_background_and_its_errors_surface(mlflow_uri):
+    """Epochs go through MLflow's asynchronous logging; a write that fails there is raised in
+    the training thread at its next MLflow call, as one line naming the store."""
+    tracker = start_run(_config())
     client = MlflowClient(mlflow_uri)
     for epoch in (1, 2, 3):
         tracker.log_epoch({"val_loss": 1.0 / epoch}, epoch)
-    assert tracker.outbox is not None and tracker.outbox.pending() == 3  # lingering
-    assert [m.step for m in client.get_metric_history(tracker.run_id, "val_loss")] == []
-    assert tracker.logged_steps("val_loss") == [1, 2, 3]  # a call sends them first
+    assert tracker.logged_steps("val_loss") == [1, 2, 3]  # a call waits for them first
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "val_loss")] == [1, 2, 3]
     client.delete_run(tracker.run_id)  # the store now refuses the run's writes
     tracker.log_epoch({"val_loss": 0.1}, 4)
-    with pytest.raises(MlflowException, match="active"):
+    with pytest.raises(tracking.TrackingError, match="active"):
         tracker.log_text("x", "x.txt")
-    with pytest.raises(MlflowException, match="active"):
-        tracker.end("FAILED")  # the outbox is closed, the signals let go all the same
-    assert tracker.outbox is None and not tracker.holds_signals
+    tracker.end("FAILED")  # the error that ended the run is the one shown
+    assert not tracker.sent and not tracker.holds_signals
 
 
 def test_resume_refuses_changed_params(mlflow_uri):
-    tracker = tracking.start(_config(seed=1))
+    tracker = start_run(_config(seed=1))
     tracker.end("KILLED")
-    again = tracking.resume(_config(seed=1), tracker.run_id)
+    again = resume_run(_config(seed=1), tracker.run_id)
     assert MlflowClient(mlflow_uri).get_run(tracker.run_id).info.status == "RUNNING"
     again.end()
     with pytest.raises(tracking.TrackingError, match="run.seed"):
-        tracking.resume(_config(seed=2), tracker.run_id)
+        resume_run(_config(seed=2), tracker.run_id)
     with pytest.raises(tracking.TrackingError, match="not in the store"):
-        tracking.resume(_config(seed=1), "0" * 32)
+        resume_run(_config(seed=1), "0" * 32)
 
 
 def test_fingerprint_changes_with_a_label():
     ds = SimpleNamespace(image_ids=["a.png", "b.png"], labels=np.array([[1, 0], [0, 1]]))
-    fp = tracking.data_fingerprint(ds)
+    fp = data_fingerprint(ds)
     assert fp["count"] == 2 and len(fp["fingerprint"]) == 16
-    assert tracking.data_fingerprint(ds) == fp
+    assert data_fingerprint(ds) == fp
     ds.labels = np.array([[1, 0], [1, 1]])
-    assert tracking.data_fingerprint(ds)["fingerprint"] != fp["fingerprint"]
+    assert data_fingerprint(ds)["fingerprint"] != fp["fingerprint"]
     ds.image_ids = ["b.png", "a.png"]
-    assert tracking.data_fingerprint(ds)["fingerprint"] != fp["fingerprint"]
+    assert data_fingerprint(ds)["fingerprint"] != fp["fingerprint"]
 
 
 def test_server_that_does_not_answer_fails_fast():
@@ -142,7 +136,7 @@ def test_cuda_versions_are_none_without_a_gpu(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    versions = tracking.package_versions()
+    versions = package_versions()
     assert versions["cuda"] == versions["cudnn"] == "none"
     assert versions["cuda_build"] == (torch.version.cuda or "none")
 
@@ -156,17 +150,16 @@ def test_a_server_gone_for_server_wait_s_stops_the_run_when_so_configured(monkey
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
-    config = _config(tracking_uri=uri, server_unreachable="stop", server_wait_s=0.2)
-    tracker = tracking.Tracker(Client(uri), uri, "0", "run-id").configure(config)
+    tracker = tracking.Tracker(Client(uri), uri, "0", "run-id").configure(0.2, "stop")
     tracker.log_epoch({"val_loss": 1.0}, 1)  # queued: training does not wait
     deadline = time.monotonic() + 30
-    while tracker.outbox.unreachable_s() <= 0.2 and time.monotonic() < deadline:
+    while tracker.unreachable_s() <= 0.2 and time.monotonic() < deadline:
         time.sleep(0.05)
     with pytest.raises(tracking.TrackingError) as e:
         tracker.log_epoch({"val_loss": 0.9}, 2)
     assert str(e.value).startswith(f"The MLflow server {uri} has not answered for ")
     assert "stopped (server_unreachable = 'stop')" in str(e.value) and "\n" not in str(e.value)
-    tracker.outbox = None  # nothing to wait for: end() only lets the signals go
+    tracker.sent = []  # nothing to wait for: end() only lets the signals go
     tracker.end("FAILED")
 
 

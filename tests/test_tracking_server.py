@@ -190,7 +190,7 @@ def check_a_dead_server_does_not_stop_training(
     results = tmp_path / "outage"
     link = Link(server.port)
     # The client's own retries (a few seconds, src/tracking.py) off: the first refused request
-    # fails at once, and the run's handling (src/outbox.py) is what bridges the outage.
+    # fails at once, and the run.s own handling (the Tracker, src/tracking.py) bridges the outage.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     config = tiny_config(
         tmp_path,

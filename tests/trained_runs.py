@@ -74,10 +74,11 @@ def save_tiny_model(folder: Path, thresholds=None) -> Path:
     net, val = quick_tinyconv()
     weights = folder / "best.pt"
     torch.save({"model": net.state_dict(), "epoch": 1}, weights)
-    classifier = model_package.ImageClassifier(
+    spec = model_package.ClassifierSpec(
         "models.custom_models_base:TinyConv", {"n_outputs": 3}, LABELS, "multilabel",
         val.input_transform, None, thresholds,
     )  # fmt: skip
+    classifier = model_package.ImageClassifier(spec)
     mlflow.pyfunc.save_model(
         folder / "model", python_model=classifier, artifacts={"weights": str(weights)},
         signature=model_package.signature(LABELS), input_example=model_package.input_example(),

@@ -27,7 +27,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import src.serve.explain as explain
+import src.serve.model_package as model_package
+import src.tracking as tracking
+import src.train.checkpoint as ckpt_io
+from load_dataset.errors import DataError
+from load_dataset.utils import list_images, open_rgb
+from src.config import from_dict
 from src.errors import ConfigError, UserError, print_user_error
+from src.train.build import pick_device
 
 SHOWN_ROWS = 10
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -52,9 +64,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 def model_uri(source: str, tracking_uri: str | None) -> tuple[str, str]:
     """(the MLflow model URI of SOURCE, the tracking URI it is read from)."""
-    import src.train.checkpoint as ckpt_io
-    from src import tracking
-    from src.config import from_dict
 
     path = Path(source).expanduser()
     if "/" in source and ":" in source.split("/")[0] or (path / "MLmodel").is_file():
@@ -69,14 +78,13 @@ def model_uri(source: str, tracking_uri: str | None) -> tuple[str, str]:
             f"SOURCE {source!r} is neither a run id, a results folder holding best.pt nor a "
             "model URI (runs:/<run id>/model, models:/<name>/<version>)."
         )
-    store = tracking_uri or tracking.tracking_uri(config)
+    store = tracking_uri or tracking.tracking_uri(config.run.tracking_uri if config else "")
     return (f"runs:/{run_id}/model" if run_id else uri), store
 
 
 def image_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """(image files, [(argument, why nothing was found)]): files as given, folders' images
     sorted by name, glob patterns' matches sorted."""
-    from load_dataset.utils import list_images
 
     found: list[Path] = []
     missing: list[tuple[str, str]] = []
@@ -98,10 +106,6 @@ def image_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 
 def read_images(paths: list[Path]) -> tuple[list[tuple[Path, Any]], list[tuple[str, str]]]:
     """([(path, uint8 [H, W, 3])], [(path, reason)]) as the datasets decode (`open_rgb`)."""
-    import numpy as np
-
-    from load_dataset.errors import DataError
-    from load_dataset.utils import open_rgb
 
     read, failed = [], []
     for path in paths:
@@ -116,8 +120,8 @@ def chosen_thresholds(classifier: Any, given: list[float] | None) -> list[float]
     """--threshold: one value for every label, or one per label; None keeps the stored ones."""
     if given is None:
         return None
-    k = len(classifier.label_meanings)
-    if classifier.problem == "multiclass":
+    k = len(classifier.spec.label_meanings)
+    if classifier.spec.problem == "multiclass":
         raise ConfigError("--threshold does not apply to a multiclass model (it predicts argmax).")
     if len(given) not in (1, k):
         raise ConfigError(f"--threshold takes one value or {k} (one per label), got {len(given)}.")
@@ -126,10 +130,8 @@ def chosen_thresholds(classifier: Any, given: list[float] | None) -> list[float]
 
 def predictions_table(classifier: Any, read: list[tuple[Path, Any]], thresholds) -> Any:
     """DataFrame: path, prob_<label> per label, predicted (labels joined by ';')."""
-    import numpy as np
-    import pandas as pd
 
-    meanings = classifier.label_meanings
+    meanings = classifier.spec.label_meanings
     probs = classifier.probabilities([image for _, image in read])
     probs = probs.reshape(len(read), len(meanings))
     chosen = classifier.predicted(probs, thresholds)
@@ -142,14 +144,11 @@ def predictions_table(classifier: Any, read: list[tuple[Path, Any]], thresholds)
 
 def write_explanations(classifier: Any, read, table, args: argparse.Namespace) -> Path:
     """For each image and each predicted label: the overlay of that label's heatmap."""
-    from PIL import Image
-
-    import src.serve.explain as explain
 
     folder = Path(args.explain_dir or Path(args.out).with_suffix("").as_posix() + "_explanations")
     folder.mkdir(parents=True, exist_ok=True)
-    layer = classifier.target_layer if args.target_layer is None else args.target_layer
-    meanings = classifier.label_meanings
+    layer = classifier.spec.target_layer if args.target_layer is None else args.target_layer
+    meanings = classifier.spec.label_meanings
     for n, ((path, image), predicted) in enumerate(zip(read, table["predicted"])):
         classes = [meanings.index(m) for m in predicted.split(";") if m]
         x = classifier.model_inputs([image])
@@ -162,7 +161,6 @@ def write_explanations(classifier: Any, read, table, args: argparse.Namespace) -
 
 
 def report(table: Any, out: Path, failed: list[tuple[str, str]]) -> None:
-    import pandas as pd
 
     with pd.option_context("display.width", 120, "display.max_columns", 8):
         shown = table.head(SHOWN_ROWS).copy()
@@ -179,11 +177,8 @@ def report(table: Any, out: Path, failed: list[tuple[str, str]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        import src.serve.model_package as model_package
-        from src.train.build import pick_device
-
         uri, store = model_uri(args.source, args.tracking_uri)
-        with model_package.tracking_uri_set(store):  # MLflow reads models:/ and runs:/ there
+        with tracking.tracking_uri_set(store):  # MLflow reads models:/ and runs:/ there
             classifier = model_package.load(uri).to(pick_device(args.device))
         thresholds = chosen_thresholds(classifier, args.threshold)
         paths, failed = image_paths(args.images)

@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import src.interrupts as interrupts
 import src.sweep.study as sweep_study
-from src import interrupts, tracking
+import src.tracking as tracking
 from src.config import REPO_ROOT, ExperimentConfig
-from src.errors import ConfigError, TrackingError, UserError, print_user_error
+from src.errors import ConfigError, UserError, print_user_error
 from src.flags import FlagParser, add_config_flags, load_from_args
+from src.sweep.multirun import start_parent
 from src.sweep.space import SweepSpace, make_pruner, make_sampler, read_space
 from src.sweep.trial import SweepPlan
 
@@ -79,7 +81,7 @@ def run_sweep(
     trials, workers = check_options(config, space, options)
     sampler = make_sampler(space, config.run.seed)  # bad arguments: one line, now
     make_pruner(space)
-    tracking.check_server(tracking.tracking_uri(config))
+    tracking.check_server(tracking.tracking_uri(config.run.tracking_uri))
     url = options.storage or sweep_study.default_storage(config)
     key = sweep_key(config, space)
     import optuna
@@ -181,23 +183,18 @@ def sweep_key(config: ExperimentConfig, space: SweepSpace) -> str:
 def open_parent(config, study, created: bool, name: str, tags, trials: int, space) -> Any:
     """The sweep's parent run: new with a new study, else the study's, reopened."""
     if created:
-        parent = tracking.start_parent(config, name, tags)
+        parent = start_parent(config, name, tags)
         with tracking.ended_on_error(parent):
             study.set_user_attr(sweep_study.SPACE_ATTR, json.dumps(space.to_dict(), sort_keys=True))
             study.set_user_attr(sweep_study.PARENT_ATTR, parent.run_id)
         return parent
     parent_id = sweep_study.wait_for_parent(study)
-    try:
-        tracking.client_for(config).get_run(parent_id)
-    except Exception:
-        raise TrackingError(
-            f"Study {study.study_name!r} belongs to the parent run {parent_id}, which is not "
-            f"in the MLflow store {tracking.tracking_uri(config)}; every machine of a sweep "
-            "needs the same --tracking-uri (a tracking server)."
-        ) from None
+    uri = tracking.tracking_uri(config.run.tracking_uri)
+    hint = f"it is the parent run of the study {study.study_name!r}: every machine of a sweep "
+    tracking.get_run(uri, parent_id, hint + "needs the same --tracking-uri (a tracking server)")
     done = sweep_study.counted(study)
     print(f"Going on with {study.study_name} ({parent_id}): {done} of {trials} trials counted.")
-    return tracking.start_parent(config, name, tags, reopen=parent_id)
+    return start_parent(config, name, tags, reopen=parent_id)
 
 
 # ------------------------------------------------------------------ worker processes
@@ -348,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"\nParent run of the sweep: {outcome.parent_run_id}")
-    uri = tracking.tracking_uri(config)
+    uri = tracking.tracking_uri(config.run.tracking_uri)
     print(tracking.ui_hint(uri, outcome.experiment_id, outcome.parent_run_id))
     return 0
 

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from src import interrupts, tracking
+import src.interrupts as interrupts
+import src.tracking as tracking
 from src.config import ExperimentConfig
 from src.distributed import is_main_process
 from src.train.experiment import RunResult, results_dir, run
@@ -41,9 +42,10 @@ def run_children(
     # Under torchrun every rank runs every child together; only rank 0 tracks and reports.
     main = is_main_process()
     key = group_key(config, children)
-    parent_id, before = tracking.find_group(config, key)
+    uri = tracking.tracking_uri(config.run.tracking_uri)
+    parent_id, before = tracking.find_group(uri, config.run.experiment_name, key)
     tags = {**(parent_tags or {}), "group.key": key}
-    parent = tracking.start_parent(config, parent_name, tags, enabled=main, reopen=parent_id)
+    parent = start_parent(config, parent_name, tags, enabled=main, reopen=parent_id)
     if parent_id is not None and main:
         done = sum(1 for r in before.values() if r.info.status == "FINISHED")
         print(f"Going on with {parent_name} ({parent_id}): {done} of {len(children)} finished.")
@@ -67,6 +69,24 @@ def run_children(
             )
         raise
     return parent.run_id, results
+
+
+def start_parent(
+    config: ExperimentConfig,
+    run_name: str,
+    tags: dict[str, Any],
+    enabled: bool = True,
+    reopen: str | None = None,
+) -> tracking.NullTracker:
+    """A run in the config's experiment without the config's params: the parent that groups
+    child runs (a grid, a sweep or a set of seeds). `reopen`: the id of a parent that did not
+    finish, marked RUNNING again."""
+    if not enabled:
+        return tracking.NullTracker()
+    uri = tracking.tracking_uri(config.run.tracking_uri)
+    if reopen is not None:
+        return tracking.reopen(uri, reopen)
+    return tracking.start(uri, config.run.experiment_name, run_name, tags)
 
 
 def group_key(config: ExperimentConfig, children: list[tuple[str, dict[str, Any]]]) -> str:

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import src.tracking as tracking
 from src.config import to_toml
 from src.sweep.study import STOPPED_ATTR
 from src.sweep.trial import RUN_ID_ATTR, SweepPlan, child_name
@@ -190,7 +191,6 @@ def cell_results(outcome: Any, cells: list[tuple[str, dict[str, Any]]]) -> list[
     from optuna.trial import TrialState
 
     from src.sweep.multirun import finished_result
-    from src.tracking import client_for
     from src.train.experiment import RunResult
 
     def key(values: dict[str, Any]) -> str:
@@ -198,11 +198,13 @@ def cell_results(outcome: Any, cells: list[tuple[str, dict[str, Any]]]) -> list[
 
     trials = outcome.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     run_of = {key(t.params): t.user_attrs.get(RUN_ID_ATTR) for t in trials}
-    client = client_for(outcome.plan.config)
+    uri = tracking.tracking_uri(outcome.plan.config.run.tracking_uri)
     results = []
     for _, values in cells:
         run_id = run_of.get(key(values))
         results.append(
-            finished_result(client.get_run(run_id)) if run_id else RunResult("", "", None, 0, {})
+            finished_result(tracking.get_run(uri, run_id))
+            if run_id
+            else RunResult("", "", None, 0, {})
         )
     return results

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from src import tracking
+import src.tracking as tracking
 from src.config import REPO_ROOT, ExperimentConfig
 from src.errors import ConfigError, TrackingError, one_line
 
@@ -41,7 +41,7 @@ FINISHED_ATTR = "sweep.finished"  # True once every trial ended and the summary 
 
 def default_storage(config: ExperimentConfig) -> str:
     """A SQLite file next to the MLflow store (its folder), else in the repository root."""
-    uri = tracking.tracking_uri(config)
+    uri = tracking.tracking_uri(config.run.tracking_uri)
     folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else REPO_ROOT
     return f"sqlite:///{folder / 'optuna.db'}"
 

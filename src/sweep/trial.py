@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import src.interrupts as interrupts
 import src.sweep.study as sweep_study
-from src import interrupts, tracking
+import src.tracking as tracking
 from src.config import ExperimentConfig, from_dict
 from src.errors import NonFiniteLossError, UserError, print_user_error
 from src.sweep.space import SweepSpace, make_pruner, make_sampler, space_from_dict, suggest
@@ -168,7 +169,7 @@ def run_trial(child: ExperimentConfig, trial: Any, plan: SweepPlan, report: Epoc
             print(f"Trial {trial.number}: resuming run {before.info.run_id} from {folder}.")
             return run(child, resume=folder, parent_run_id=plan.parent_run_id, **hook)
         if before.info.status == "RUNNING":  # its process died before its first epoch ended
-            tracking.client_for(child).set_terminated(before.info.run_id, "KILLED")
+            tracking.set_terminated(_uri(child), before.info.run_id, "KILLED")
     return run(child, parent_run_id=plan.parent_run_id, extra_tags=tags, **hook)
 
 
@@ -177,18 +178,13 @@ def retried_run(child: ExperimentConfig, trial: Any, plan: SweepPlan) -> Any:
     history = _frozen(trial).system_attrs.get("retry_history", [])
     if not history:
         return None
-    client = tracking.client_for(child)
-    with interrupts.mlflow_call():
-        runs = client.search_runs(
-            [client.get_run(plan.parent_run_id).info.experiment_id],
-            filter_string=(
-                f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and "
-                f"tags.`optuna.trial_number` = '{history[-1]}'"
-            ),
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+    retried = f"tags.`optuna.trial_number` = '{history[-1]}'"
+    runs = tracking.child_runs(_uri(child), plan.parent_run_id, retried, newest_first=True, limit=1)
     return runs[0] if runs else None
+
+
+def _uri(config: ExperimentConfig) -> str:
+    return tracking.tracking_uri(config.run.tracking_uri)
 
 
 def _frozen(trial: Any) -> Any:
@@ -197,10 +193,7 @@ def _frozen(trial: Any) -> Any:
 
 
 def set_run_tags(config: ExperimentConfig, run_id: str, tags: dict[str, Any]) -> None:
-    client = tracking.client_for(config)
-    with interrupts.mlflow_call():
-        for key, value in tags.items():
-            client.set_tag(run_id, key, str(value))
+    tracking.set_tags(_uri(config), run_id, tags)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src import tracking
+import src.tracking as tracking
 from src.config import REPO_ROOT
 from src.errors import TrackingError, UserError, print_user_error
 
@@ -48,74 +48,9 @@ NOT_COMPARED_PARAMS = ("run.run_name",)
 # ------------------------------------------------------------------ reading the store
 
 
-def open_client(uri: str | None = None) -> Any:
-    """An MlflowClient on `uri` (default: as for training), refusing a store that is absent."""
-    from mlflow.tracking import MlflowClient
-
-    uri = uri or tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        # MlflowClient would silently create an empty store here.
-        raise TrackingError(
-            f"The MLflow store {uri} does not exist; run an experiment first or pass "
-            "--tracking-uri."
-        )
-    tracking.check_server(uri)
-    return MlflowClient(tracking_uri=uri)
-
-
-def get_run(client: Any, run_id: str) -> Any:
-    """The MLflow run `run_id`, or a TrackingError that names the store."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise TrackingError(
-            f"MLflow run {run_id!r} is not in the store {client.tracking_uri}; copy the run id "
-            "from the MLflow UI or from `python -m src.tools.compare_runs`, or pass --tracking-uri."
-        ) from None
-
-
-def search_runs(client: Any, experiment_name: str, filter_string: str = "") -> list[Any]:
-    """All active runs of the experiment that match the filter, oldest first."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None or experiment.lifecycle_stage == "deleted":
-        names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(
-            f"There is no MLflow experiment named {experiment_name!r} in {client.tracking_uri}; "
-            f"the experiments there are: {', '.join(names) or 'none'}."
-        )
-    runs, token = [], None
-    while True:
-        try:
-            page = client.search_runs(
-                [experiment.experiment_id],
-                filter_string,
-                order_by=["attributes.start_time ASC"],
-                max_results=1000,
-                page_token=token,
-            )
-        except MlflowException as e:
-            if e.error_code != "INVALID_PARAMETER_VALUE":
-                raise
-            first = str(e.message).strip().splitlines()[0]
-            raise TrackingError(
-                f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
-                "\"params.optimizer.lr = '0.01'\"."
-            ) from None
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def metric_history(client: Any, run_id: str, key: str) -> dict[int, float]:
+def metric_history(uri: str, run_id: str, key: str) -> dict[int, float]:
     """step -> value of one metric; a step logged twice (a resumed run) keeps its last value."""
-    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    history = sorted(tracking.metric_history(uri, run_id, key), key=lambda m: m.timestamp)
     return {m.step: m.value for m in history}
 
 
@@ -142,15 +77,15 @@ class MetricDiff:
         return abs(self.original - self.new)
 
 
-def _last_logged(client: Any, run_id: str, key: str) -> tuple[int, float] | None:
-    history = client.get_metric_history(run_id, key)
+def _last_logged(uri: str, run_id: str, key: str) -> tuple[int, float] | None:
+    history = tracking.metric_history(uri, run_id, key)
     if not history:
         return None
     last = max(history, key=lambda m: (m.timestamp, m.step))  # one write: the later epoch
     return last.step, last.value
 
 
-def compare_metrics(client: Any, original_run_id: str, new_run_id: str) -> list[MetricDiff]:
+def compare_metrics(uri: str, original_run_id: str, new_run_id: str) -> list[MetricDiff]:
     """Every metric of both runs, step by step, sorted by key then step.
 
     Wall-clock metrics and MLflow system metrics are left out. A metric or step that only one
@@ -158,18 +93,18 @@ def compare_metrics(client: Any, original_run_id: str, new_run_id: str) -> list[
     with their last value only: a finished run that is resumed to train longer logs them
     again at a later step.
     """
-    keys = set(client.get_run(original_run_id).data.metrics)
-    keys |= set(client.get_run(new_run_id).data.metrics)
+    keys = set(tracking.get_run(uri, original_run_id).data.metrics)
+    keys |= set(tracking.get_run(uri, new_run_id).data.metrics)
     keys = {k for k in keys if k not in WALL_CLOCK_METRICS and not k.startswith("system/")}
     diffs = []
     for key in sorted(keys):
         if key.startswith(SUMMARY_PREFIX):
-            a, b = (_last_logged(client, r, key) for r in (original_run_id, new_run_id))
+            a, b = (_last_logged(uri, r, key) for r in (original_run_id, new_run_id))
             step = a[0] if a else b[0]  # the key exists in at least one of the runs
             diffs.append(MetricDiff(key, step, a and a[1], b and b[1]))
             continue
-        a = metric_history(client, original_run_id, key)
-        b = metric_history(client, new_run_id, key)
+        a = metric_history(uri, original_run_id, key)
+        b = metric_history(uri, new_run_id, key)
         diffs += [MetricDiff(key, s, a.get(s), b.get(s)) for s in sorted(set(a) | set(b))]
     return diffs
 
@@ -183,16 +118,14 @@ def differing_params(params: list[dict[str, str]]) -> list[str]:
     return [k for k in keys if len({p.get(k) for p in params}) > 1]
 
 
-def _run_name(client: Any, run_id: str) -> str:
-    from mlflow.exceptions import MlflowException
-
+def _run_name(uri: str, run_id: str) -> str:
     try:
-        return client.get_run(run_id).info.run_name
-    except MlflowException:  # a parent removed from the store: its id still tells them apart
+        return tracking.get_run(uri, run_id).info.run_name
+    except TrackingError:  # a parent removed from the store: its id still tells them apart
         return run_id
 
 
-def runs_table(client: Any, runs: list[Any]) -> Any:
+def runs_table(uri: str, runs: list[Any]) -> Any:
     """A pandas DataFrame with one row per run (see the module docstring for the columns)."""
     import pandas as pd
 
@@ -206,7 +139,7 @@ def runs_table(client: Any, runs: list[Any]) -> Any:
     parents = {
         r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags
     }
-    parent_names = {pid: _run_name(client, pid) for pid in sorted(parents)}
+    parent_names = {pid: _run_name(uri, pid) for pid in sorted(parents)}
     rows = []
     for run in runs:
         row = {"run_name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status}
@@ -229,7 +162,7 @@ def _legend_label(run: Any, varying: list[str], names: list[str]) -> str:
     return label + (f"  {', '.join(shown)}" if shown else "")
 
 
-def plot_curves(client: Any, runs: list[Any], metric: str, out_path: Path) -> Path | None:
+def plot_curves(uri: str, runs: list[Any], metric: str, out_path: Path) -> Path | None:
     """One line per run: `metric` over the epochs. None when no run logged the metric."""
     from matplotlib.ticker import MaxNLocator
 
@@ -242,7 +175,7 @@ def plot_curves(client: Any, runs: list[Any], metric: str, out_path: Path) -> Pa
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = 0
     for run in runs:
-        history = metric_history(client, run.info.run_id, metric)
+        history = metric_history(uri, run.info.run_id, metric)
         if not history:
             continue
         steps = sorted(history)
@@ -276,8 +209,8 @@ def compare_experiment(
     tracking_uri: str | None = None,
 ) -> CompareOutputs | None:
     """Table, CSV and curve plot of the experiment's runs; None when no run matches."""
-    client = open_client(tracking_uri)
-    found = search_runs(client, experiment_name, filter_string)
+    uri = tracking.existing_store(tracking_uri)
+    found = tracking.find_runs(uri, experiment_name, filter_string)
     # Parent runs of seeds or grids log no params: their rows would be empty.
     runs = [r for r in found if r.data.params]
     if not runs:
@@ -286,19 +219,19 @@ def compare_experiment(
     if not out_dir:
         out = out / tracking.slug(experiment_name)
     out.mkdir(parents=True, exist_ok=True)
-    table = runs_table(client, runs)
+    table = runs_table(uri, runs)
     csv_path = out / "runs.csv"
     table.to_csv(csv_path, index=False)
-    plot_path = plot_curves(client, runs, metric, out / f"{tracking.slug(metric)}.png")
+    plot_path = plot_curves(uri, runs, metric, out / f"{tracking.slug(metric)}.png")
     return CompareOutputs(table, csv_path, plot_path, len(found) - len(runs))
 
 
-def sweep_table(client: Any, parent_run_id: str) -> Any:
+def sweep_table(uri: str, parent_run_id: str) -> Any:
     """One row per trial of the sweep whose parent run is `parent_run_id`, best first:
     trial number, run name and id, how it ended, its sampled values and the objective."""
     import pandas as pd
 
-    parent = get_run(client, parent_run_id)
+    parent = tracking.get_run(uri, parent_run_id)
     tags = parent.data.tags
     if "sweep.metric" not in tags:
         raise TrackingError(
@@ -306,9 +239,7 @@ def sweep_table(client: Any, parent_run_id: str) -> Any:
             "sweep.metric tag); pass the id that `python -m src.sweep` printed."
         )
     metric, keys = f"best_{tags['sweep.metric']}", tags.get("sweep.params", "").split()
-    runs = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
+    runs = tracking.child_runs(uri, parent_run_id)
     rows = []
     for run in runs:
         row = {
@@ -395,8 +326,7 @@ def show_sweep(args: argparse.Namespace) -> int:
     import pandas as pd
 
     try:
-        client = open_client(args.tracking_uri)
-        table = sweep_table(client, args.sweep)
+        table = sweep_table(tracking.existing_store(args.tracking_uri), args.sweep)
     except UserError as e:
         return print_user_error(e)
     if table.empty:

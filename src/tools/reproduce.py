@@ -25,20 +25,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src import config as cfg
-from src import tracking
+import src.config as cfg
+import src.tracking as tracking
 from src.errors import ConfigError, TrackingError, UserError, print_user_error
 from src.flags import overrides_from_args
-from src.tools.compare_runs import MetricDiff, compare_metrics, get_run, open_client
+from src.tools.compare_runs import MetricDiff, compare_metrics
+from src.train.experiment import data_fingerprint, package_versions
 
-_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 # Packages outside this repository whose classes a stored run's config may name without
 # `--trust`; the repository's own top-level packages are the others.
 TRUSTED_PACKAGES = ("torchvision",)
@@ -85,35 +84,13 @@ class ComparisonResult:
 # ------------------------------------------------------------------ reading the original
 
 
-def _download_text(client: Any, run_id: str, path: str) -> str | None:
-    folder, _, name = path.rpartition("/")
-    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}:
-        return None
-    # MLflow draws a progress bar per download; for one small text file it is only noise.
-    saved = os.environ.get(_PROGRESS_BAR)
-    os.environ[_PROGRESS_BAR] = "false"
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, path, tmp)
-            return Path(local).read_text()
-    finally:
-        if saved is None:
-            os.environ.pop(_PROGRESS_BAR, None)
-        else:
-            os.environ[_PROGRESS_BAR] = saved
-
-
 def load_run_config(
-    client: Any, run_id: str, overrides: dict[str, Any] | None = None
+    uri: str, run_id: str, overrides: dict[str, Any] | None = None
 ) -> cfg.ExperimentConfig:
     """The run's stored resolved config (`config/config.toml`), with dotted-key overrides."""
-    text = _download_text(client, run_id, "config/config.toml")
+    text = tracking.download_text(uri, run_id, "config/config.toml")
     if text is None:
-        children = client.search_runs(
-            [client.get_run(run_id).info.experiment_id],
-            f"tags.mlflow.parentRunId = '{run_id}'",
-            max_results=5,
-        )
+        children = tracking.child_runs(uri, run_id, limit=5)
         hint = (
             f"; it is a parent run: reproduce one of its child runs, e.g. {children[0].info.run_id}"
             if children
@@ -202,7 +179,7 @@ def resumed_overrides(tags: dict[str, str]) -> dict[str, Any]:
 # ------------------------------------------------------------------ what may differ, and why
 
 
-def code_warnings(client: Any, original: Any) -> list[str]:
+def code_warnings(uri: str, original: Any) -> list[str]:
     """Differences between the code and packages of the original run and of this checkout."""
     tags = original.data.tags
     out: list[str] = []
@@ -221,13 +198,15 @@ def code_warnings(client: Any, original: Any) -> list[str]:
     else:
         then_diff = ""
         if tags.get("git.dirty") == "true":
-            then_diff = _download_text(client, original.info.run_id, "environment/git_diff.patch")
+            then_diff = tracking.download_text(
+                uri, original.info.run_id, "environment/git_diff.patch"
+            )
         if (then_diff or "") != now["diff"]:
             out.append(
                 "the uncommitted changes differ from the original run's (its diff is the "
                 "artifact environment/git_diff.patch; this checkout's is `git diff HEAD`)."
             )
-    now_versions = tracking.package_versions()
+    now_versions = package_versions()
     changed = [
         f"{name} {tags[f'version.{name}']} -> {version}"
         for name, version in now_versions.items()
@@ -251,7 +230,7 @@ def current_data_tags(config: cfg.ExperimentConfig) -> dict[str, str]:
     for split in ("train", "val", "test") if config.run.use_test_set else ("train", "val"):
         ds = build_dataset(config, split)
         if hasattr(ds, "image_ids") and hasattr(ds, "labels"):
-            fp = tracking.data_fingerprint(ds)
+            fp = data_fingerprint(ds)
             tags[f"data.{split}.fingerprint"] = fp["fingerprint"]
             tags[f"data.{split}.count"] = str(fp["count"])
     return tags
@@ -395,14 +374,13 @@ def reproduce(
 
     if tolerance < 0 or math.isnan(tolerance):
         raise ConfigError(f"--tolerance must be 0 or more, got {tolerance}.")
-    uri = tracking_uri or tracking.tracking_uri()
-    client = open_client(uri)
-    original = get_run(client, run_id)
+    uri = tracking.existing_store(tracking_uri)
+    original = tracking.get_run(uri, run_id)
     resumed = resumed_overrides(original.data.tags)
-    config = load_run_config(client, run_id, {**resumed, **(overrides or {})})
+    config = load_run_config(uri, run_id, {**resumed, **(overrides or {})})
     if "run.run_name" not in (overrides or {}):
         config = config.replace(**{"run.run_name": f"{config.run.run_name}-reproduce"})
-    if tracking.tracking_uri(config) != uri:
+    if tracking.tracking_uri(config.run.tracking_uri) != uri:
         config = config.replace(**{"run.tracking_uri": uri})
     check_import_paths(config, run_id, trust)
 
@@ -416,23 +394,23 @@ def reproduce(
     if overrides:
         changed = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
         warnings.append(f"the reproduction changes the original config: {changed}.")
-    warnings += code_warnings(client, original)
+    warnings += code_warnings(uri, original)
     # Before the run, which can take hours: data that changed since explain any difference.
     warnings += data_warnings(original.data.tags, current_data_tags(config))
     for w in warnings:
         _warn(w)
 
     result = run(config, extra_tags={"reproduces": run_id})
-    new_tags = client.get_run(result.run_id).data.tags
+    new_tags = tracking.get_run(uri, result.run_id).data.tags
     if "reproduces" not in new_tags:  # tasks that only predict may not pass extra tags on
-        client.set_tag(result.run_id, "reproduces", run_id)
+        tracking.set_tags(uri, result.run_id, {"reproduces": run_id})
     later = device_warnings(original.data.tags, new_tags)
     for w in later:
         _warn(w)
     comparison = ComparisonResult(
         run_id,
         result.run_id,
-        compare_metrics(client, run_id, result.run_id),
+        compare_metrics(uri, run_id, result.run_id),
         tolerance,
         warnings + later,
     )

@@ -16,6 +16,9 @@ The other pieces: `src/train/loop.py` (one epoch: `train_one_epoch`, `predict`, 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -24,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+import src.distributed as ddp
+import src.interrupts as interrupts
+import src.tracking as tracking
 import src.train.checkpoint as ckpt_io
-from src import distributed as ddp
-from src import interrupts, tracking
-from src.config import ExperimentConfig
-from src.errors import ConfigError, NonFiniteLossError
+from src.config import RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
+from src.errors import ConfigError, NonFiniteLossError, TrackingError
 from src.train.build import (
     Trainer,
     build_dataset,
@@ -85,7 +90,7 @@ def run(
     with interrupts.held():
         try:
             if info.is_main:  # a server that is down: say so now, not after the data is read
-                tracking.check_server(tracking.tracking_uri(config))
+                tracking.check_server(tracking.tracking_uri(config.run.tracking_uri))
             if config.run.task == "train_eval":
                 return _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch)
             return _predict_only(config, info, parent_run_id)
@@ -149,15 +154,64 @@ def _open_run(t: Trainer, parent_run_id: str | None, extra_tags: dict | None, lo
         t.results_dir = t.resume_path.parent
         if t.info.is_main:  # before the MLflow run is reopened
             lock.enter_context(run_lock(t.results_dir))
-        t.tracker = tracking.resume(t.config, t.state.run_id, enabled=t.info.is_main)
+        t.tracker = resume_run(t.config, t.state.run_id, enabled=t.info.is_main)
     else:
         tags = {**(extra_tags or {}), "world_size": t.info.world_size}
-        t.tracker = tracking.start(t.config, t.info.is_main, parent_run_id, tags)
+        t.tracker = start_run(t.config, t.info.is_main, parent_run_id, tags)
         t.state.run_id = t.tracker.run_id
         t.results_dir = results_dir(t.config, t.tracker.run_id)
         if t.info.is_main:
             with tracking.ended_on_error(t.tracker):
                 lock.enter_context(run_lock(t.results_dir))
+
+
+def start_run(
+    config: ExperimentConfig,
+    enabled: bool = True,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, Any] | None = None,
+) -> tracking.NullTracker:
+    """Create the MLflow run of `config` (rank 0; others get a NullTracker) with what makes it
+    reproducible: params = the flattened config; tags = seed, package versions (and the git
+    commit); artifacts = the resolved config TOML and `pip freeze` (and the git diff)."""
+    if not enabled:
+        return tracking.NullTracker()
+    run = config.run
+    tags = {"seed": run.seed, "deterministic": run.deterministic, **(extra_tags or {})}
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    texts = {
+        "config/config.toml": to_toml(config),
+        "environment/pip_freeze.txt": tracking.pip_freeze(),
+    }
+    uri = tracking.tracking_uri(run.tracking_uri)
+    tracker = tracking.start(uri, run.experiment_name, run.run_name, tags, config.flat(), texts)
+    return tracker.configure(run.server_wait_s, run.server_unreachable)
+
+
+def resume_run(config: ExperimentConfig, run_id: str, enabled: bool = True) -> tracking.NullTracker:
+    """Reopen the run `run_id` for a resumed training; its params must equal the config's
+    (those of RESUME_MAY_CHANGE aside: "train longer" is a tag `resumed.<key>`)."""
+    if not enabled:
+        return tracking.NullTracker()
+    uri = tracking.tracking_uri(config.run.tracking_uri)
+    hint = "it comes from the checkpoint: resume with the same --tracking-uri as the original run"
+    logged = tracking.get_run(uri, run_id, hint).data.params
+    mismatch = config_mismatch(logged, config, may_differ=RESUME_MAY_CHANGE, as_params=True)
+    if mismatch is not None:
+        key, theirs, ours = mismatch
+        raise TrackingError(
+            f"Config key {key} is {ours!r} but the run being resumed used {theirs!r}; resume "
+            "with the original config (params cannot change)."
+        )
+    flat = config.flat()
+    changed = {f"resumed.{k}": flat[k] for k in RESUME_MAY_CHANGE if logged.get(k) != str(flat[k])}
+    tracker = tracking.reopen(uri, run_id)
+    tracker.configure(config.run.server_wait_s, config.run.server_unreachable)
+    with tracking.ended_on_error(tracker):
+        tracker.set_tags(changed)
+    return tracker
 
 
 def _catch_up(t: Trainer) -> None:
@@ -173,7 +227,7 @@ def _catch_up(t: Trainer) -> None:
             t.tracker.log_epoch(_metrics_of(h), int(h["epoch"]))
     t.logged_epochs = logged | {int(h["epoch"]) for h in t.state.history}
     print(
-        f"Run {t.tracker.run_id} in MLflow {tracking.tracking_uri(t.config)} (experiment "
+        f"Run {t.tracker.run_id} in MLflow {t.tracker.uri} (experiment "
         f"{t.config.run.experiment_name!r}); checkpoints and tables in {t.results_dir}",
         flush=True,
     )
@@ -265,7 +319,7 @@ def _record_data(t: Trainer) -> None:
     }
     for split, ds in t.datasets.items():
         if hasattr(ds, "image_ids") and hasattr(ds, "labels"):
-            fp = tracking.data_fingerprint(ds)
+            fp = data_fingerprint(ds)
             tags[f"data.{split}.fingerprint"] = fp["fingerprint"]
             tags[f"data.{split}.count"] = fp["count"]
         else:
@@ -275,6 +329,37 @@ def _record_data(t: Trainer) -> None:
         for key, value in getattr(ds, "source_counts", {}).items():
             tags[f"data.{split}.{key}"] = value
     t.tracker.set_tags(tags)
+
+
+def data_fingerprint(dataset: Any) -> dict[str, Any]:
+    """A hash of the ordered image ids and their labels, and the count.
+
+    Two runs whose datasets differ in any id, order or label get different fingerprints.
+    """
+    h = hashlib.sha256()
+    ids = list(dataset.image_ids)
+    labels = np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.float32))
+    h.update("\n".join(ids).encode())
+    h.update(str(labels.shape).encode())
+    h.update(labels.tobytes())
+    return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the main packages' versions, and the CUDA and cuDNN this run can use."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "mlflow", "numpy", "pillow", "scikit-learn"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    # What this torch was built for; "cuda"/"cudnn" only when a GPU is there to use them.
+    out["cuda_build"] = torch.version.cuda or "none"
+    gpu = torch.cuda.is_available()
+    out["cuda"] = (torch.version.cuda or "none") if gpu else "none"
+    cudnn = torch.backends.cudnn.version() if gpu and torch.backends.cudnn.is_available() else None
+    out["cudnn"] = str(cudnn) if cudnn else "none"
+    return out
 
 
 def results_dir(config: ExperimentConfig, run_id: str) -> Path:
@@ -319,7 +404,7 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
     model.load_state_dict(weights["model"])
     prep = BatchPrep(ds, device, channels_last=False)
     batches = BatchSettings(prep, make_loss(config.data.problem), problem=config.data.problem)
-    tracker = tracking.start(config, info.is_main, parent_run_id, {"task": config.run.task})
+    tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
     folder = results_dir(config, tracker.run_id)
     epoch = weights_epoch(weights)
     try:

@@ -7,14 +7,18 @@ run (src/serve/model_package.py), registered when `run.register_model` names it.
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+import src.distributed as ddp
+import src.evaluate as evaluate
+import src.serve.explain as explain
+import src.serve.model_package as mp
 import src.train.checkpoint as ckpt_io
-from src import distributed as ddp
-from src import evaluate
+from src.errors import ConfigError
 from src.train.build import build_loader
 from src.train.loop import epoch_metrics, predict
 
@@ -27,11 +31,8 @@ Files = list[tuple[Path, str]]  # (a file, the run's artifact folder it goes to)
 
 def log_best_outputs(t: Trainer) -> dict[str, float]:
     """Evaluate the best weights once more on val (and test) and log plots, predictions,
-    tables, the learning curves and best.pt; returns the `best_*` summary.
-
-    The MLflow model goes first: with a tracking process (src/tracking_service.py), that
-    process logs it while this one draws. The files drawn here are logged after (the process
-    answers one request at a time, so a file logged meanwhile would wait for the model)."""
+    tables, the learning curves and the best weights (the MLflow model, or best.pt); returns
+    the `best_*` summary."""
     best_path = t.results_dir / "best.pt"
     if not best_path.is_file():
         return {}
@@ -48,13 +49,7 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
         metrics[split] = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
         summary.update({f"best_{k}": v for k, v in metrics[split].items() if "/" not in k})
     chosen = choose_thresholds(t, preds["val"])
-    files: Files = []
-    model_logged = lambda: None  # noqa: E731
-    if t.config.run.log_model:
-        thresholds = None if chosen is None else [threshold for threshold, _ in chosen]
-        model_logged = log_model_package(t, best_path, thresholds, int(best["epoch"]))
-    else:
-        files.append((best_path, "checkpoint"))  # the weights, kept with the run
+    files: Files = [] if t.config.run.log_model else [(best_path, "checkpoint")]
     if chosen is not None:
         files += write_thresholds(t, chosen)
     if t.config.explain.gallery:
@@ -68,7 +63,9 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
         t.tracker.log_epoch(summary, int(best["epoch"]))
     for path, folder in files:
         t.tracker.log_artifact(path, folder)
-    model_logged()
+    if t.config.run.log_model:
+        thresholds = None if chosen is None else [threshold for threshold, _ in chosen]
+        log_model_package(t, best_path, thresholds, int(best["epoch"]))
     return summary
 
 
@@ -89,10 +86,6 @@ def write_thresholds(t: Trainer, chosen: list[tuple[float, float]]) -> Files:
 def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
     """`plots/explanations.png`: the first validation images (with a true label), their true
     labels, probabilities and the heatmap of each true class (src/serve/explain.py)."""
-    import src.serve.explain as explain
-    from src.errors import ConfigError
-    from src.serve.model_inputs import input_transform_of
-
     ds, cfg = t.datasets["val"], t.config.explain
     try:
         explain.find_target_layer(t.state.model, cfg.target_layer)
@@ -106,7 +99,7 @@ def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
     labels, probs = pred["labels"][rows], pred["probs"][rows]
     classes = [explain.classes_to_show(y, p) for y, p in zip(labels, probs)]
     maps = explain.heatmaps(t.state.model, x, classes, cfg.cam, cfg.target_layer)
-    transform = input_transform_of(ds)
+    transform = mp.input_transform_of(ds)
     images = [explain.display_image(s["data"].cpu(), transform) for s in samples]
     path = t.results_dir / "plots" / "explanations.png"
     explain.save_gallery(images, labels, probs, maps, list(ds.label_meanings), path)
@@ -115,17 +108,13 @@ def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
 
 def log_model_package(
     t: Trainer, best_path: Path, thresholds: list[float] | None, best_epoch: int
-) -> Any:
-    """The best weights as the MLflow model `model` of the run (registered when
-    `run.register_model` names it; it holds best.pt); a note instead when the dataset has no
-    input transform, and best.pt logged as the run's artifact `checkpoint/best.pt`. Returns
-    `done()`, which waits for it and prints where it is: with a tracking process
-    (src/tracking_service.py), that process logs it meanwhile."""
-    from src import interrupts, tracking_service
-    from src.serve.model_inputs import MODEL_NAME, input_transform_of
-
+) -> None:
+    """The best weights as the MLflow model `model` of the run (src/serve/model_package.py;
+    registered when `run.register_model` names it; it holds best.pt); a note instead when the
+    dataset has no input transform, and best.pt logged as the run's artifact
+    `checkpoint/best.pt`."""
     ds, config = t.datasets["val"], t.config
-    transform = input_transform_of(ds)
+    transform = mp.input_transform_of(ds)
     if transform is None:
         print(
             f"note: no MLflow model logged: the dataset {config.data.dataset} has neither "
@@ -135,35 +124,19 @@ def log_model_package(
             flush=True,
         )
         t.tracker.log_artifact(best_path, "checkpoint")  # the weights, kept with the run
-        return lambda: None
-    classifier_args = (
+        return
+    spec = mp.ClassifierSpec(
         config.model.model, dict(config.model.args), list(ds.label_meanings),
         config.data.problem, transform, getattr(ds, "mean_std", None), thresholds,
         config.explain.target_layer,
     )  # fmt: skip
-    where = (best_path, t.tracker.run_id, best_epoch, (config.model.model, config.data.dataset))
-    service = tracking_service.of(t.tracker)
-    if service is not None:
-        number = service.submit("log_model", classifier_args, *where, config.run.register_model)
-        wait = lambda: service.result(number)  # noqa: E731
-    else:
-        import src.serve.model_package as mp
-
-        with interrupts.mlflow_call():
-            info = mp.log_model(
-                mp.ImageClassifier(*classifier_args), where[0], t.tracker.uri, *where[1:],
-                config.run.register_model,
-            )  # fmt: skip
-        version = getattr(info, "registered_model_version", None)
-        wait = lambda: version  # noqa: E731
-
-    def done() -> None:
-        registered = wait()
-        name = config.run.register_model
-        also = f", registered as models:/{name}/{registered}" if registered else ""
-        print(f"MLflow model: runs:/{t.tracker.run_id}/{MODEL_NAME}{also}", flush=True)
-
-    return done
+    code_from = (config.model.model, config.data.dataset)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = mp.pyfunc_model(mp.ImageClassifier(spec), best_path, code_from, Path(tmp))
+        name, register_as = mp.MODEL_NAME, config.run.register_model
+        registered = t.tracker.log_model(name, best_epoch, register_as, **model)
+    also = f", registered as models:/{register_as}/{registered}" if registered else ""
+    print(f"MLflow model: runs:/{t.tracker.run_id}/{name}{also}", flush=True)
 
 
 def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Files:

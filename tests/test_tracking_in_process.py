@@ -1,0 +1,91 @@
+"""MLflow in the training process (src/tracking.py) over real SQLite stores: a run logs
+everything, an MLflow error is one line naming the store, a run always ends with a status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import src.tracking as tracking
+from src.errors import TrackingError
+from tests.test_run_experiment import DEMO2, REPO
+
+
+def test_a_run_through_tracking_logs_everything_and_always_ends_with_a_status(mlflow_uri, tmp_path):
+    """Params, tags, epochs, texts and files arrive; an MLflow error (a param logged again with
+    another value) is one line naming the store; the run then ends FAILED, not RUNNING."""
+    tracker = tracking.start(mlflow_uri, "in-process", "r", {"seed": 0}, {"optimizer.lr": 0.1})
+    try:
+        tracker.log_epoch({"val_loss": 0.5}, 1)
+        tracker.log_epoch({"val_loss": 0.25, "skipped": float("nan")}, 2)
+        tracker.log_text("hello", "notes/hello.txt")
+        (tmp_path / "table.csv").write_text("a\n1\n")
+        tracker.log_artifact(tmp_path / "table.csv", "tables")
+        assert tracker.logged_steps("val_loss") == [1, 2]
+        with pytest.raises(TrackingError) as error:
+            tracker.log_params({"optimizer.lr": 0.2})  # params are immutable
+        message = str(error.value)
+        assert message.startswith(f"The MLflow store {mlflow_uri} cannot be used: ")
+        assert "\n" not in message
+    finally:
+        tracker.end("FAILED")
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.params == {"optimizer.lr": "0.1"} and run.data.tags["seed"] == "0"
+    history = client.get_metric_history(tracker.run_id, "val_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.25)]
+    assert "skipped" not in run.data.metrics
+    names = {a.path for a in client.list_artifacts(tracker.run_id, "notes")}
+    names |= {a.path for a in client.list_artifacts(tracker.run_id, "tables")}
+    assert names == {"notes/hello.txt", "tables/table.csv"}
+    assert not tracker.holds_signals
+
+
+def _demo2(uri: str, results: Path, **popen: object) -> subprocess.CompletedProcess:
+    """Demo-2's command line for one quick epoch, with the store `uri`, in a process."""
+    args = ["-m", "src.run_experiment", str(DEMO2), "--epochs", "1", "--max-batches", "1"]
+    args += ["--results-dir", str(results), "--set", "run.log_model=false"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONDONTWRITEBYTECODE": "1"}
+    env["HOME"] = str(results.parent)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        **popen,
+    )  # fmt: skip
+
+
+def _one_error_line(done: subprocess.CompletedProcess, store: str) -> None:
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    assert store in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_store_path_that_is_not_a_database_is_one_line(tmp_path):
+    """A file that is not a database: one `error:` line naming the store, exit 2."""
+    db = tmp_path / "notes.db"
+    db.write_text("these are my notes, not a database\n" * 100)
+    done = _demo2(f"sqlite:///{db}", tmp_path / "results")
+    _one_error_line(done, f"sqlite:///{db}")
+    assert db.read_text().startswith("these are my notes")  # left as it was
+
+
+@pytest.mark.slow
+def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
+    """A new store in a folder the user cannot write to: one `error:` line naming the store,
+    exit 2, no database made. (root writes to any folder of mode 555: it gets /proc, where
+    the kernel makes no file for anyone.)"""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:
+        read_only = Path("/proc/self")
+    store = f"sqlite:///{read_only / 'mlflow.db'}"
+    _one_error_line(_demo2(store, tmp_path / "results"), store)
+    assert not (read_only / "mlflow.db").exists()
