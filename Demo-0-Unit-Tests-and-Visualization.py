@@ -119,9 +119,12 @@ def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
     import src.serve.model_package as model_package
     from load_dataset.custom_tiny import TinyData
     from load_dataset.utils import open_rgb
+    import src.tracking as tracking
     from src.serve.predict import model_uri
 
-    classifier = model_package.load(model_uri(source, uri))
+    model, store = model_uri(source, uri)
+    with tracking.tracking_uri_set(store):  # MLflow reads runs:/ and models:/ there
+        classifier = model_package.load(model)
     ds = TinyData("val")
     rows = explain.gallery_rows(ds.labels, ds.labels, n_images)
     images = [np.asarray(open_rgb(ds.image_paths[i])) for i in rows]

@@ -310,3 +310,30 @@ def test_demo3_on_damaged_data_fails_in_one_line_naming_the_file(
     runs = [] if experiment is None else client.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == (["FAILED"] if damage == "truncated jpeg" else [])
     assert not list(results.glob("**/*.pt"))  # nothing was checkpointed, nothing half-written
+
+
+@pytest.mark.slow
+def test_demo0_draws_what_a_trained_tinydata_model_looks_at(
+    _store_template, tmp_path, capfd, monkeypatch
+):
+    """With a finished Demo-2 run in the store (named by --explain-model, or the newest one),
+    Demo-0 loads its MLflow model from that store and logs plots of its heatmaps."""
+    from tests.trained_runs import train_tiny
+
+    trained = train_tiny(tmp_path, _store_template, **{"explain.gallery": False})
+    for source in ([trained.run_id], []):
+        more = ["--explain-model", *source] if source else []
+        out = demo_here(
+            "Demo-0-Unit-Tests-and-Visualization.py",
+            ["--skip-tests", "--voc-dir", str(tmp_path / "no_voc"), "--n-images", "2"]
+            + ["--tracking-uri", trained.uri, "--results-dir", str(tmp_path / "r"), *more],
+            tmp_path,
+            capfd,
+            monkeypatch,
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"== what the TinyData model {trained.run_id} looks at" in out.stdout
+    runs = runs_of(trained.uri, "Demo-0-Unit-Tests-and-Visualization")
+    assert len(runs) == 2
+    for run in runs:
+        assert "explanations.png" in artifact_paths(trained.uri, run.info.run_id)
