@@ -117,9 +117,9 @@ def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
 
     import src.serve.explain as explain
     import src.serve.model_package as model_package
+    import src.tracking as tracking
     from load_dataset.custom_tiny import TinyData
     from load_dataset.utils import open_rgb
-    import src.tracking as tracking
     from src.serve.predict import model_uri
 
     model, store = model_uri(source, uri)
