@@ -81,15 +81,10 @@ def run_grid(config, grid: dict[str, list[str]], options) -> tuple[str, list]:
         results.extend(cell_results(outcome, cells))
         log_summary(parent, cells, results)
 
-    outcome = run_sweep(
-        config,
-        space,
-        options,
-        f"{config.run.run_name}-grid",
-        {"grid": "conv_type x vgginit"},
-        child_names="values",
-        on_finish=summary,
-    )
+    options.parent_name = f"{config.run.run_name}-grid"
+    options.parent_tags = {"grid": "conv_type x vgginit"}
+    options.child_names = "values"
+    outcome = run_sweep(config, space, options, on_finish=summary)
     return outcome.parent_run_id, results
 
 

@@ -55,6 +55,9 @@ class SweepOptions:
     devices: list[str] = field(default_factory=list)
     storage: str | None = None
     study_name: str | None = None
+    parent_name: str = "sweep"  # the parent run's name
+    parent_tags: dict[str, Any] = field(default_factory=dict)
+    child_names: str = "trial"  # the child runs' names: <run_name>-<child_names><N>
 
 
 @dataclass
@@ -70,9 +73,6 @@ def run_sweep(
     config: ExperimentConfig,
     space: SweepSpace,
     options: SweepOptions,
-    parent_name: str,
-    parent_tags: dict[str, Any] | None = None,
-    child_names: str = "trial",
     on_finish: Any = None,
 ) -> SweepOutcome:
     """Run the sweep; `on_finish(parent, outcome)` logs its summary (default: the trials
@@ -88,17 +88,20 @@ def run_sweep(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = sweep_study.open_storage(url)
-    name = options.study_name or sweep_study.study_to_use(storage, f"{parent_name}-{key}")
+    name = options.study_name or sweep_study.study_to_use(storage, f"{options.parent_name}-{key}")
     with sweep_study.MachineLock(url, name):
         study, created = sweep_study.create_or_load(storage, name, space.direction, sampler, None)
         if not created:
             sweep_study.check_same_space(study, space.to_dict(), name)
-        tags = {**(parent_tags or {}), "group.key": key, "sweep.study": name}
+        tags = {**options.parent_tags, "group.key": key, "sweep.study": name}
         tags["sweep.storage"] = sweep_study.shown_url(url)
         tags.update({"sweep.metric": space.metric, "sweep.direction": space.direction})
         tags["sweep.params"] = " ".join(space.params)
-        parent = open_parent(config, study, created, parent_name, tags, trials, space)
-    plan = SweepPlan(config, space, url, name, parent.run_id, trials, child_names)
+        if created:
+            parent = new_parent(config, study, options.parent_name, tags, space)
+        else:
+            parent = reopened_parent(config, study, options.parent_name, tags, trials)
+    plan = SweepPlan(config, space, url, name, parent.run_id, trials, options.child_names)
     outcome = SweepOutcome(parent.run_id, parent.experiment_id, study, plan, False)
     return _run(parent, outcome, workers, options.devices, on_finish or log_sweep_summary)
 
@@ -180,14 +183,17 @@ def sweep_key(config: ExperimentConfig, space: SweepSpace) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def open_parent(config, study, created: bool, name: str, tags, trials: int, space) -> Any:
-    """The sweep's parent run: new with a new study, else the study's, reopened."""
-    if created:
-        parent = start_parent(config, name, tags)
-        with tracking.ended_on_error(parent):
-            study.set_user_attr(sweep_study.SPACE_ATTR, json.dumps(space.to_dict(), sort_keys=True))
-            study.set_user_attr(sweep_study.PARENT_ATTR, parent.run_id)
-        return parent
+def new_parent(config, study, name: str, tags: dict[str, Any], space: SweepSpace) -> Any:
+    """The parent run of a new study, its id and the space stored with the study."""
+    parent = start_parent(config, name, tags)
+    with tracking.ended_on_error(parent):
+        study.set_user_attr(sweep_study.SPACE_ATTR, json.dumps(space.to_dict(), sort_keys=True))
+        study.set_user_attr(sweep_study.PARENT_ATTR, parent.run_id)
+    return parent
+
+
+def reopened_parent(config, study, name: str, tags: dict[str, Any], trials: int) -> Any:
+    """The parent run of a study that exists (another machine's, or a stopped sweep's)."""
     parent_id = sweep_study.wait_for_parent(study)
     uri = tracking.tracking_uri(config.run.tracking_uri)
     hint = f"it is the parent run of the study {study.study_name!r}: every machine of a sweep "
@@ -330,13 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_from_args(args.config, args)
         space = read_space(args.space, config)
-        outcome = run_sweep(
-            config,
-            space,
-            options_from_args(args),
-            f"{config.run.run_name}-sweep",
-            {"sweep.space": Path(args.space).name},
-        )
+        options = options_from_args(args)
+        options.parent_name = f"{config.run.run_name}-sweep"
+        options.parent_tags = {"sweep.space": Path(args.space).name}
+        outcome = run_sweep(config, space, options)
     except UserError as e:
         return print_user_error(e)
     except KeyboardInterrupt as e:  # the sweep said how it stopped and how to go on

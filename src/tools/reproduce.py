@@ -292,12 +292,31 @@ def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
     for d in result.diffs:
         by_step.setdefault(d.step, []).append(d)
         by_key.setdefault(d.key, []).append(d)
+    lines += _per_epoch_lines(by_step)
+    width = max(len(k) for k in by_key)
+    lines.append("\nPer metric (the largest |difference| over its epochs):")
+    lines.append(f"{'metric':<{width}}  {'epochs':>6}  {'max |diff|':>10}  at")
+    for key, ds in by_key.items():
+        worst = max(ds, key=lambda d: d.abs_diff)
+        at = _at(worst) if worst.abs_diff > 0 else "-"
+        lines.append(f"{key:<{width}}  {len(ds):>6}  {_fmt(worst.abs_diff):>10}  {at}")
+    if every_row:
+        lines.append("\nEvery metric at every epoch:")
+        lines.append(f"{'metric':<{width}}  {'epoch':>5}  {'original':>12}  {'reproduced':>12}")
+        for d in result.diffs:
+            lines.append(
+                f"{d.key:<{width}}  {d.step:>5}  {_fmt(d.original):>12}  {_fmt(d.new):>12}"
+            )
+    return "\n".join(lines + _verdict_lines(result, len(by_key), len(by_step)))
 
-    lines.append("\nPer epoch (the largest |difference| over its metrics):")
-    lines.append(
+
+def _per_epoch_lines(by_step: dict[int, list[MetricDiff]]) -> list[str]:
+    """The table of epochs: val_loss of both runs and the largest difference of the epoch."""
+    lines = [
+        "\nPer epoch (the largest |difference| over its metrics):",
         f"{'epoch':>5}  {'val_loss original':>17}  {'val_loss reproduced':>19}  "
-        f"{'metrics':>7}  {'max |diff|':>10}  worst metric"
-    )
+        f"{'metrics':>7}  {'max |diff|':>10}  worst metric",
+    ]
     for step, ds in sorted(by_step.items()):
         val = next((d for d in ds if d.key == "val_loss"), None)
         worst = max(ds, key=lambda d: d.abs_diff)
@@ -306,29 +325,17 @@ def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
             f"{_fmt(val.new if val else None):>19}  {len(ds):>7}  {_fmt(worst.abs_diff):>10}  "
             f"{worst.key if worst.abs_diff > 0 else '-'}"
         )
+    return lines
 
-    width = max(len(k) for k in by_key)
-    lines.append("\nPer metric (the largest |difference| over its epochs):")
-    lines.append(f"{'metric':<{width}}  {'epochs':>6}  {'max |diff|':>10}  at")
-    for key, ds in by_key.items():
-        worst = max(ds, key=lambda d: d.abs_diff)
-        at = _at(worst) if worst.abs_diff > 0 else "-"
-        lines.append(f"{key:<{width}}  {len(ds):>6}  {_fmt(worst.abs_diff):>10}  {at}")
 
-    if every_row:
-        lines.append("\nEvery metric at every epoch:")
-        lines.append(f"{'metric':<{width}}  {'epoch':>5}  {'original':>12}  {'reproduced':>12}")
-        for d in result.diffs:
-            lines.append(
-                f"{d.key:<{width}}  {d.step:>5}  {_fmt(d.original):>12}  {_fmt(d.new):>12}"
-            )
-
+def _verdict_lines(result: ComparisonResult, n_metrics: int, n_epochs: int) -> list[str]:
+    """The largest difference, the values only one run logged, and the verdict."""
     worst = result.worst
-    lines.append(
+    lines = [
         f"\nLargest absolute difference: {_fmt(result.max_abs_diff)}"
         + (f" ({worst.key} at {_at(worst)})" if worst and worst.abs_diff > 0 else "")
-        + f", over {len(by_key)} metrics and {len(by_step)} epochs."
-    )
+        + f", over {n_metrics} metrics and {n_epochs} epochs."
+    ]
     if result.missing:
         d = result.missing[0]
         side = "the reproduction" if d.new is None else "the original"
@@ -345,7 +352,7 @@ def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
             f"DIFFERENT: the largest difference {_fmt(result.max_abs_diff)} exceeds the "
             f"tolerance {result.tolerance:g}."
         )
-    return "\n".join(lines)
+    return lines
 
 
 # ------------------------------------------------------------------ reproducing
@@ -353,6 +360,23 @@ def format_comparison(result: ComparisonResult, every_row: bool = False) -> str:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def warnings_before(uri: str, original: Any, config: Any, resumed: dict, overrides: dict) -> list:
+    """What may make the reproduction differ, known before it runs: a resumed original, the
+    overrides, code and data that changed since."""
+    warnings: list[str] = []
+    if resumed:
+        changed = ", ".join(f"{k} = {v!r}" for k, v in resumed.items())
+        warnings.append(
+            f"the original run was resumed with {changed}; the reproduction runs straight "
+            "through with the new value(s)."
+        )
+    if overrides:
+        changed = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
+        warnings.append(f"the reproduction changes the original config: {changed}.")
+    warnings += code_warnings(uri, original)
+    return warnings + data_warnings(original.data.tags, current_data_tags(config))
 
 
 def reproduce(
@@ -383,20 +407,8 @@ def reproduce(
     if tracking.tracking_uri(config.run.tracking_uri) != uri:
         config = config.replace(**{"run.tracking_uri": uri})
     check_import_paths(config, run_id, trust)
-
-    warnings: list[str] = []
-    if resumed:
-        changed = ", ".join(f"{k} = {v!r}" for k, v in resumed.items())
-        warnings.append(
-            f"the original run was resumed with {changed}; the reproduction runs straight "
-            "through with the new value(s)."
-        )
-    if overrides:
-        changed = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
-        warnings.append(f"the reproduction changes the original config: {changed}.")
-    warnings += code_warnings(uri, original)
     # Before the run, which can take hours: data that changed since explain any difference.
-    warnings += data_warnings(original.data.tags, current_data_tags(config))
+    warnings = warnings_before(uri, original, config, resumed, overrides or {})
     for w in warnings:
         _warn(w)
 
