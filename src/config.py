@@ -4,7 +4,7 @@ An experiment is one TOML file in `experiments/` with the sections `[run]`, `[da
 (+ `[data.args]`), `[model]` (+ `[model.args]`), `[optimizer]`, `[train]` and `[explain]`.
 Every key has a default below, so a TOML names only what differs. Unknown keys and values of
 the wrong type are errors that name the key. Relative paths in a TOML file are resolved against
-the repository root. Command-line flags become dotted-key overrides in `src/flags.py`.
+the repository root. Command-line flags become dotted-key overrides in `src/cli.py`.
 """
 
 from __future__ import annotations
