@@ -406,11 +406,10 @@ def config_mismatch(
     strings, and only the keys logged there are compared).
     """
     now = config.flat()
-    keys = set(now) if as_params else set(saved) | set(now)
+    # MLflow params: only the keys logged there; else every key of either side.
+    keys = set(now) & set(saved) if as_params else set(saved) | set(now)
     for key in sorted(keys):
         if key.split(".")[0] not in sections or key in may_differ:
-            continue
-        if as_params and key not in saved:
             continue
         theirs = saved.get(key)
         ours = str(now.get(key)) if as_params else now.get(key)
