@@ -19,9 +19,8 @@ from pathlib import Path
 
 from models.components import CONV_TYPES
 from models.custom_models_base import VGGINITS
-from src.cli import group_hint, make_parser
+from src.cli import group_hint, load_from_args, make_parser
 from src.errors import ConfigError, UserError, print_user_error
-from src.flags import load_from_args
 from src.interrupts import exit_code
 from src.sweep.command import WorkerFailed, add_sweep_flags, options_from_args, run_sweep
 from src.sweep.multirun import log_summary

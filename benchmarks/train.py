@@ -71,9 +71,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import run_in_temporary_folder
 from benchmarks.loader import cpu_model
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
+from src.cli import load_from_args
 from src.config import AMP_MODES, REPO_ROOT, ExperimentConfig, load
 from src.errors import ConfigError, UserError, one_line, print_user_error
-from src.flags import load_from_args
 from src.train.build import (
     build_model,
     build_optimizer,

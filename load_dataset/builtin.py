@@ -280,7 +280,7 @@ class TorchvisionClassification(Dataset):
     The loop normalizes `data` on the device with `mean_std` (per channel, for [0, 1] images).
 
     `path_flags` are the command-line flags of its folder arguments, flag -> (argument, help);
-    src.flags gives them to `python -m src.run_experiment`.
+    src.cli gives them to `python -m src.run_experiment`.
     """
 
     path_flags: dict[str, tuple[str, str]] = {

@@ -113,7 +113,7 @@ class PascalVOC2012(Dataset):
             cached S x S image and mask, and the label from the cropped resized mask.
 
     `path_flags` are the command-line flags of its folder arguments, flag -> (argument, help);
-    src.flags gives them to the Demos and `python -m src.run_experiment`.
+    src.cli gives them to the Demos and `python -m src.run_experiment`.
     """
 
     path_flags: dict[str, tuple[str, str]] = {

@@ -159,7 +159,7 @@ class TinyData(Dataset):
     'label': float32 [K], 'img_idx': int}.
 
     `path_flags` are the command-line flags of its folder arguments, flag -> (argument, help);
-    src.flags gives them to the Demos and `python -m src.run_experiment`.
+    src.cli gives them to the Demos and `python -m src.run_experiment`.
     """
 
     path_flags: dict[str, tuple[str, str]] = {

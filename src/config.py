@@ -4,7 +4,7 @@ An experiment is one TOML file in `experiments/` with the sections `[run]`, `[da
 (+ `[data.args]`), `[model]` (+ `[model.args]`), `[optimizer]`, `[train]` and `[explain]`.
 Every key has a default below, so a TOML names only what differs. Unknown keys and values of
 the wrong type are errors that name the key. Relative paths in a TOML file are resolved against
-the repository root. Command-line flags become dotted-key overrides in `src/flags.py`.
+the repository root. Command-line flags become dotted-key overrides in `src/cli.py`.
 """
 
 from __future__ import annotations
@@ -406,11 +406,10 @@ def config_mismatch(
     strings, and only the keys logged there are compared).
     """
     now = config.flat()
-    keys = set(now) if as_params else set(saved) | set(now)
+    # MLflow params: only the keys logged there; else every key of either side.
+    keys = set(now) & set(saved) if as_params else set(saved) | set(now)
     for key in sorted(keys):
         if key.split(".")[0] not in sections or key in may_differ:
-            continue
-        if as_params and key not in saved:
             continue
         theirs = saved.get(key)
         ours = str(now.get(key)) if as_params else now.get(key)

@@ -164,8 +164,7 @@ def test_missing_files_are_named_and_counted_or_only_warned_of(tmp_path):
 
 def test_missing_files_warn_is_set_from_the_command_line(tmp_path):
     """The flag as given on the command line reaches the data set (building it only)."""
-    from src.cli import make_parser
-    from src.flags import load_from_args
+    from src.cli import load_from_args, make_parser
     from src.train.build import build_dataset
 
     data = tiny_copy(tmp_path)

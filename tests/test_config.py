@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import src.cli as cli
 import src.config as cfg
-import src.flags as flags
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO2 = REPO / "experiments" / "demo2_tinyconv_tinydata.toml"
@@ -21,15 +21,15 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _parser(config: Path | None = DEMO2) -> flags.FlagParser:
+def _parser(config: Path | None = DEMO2) -> cli.FlagParser:
     """The parser of a Demo (`--config` with a default) or, for None, of
     `python -m src.run_experiment` (the experiment file as a positional)."""
-    parser = flags.FlagParser(prog="demo")
+    parser = cli.FlagParser(prog="demo")
     if config is None:
         parser.add_argument("config")
     else:
         parser.add_argument("--config", default=str(config))
-    flags.add_config_flags(parser)
+    cli.add_config_flags(parser)
     return parser
 
 
@@ -127,7 +127,7 @@ def test_flags_override_and_resolve_against_cwd(tmp_path, monkeypatch):
             "run.run_name=x y",
         ]
     )
-    c = flags.load_from_args(args.config, args)
+    c = cli.load_from_args(args.config, args)
     assert c.train.epochs == 7 and c.optimizer.lr == 0.5 and c.data.num_workers == 2
     assert c.data.args["data_dir"] == str(tmp_path / "mydata")
     assert c.run.results_dir == str(tmp_path / "out")
@@ -147,12 +147,12 @@ def test_flat_and_toml_round_trip(tmp_path):
 def test_pascal_flags_set_dataset_and_model_arguments():
     argv = ["--voc-dir", "v", "--image-size", "128", "--no-pretrained", "--max-batches", "3"]
     args = _parse(argv, DEMO3)
-    demo3 = flags.load_from_args(DEMO3, args)
+    demo3 = cli.load_from_args(DEMO3, args)
     assert demo3.data.args["voc_dataset_dir"] == str(Path("v").resolve())
     assert demo3.data.args["image_size"] == demo3.model.args["image_size"] == 128
     assert demo3.model.args["pretrained"] is False  # VGG16 takes `pretrained`
     assert demo3.train.max_batches == 3
-    demo4 = flags.load_from_args(REPO / "experiments" / "demo4_vgg16customizable_pascal.toml", args)
+    demo4 = cli.load_from_args(REPO / "experiments" / "demo4_vgg16customizable_pascal.toml", args)
     assert demo4.model.args["vgginit"] == "random"  # VGG16Customizable takes `vgginit`
     assert cfg.load(REPO / "experiments" / "demo3_vgg16_pascal.toml").train.max_batches == 0
 
@@ -167,13 +167,13 @@ def test_pascal_flags_set_dataset_and_model_arguments():
 )
 def test_flags_that_do_not_apply_are_errors_not_silent(argv, message):
     with pytest.raises(cfg.ConfigError, match=message):
-        flags.load_from_args(DEMO2, _parse(argv))
+        cli.load_from_args(DEMO2, _parse(argv))
 
 
 def test_an_empty_sbd_dir_flag_leaves_sbd_out():
     args = _parse(["--sbd-dir", ""], DEMO3)
-    assert flags.load_from_args(DEMO3, args).data.args["sbd_dataset_dir"] == ""
-    default = flags.load_from_args(DEMO3, _parse([], DEMO3)).data.args["sbd_dataset_dir"]
+    assert cli.load_from_args(DEMO3, args).data.args["sbd_dataset_dir"] == ""
+    default = cli.load_from_args(DEMO3, _parse([], DEMO3)).data.args["sbd_dataset_dir"]
     assert default == str(REPO / "data" / "sbd")
 
 
@@ -210,19 +210,19 @@ def test_a_command_reads_its_experiment_file_once(monkeypatch):
         reads.append(Path(path))
         return cfg.read_toml(path)
 
-    monkeypatch.setattr(flags, "read_toml", counted)
+    monkeypatch.setattr(cli, "read_toml", counted)
     args = _parse(["--epochs", "2", "--voc-dir", "v"], DEMO3)
-    c = flags.load_from_args(args.config, args)
+    c = cli.load_from_args(args.config, args)
     assert reads == [DEMO3]
     assert c.train.epochs == 2 and c.data.dataset == "load_dataset.custom_pascal:PascalVOC2012"
-    flags.load_from_args(DEMO2, args)  # another file than the parser read: read here
+    cli.load_from_args(DEMO2, args)  # another file than the parser read: read here
     assert reads == [DEMO3, DEMO2]
 
 
 def test_the_positional_experiment_file_may_follow_its_folder_flags(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = _parse(["--voc-dir", "v", "--epochs", "2", str(DEMO3), "--cache-dir", "c"], None)
-    c = flags.load_from_args(args.config, args)
+    c = cli.load_from_args(args.config, args)
     assert c.data.args["voc_dataset_dir"] == str(tmp_path / "v")
     assert c.data.args["cache_dir"] == str(tmp_path / "c")
     assert c.train.epochs == 2
@@ -246,14 +246,14 @@ def test_an_unreadable_experiment_file_is_one_line(tmp_path, capsys):
 def test_data_dir_sets_the_datasets_folder_argument(tmp_path, monkeypatch, toml, arg, expected):
     monkeypatch.chdir(tmp_path)
     path = REPO / "experiments" / toml
-    c = flags.load_from_args(path, _parse(["--data-dir", "d"], path))
+    c = cli.load_from_args(path, _parse(["--data-dir", "d"], path))
     assert c.data.args[arg] == str(tmp_path / expected)
 
 
 def test_the_flags_follow_a_dataset_set_on_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--set", "data.dataset=torchvision.datasets:ImageFolder", "--data-dir", "d"]
-    c = flags.load_from_args(DEMO3, _parse(argv, DEMO3))
+    c = cli.load_from_args(DEMO3, _parse(argv, DEMO3))
     assert c.data.dataset == "torchvision.datasets:ImageFolder"
     assert c.data.args["root"] == str(tmp_path / "d")
     with pytest.raises(SystemExit):
@@ -284,7 +284,7 @@ def test_a_forked_dataset_brings_its_own_folder_flags(tmp_path, monkeypatch, cap
     toml = DEMO2.read_text().replace("load_dataset.custom_tiny:TinyData", "fork_shapes:Shapes")
     path = _write(tmp_path, toml)
     args = _parse(["--labels-csv", "l.csv", "--data-dir", "d"], path)
-    c = flags.load_from_args(path, args)
+    c = cli.load_from_args(path, args)
     assert c.data.args["labels_path"] == str(tmp_path / "l.csv")
     assert c.data.args["root"] == str(tmp_path / "d")  # the generic --data-dir: its `root`
     with pytest.raises(SystemExit):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-import src.flags as flags
+import src.cli as cli
 from tests.command_line import run_here
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_readme_command(where, argv, monkeypatch, capsys):
 
 def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
     """`python ARGV` run here until its arguments are parsed and, for the training commands
-    (src/flags.py), until the experiment file and the flags make a config; then stopped."""
+    (src/cli.py), until the experiment file and the flags make a config; then stopped."""
     if argv[0] == "-m":
         path = REPO / Path(*argv[1].split("."))
         found = path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()
@@ -112,7 +112,7 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
                 namespace = parse(self, *a, **kw)
             finally:
                 depth -= 1
-            if depth == 0 and not isinstance(self, flags.FlagParser):  # else: until the config
+            if depth == 0 and not isinstance(self, cli.FlagParser):  # else: until the config
                 raise Parsed
             return namespace
 
@@ -122,11 +122,11 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
         original_load(*a, **kw)
         raise Parsed
 
-    original_load = flags.load_from_args
-    for mod in list(sys.modules.values()):  # `from src.flags import load_from_args` included
+    original_load = cli.load_from_args
+    for mod in list(sys.modules.values()):  # `from src.cli import load_from_args` included
         if getattr(mod, "load_from_args", None) is original_load:
             monkeypatch.setattr(mod, "load_from_args", load_then_stop)
-    for cls in (argparse.ArgumentParser, flags.FlagParser):
+    for cls in (argparse.ArgumentParser, cli.FlagParser):
         monkeypatch.setattr(cls, "parse_args", stop_after(cls.parse_args))
     try:
         out = run_here(argv, REPO, capsys, monkeypatch)

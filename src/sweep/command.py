@@ -33,9 +33,9 @@ from typing import Any
 import src.interrupts as interrupts
 import src.sweep.study as sweep_study
 import src.tracking as tracking
+from src.cli import FlagParser, add_config_flags, load_from_args
 from src.config import REPO_ROOT, ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
-from src.flags import FlagParser, add_config_flags, load_from_args
 from src.sweep.multirun import start_parent
 from src.sweep.space import SweepSpace, make_pruner, make_sampler, read_space
 from src.sweep.trial import SweepPlan

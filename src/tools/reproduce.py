@@ -33,8 +33,8 @@ from typing import Any
 
 import src.config as cfg
 import src.tracking as tracking
+from src.cli import overrides_from_args
 from src.errors import ConfigError, TrackingError, UserError, print_user_error
-from src.flags import overrides_from_args
 from src.tools.compare_runs import MetricDiff, compare_metrics
 from src.train.experiment import data_fingerprint, package_versions
 

@@ -61,7 +61,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
@@ -72,8 +72,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
             f"device = {name!r} but this machine has {torch.cuda.device_count()} GPU(s), "
             "numbered from 0; pick one of them or 'auto'."
         )
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps and mps.is_available()):
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device = {name!r} but MPS is not available; use 'auto' or 'cpu'.")
     return device
 
