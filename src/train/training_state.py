@@ -222,16 +222,12 @@ def weights_epoch(state: dict[str, Any]) -> int:
 
 def check_resumable(state: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
     """CheckpointError unless `state` is a last.pt of this experiment, made with the config
-    keys that shape training (epochs and patience may grow: "train longer")."""
+    keys that shape training (epochs and patience may grow: "train longer"). A last.pt of an
+    earlier version that counted epochs from 0 is refused by its history (epoch 0 first)."""
     if state.get("kind") != "last" or "run_id" not in state:
         raise CheckpointError(
             f"{path} is not a resumable checkpoint (a run's last.pt); pass the run's results "
             "folder or its last.pt."
-        )
-    if state.get("first_epoch") != FIRST_EPOCH:
-        raise CheckpointError(
-            f"{path} was written by an earlier version of this repository that counted epochs "
-            "from 0; it cannot be resumed here. Start a new run (its best.pt still predicts)."
         )
     saved_name = _saved_config(state, path).get("run", {}).get("experiment_name")
     if saved_name != config.run.experiment_name:
