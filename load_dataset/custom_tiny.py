@@ -200,8 +200,7 @@ class TinyData(Dataset):
             raise DataError(f"{self.split_dir} holds no images; add the {setname} images there.")
         self.label_meanings, labels_by_name = read_label_csv(csv_path)
         self.image_ids = [p.name for p in self.image_paths]
-        missing = [name for name in self.image_ids if name not in labels_by_name]
-        if missing:
+        if missing := [name for name in self.image_ids if name not in labels_by_name]:
             raise DataError(
                 f"{self.split_dir / missing[0]} has no row in {csv_path} ({len(missing)} "
                 "image(s) without one); add a row per image or remove the image."
@@ -237,9 +236,7 @@ class TinyData(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, idx: int) -> dict:
-        data = self._decoded.get(idx)
-        if data is None:
-            data = self._decode(idx)
+        data = self._decoded[idx] if idx in self._decoded else self._decode(idx)
         return {"data": data.clone(), "label": torch.tensor(self.labels[idx]), "img_idx": idx}
 
     def _decode(self, idx: int) -> torch.Tensor:

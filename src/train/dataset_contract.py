@@ -118,8 +118,7 @@ def _label_meanings(dataset: Any, where: str) -> list[str]:
 def _parts(sample: Any, where: str) -> tuple[Any, Any]:
     """(data, label) of a first sample, a dict or a tuple."""
     if isinstance(sample, dict):
-        missing = [k for k in ("data", "label") if k not in sample]
-        if missing:
+        if missing := [k for k in ("data", "label") if k not in sample]:
             raise DataError(
                 f"{where} returns a dict without {' and '.join(repr(k) for k in missing)}; "
                 "return {'data': image tensor [C,H,W], 'label': label vector, 'img_idx': index}."
