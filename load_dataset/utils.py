@@ -245,9 +245,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     0600), so a team sharing a folder reads it too.
     """
     path = Path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, flags, 0o666)  # O_EXCL: never a file of someone else's
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never another's file
     try:
         with os.fdopen(fd, mode) as f:
             yield f
