@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
@@ -24,6 +25,7 @@ from load_dataset.errors import DataError
 from load_dataset.utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MeanStd,
     NormalizedInput,
     compute_mean_std,
     image_size,
@@ -76,19 +78,13 @@ def read_label_csv(csv_path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         name = row[0].strip()
         if name in labels:
             raise DataError(f"{name} appears twice in {csv_path}; keep one row per image.")
-        values = []
-        for column, cell in zip(label_meanings, row[1:]):
-            try:
-                value = float(cell)
-            except ValueError:
-                value = None
-            if value not in (0.0, 1.0):
-                raise DataError(
-                    f"The label {column} of {name} in {csv_path} is {cell.strip()!r}; "
-                    "labels must be 0 or 1."
-                )
-            values.append(value)
-        labels[name] = np.array(values, dtype=np.float32)
+        values = pd.to_numeric(row[1:], errors="coerce")  # as float() reads them; NaN if not
+        if len(bad := np.flatnonzero(~np.isin(values, (0.0, 1.0)))):
+            raise DataError(
+                f"The label {label_meanings[bad[0]]} of {name} in {csv_path} is "
+                f"{row[1 + bad[0]].strip()!r}; labels must be 0 or 1."
+            )
+        labels[name] = values.astype(np.float32)
     return label_meanings, labels
 
 
@@ -196,15 +192,15 @@ class TinyData(Dataset):
             raise DataError(f"The split folder {self.split_dir} is missing; add it with images.")
 
         # One CSV serves every split: list each split folder there is, once.
-        folders = [self.data_dir / s for s in SETNAMES]
-        listed = {f.name: list_images(f) for f in folders if f.is_dir()}
+        listed = {
+            s: list_images(self.data_dir / s) for s in SETNAMES if (self.data_dir / s).is_dir()
+        }
         self.image_paths = listed[setname]
         if not self.image_paths:
             raise DataError(f"{self.split_dir} holds no images; add the {setname} images there.")
         self.label_meanings, labels_by_name = read_label_csv(csv_path)
         self.image_ids = [p.name for p in self.image_paths]
-        missing = [name for name in self.image_ids if name not in labels_by_name]
-        if missing:
+        if missing := [name for name in self.image_ids if name not in labels_by_name]:
             raise DataError(
                 f"{self.split_dir / missing[0]} has no row in {csv_path} ({len(missing)} "
                 "image(s) without one); add a row per image or remove the image."
@@ -218,19 +214,17 @@ class TinyData(Dataset):
         # One header read (no decode) here; each sample is then checked against it for free.
         self.size_reference = (listed.get("train") or self.image_paths)[0]
         self.image_size_wh = image_size(self.size_reference)
-        self.norm_mean, self.norm_std = self._normalization_stats()
+        self.norm_mean, self.norm_std = self._normalization_stats(listed.get("train", []))
         self.input_transform = NormalizedInput(self.image_size_wh, self.norm_mean, self.norm_std)
 
-    def _normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def _normalization_stats(self, train_images: list[Path]) -> MeanStd:
         """ImageNet's mean and std, or those of this folder's training images (cached)."""
         if self.normalization == "imagenet":
             return IMAGENET_MEAN, IMAGENET_STD
         train_dir = self.data_dir / "train"
-        if not train_dir.is_dir():
-            raise DataError(f"normalization='train_split' needs the folder {train_dir}.")
-        mean, std = compute_mean_std(
-            list_images(train_dir), cache_path=self.data_dir / MEAN_STD_CACHE_FILE
-        )
+        if not train_images:
+            raise DataError(f"normalization='train_split' needs the images of {train_dir}.")
+        mean, std = compute_mean_std(train_images, self.data_dir / MEAN_STD_CACHE_FILE)
         if min(std) == 0:  # dividing by it would turn every image into inf/nan
             raise DataError(
                 f"A colour channel is constant over the images in {train_dir}; use "
@@ -242,9 +236,7 @@ class TinyData(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, idx: int) -> dict:
-        data = self._decoded.get(idx)
-        if data is None:
-            data = self._decode(idx)
+        data = self._decoded[idx] if idx in self._decoded else self._decode(idx)
         return {"data": data.clone(), "label": torch.tensor(self.labels[idx]), "img_idx": idx}
 
     def _decode(self, idx: int) -> torch.Tensor:

@@ -155,9 +155,8 @@ def to_tensor_and_normalize(
 
 def resize_pixels(pixels: torch.Tensor, size_hw: Sequence[int]) -> torch.Tensor:
     """uint8 [C, H, W] resized to `size_hw` (height, width), antialiased, still uint8; the same
-    resize as PASCAL's (`load_dataset.pascal.augment`). Unchanged when it has that size."""
-    if tuple(pixels.shape[-2:]) == tuple(size_hw):
-        return pixels
+    resize as PASCAL's (`load_dataset.pascal.augment`). Unchanged (torchvision returns it) when
+    it has that size."""
     return F.resize(pixels, list(size_hw), antialias=True)
 
 
@@ -207,8 +206,7 @@ def compute_mean_std(image_paths: Sequence[Path], cache_path: Path | None = None
     if not paths:
         raise DataError("compute_mean_std got no image files; pass the training split's images.")
     key = file_list_key(paths)
-    cached = _read_cache(cache_path, key) if cache_path is not None else None
-    if cached is not None:
+    if cache_path is not None and (cached := _read_cache(cache_path, key)) is not None:
         return cached
 
     total, total_sq, count = np.zeros(3), np.zeros(3), 0  # float64
@@ -247,9 +245,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     0600), so a team sharing a folder reads it too.
     """
     path = Path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, flags, 0o666)  # O_EXCL: never a file of someone else's
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never another's file
     try:
         with os.fdopen(fd, mode) as f:
             yield f

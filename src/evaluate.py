@@ -173,15 +173,12 @@ def plot_learning_curves(history: list[dict[str, float]], out_path: Path) -> Pat
     plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("train_loss", "val_loss"):
-        ax1.plot(epochs, [h.get(key, math.nan) for h in history], marker=".", label=key)
-    for ax in (ax1, ax2):
+    for ax, keys in ((ax1, ("train_loss", "val_loss")), (ax2, ("val_auroc_mean", "val_ap_mean"))):
+        for key in keys:
+            ax.plot(epochs, [h.get(key, math.nan) for h in history], marker=".", label=key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        ax.legend()
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax1.legend()
-    for key in ("val_auroc_mean", "val_ap_mean"):
-        ax2.plot(epochs, [h.get(key, math.nan) for h in history], marker=".", label=key)
     ax2.set(xlabel="epoch", title="validation", ylim=(0, 1.02))
-    ax2.legend()
     margins = {"left": 0.06, "right": 0.98, "bottom": 0.13, "top": 0.92, "wspace": 0.15}
     return save_figure(fig, out_path, margins)

@@ -39,7 +39,6 @@ LOCK_NAME = ".lock"
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """Write `obj` with `torch.save` through `atomic_file`: a crash at any moment leaves
     either the old file or the new one, never half of one; the mode follows the umask."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A process killed while writing leaves its temporary file; only one process (rank 0)
     # writes a run's checkpoints, so any such file here is stale.
@@ -171,38 +170,25 @@ def _checked_rng_state(state: Any) -> tuple[tuple, tuple, torch.Tensor, list[tor
     for part in ("python", "numpy", "torch"):
         if part not in state:
             raise ValueError(f"'rng' has no {part!r} state")
-    part, cuda = "python", state.get("cuda", [])
+    python, cuda = state["python"], state.get("cuda", [])
+    part = "python", "a state of Python's random generator"
     try:
-        version, internal, gauss_next = state["python"]
-        python = (version, tuple(internal), gauss_next)
         random.Random().setstate(python)
-        part = "numpy"
+        part = "numpy", "a state of NumPy's random generator"
         name, keys, pos, has_gauss, cached = state["numpy"]
-        _require(isinstance(keys, torch.Tensor) and keys.dtype == torch.uint32)  # NumPy casts
-        numpy = (name, keys.numpy(), int(pos), int(has_gauss), float(cached))
+        keys = keys.numpy().astype(np.uint32, casting="no")  # NumPy itself would cast
+        numpy = (name, keys, int(pos), int(has_gauss), float(cached))
         np.random.RandomState().set_state(numpy)
-        part = "torch"
-        _require(isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8)
-        torch.Generator().set_state(state["torch"])
-        part = "cuda"
-        _require(isinstance(cuda, (list, tuple)))
-        _require(all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda))
+        part = "torch", "torch's random state (a uint8 tensor)"
+        torch.Generator().set_state(state["torch"])  # which refuses any other dtype
+        part = "cuda", "a list of CUDA random states (uint8 tensors)"
+        if not isinstance(cuda, (list, tuple)) or not all(
+            isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda
+        ):
+            raise TypeError  # the same as a setter's refusal: not a state of that generator
     except Exception:
-        raise ValueError(f"'rng.{part}' is not {_RNG_STATES[part]}") from None
+        raise ValueError(f"'rng.{part[0]}' is not {part[1]}") from None
     return python, numpy, state["torch"], list(cuda)
-
-
-def _require(condition: bool) -> None:
-    if not condition:
-        raise TypeError  # the same as a setter's refusal: not a state of that generator
-
-
-_RNG_STATES = {
-    "python": "a state of Python's random generator",
-    "numpy": "a state of NumPy's random generator",
-    "torch": "torch's random state (a uint8 tensor)",
-    "cuda": "a list of CUDA random states (uint8 tensors)",
-}
 
 
 @contextmanager

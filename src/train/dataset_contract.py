@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from load_dataset.errors import DataError
@@ -54,7 +55,9 @@ class StandardSamples(Dataset):
             data, label, img_idx = sample["data"], sample["label"], sample.get("img_idx", idx)
         else:
             (data, label), img_idx = sample[:2], idx
-        label = label_vector(label, len(self.label_meanings))
+        if _is_class_index(label):  # float32 [K]: an integer class as a one-hot vector
+            label = F.one_hot(torch.tensor(int(label)), len(self.label_meanings))
+        label = torch.as_tensor(np.asarray(label), dtype=torch.float32)
         return {"data": data, "label": label, "img_idx": int(img_idx)}
 
     def __getattr__(self, name: str) -> Any:
@@ -63,15 +66,6 @@ class StandardSamples(Dataset):
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
-
-
-def label_vector(label: Any, n_labels: int) -> torch.Tensor:
-    """float32 [K]: a multi-hot vector as given, an integer class as a one-hot vector."""
-    if _is_class_index(label):
-        out = torch.zeros(n_labels, dtype=torch.float32)
-        out[int(label)] = 1.0
-        return out
-    return torch.as_tensor(np.asarray(label), dtype=torch.float32)
 
 
 def _is_class_index(label: Any) -> bool:
@@ -111,16 +105,12 @@ def checked_dataset(dataset: Any, name: str, split: str, problem: str) -> Datase
 
 def _label_meanings(dataset: Any, where: str) -> list[str]:
     meanings = getattr(dataset, "label_meanings", getattr(dataset, "classes", None))
-    if meanings is None:
-        raise DataError(
-            f"{where} has no label_meanings; add `self.label_meanings = [...]`, one name per "
-            "label, in the order of the label vector."
-        )
-    meanings = list(meanings)
+    meanings = [] if meanings is None else list(meanings)
     if not meanings or not all(isinstance(m, str) for m in meanings):
+        what = f"label_meanings {meanings[:5]!r}" if meanings else "no label_meanings"
         raise DataError(
-            f"{where} has label_meanings {meanings[:5]!r}; it must be a non-empty list of "
-            "label names (strings)."
+            f"{where} has {what}; add `self.label_meanings = [...]`, one name (a string) per "
+            "label, in the order of the label vector."
         )
     return meanings
 
@@ -128,8 +118,7 @@ def _label_meanings(dataset: Any, where: str) -> list[str]:
 def _parts(sample: Any, where: str) -> tuple[Any, Any]:
     """(data, label) of a first sample, a dict or a tuple."""
     if isinstance(sample, dict):
-        missing = [k for k in ("data", "label") if k not in sample]
-        if missing:
+        if missing := [k for k in ("data", "label") if k not in sample]:
             raise DataError(
                 f"{where} returns a dict without {' and '.join(repr(k) for k in missing)}; "
                 "return {'data': image tensor [C,H,W], 'label': label vector, 'img_idx': index}."

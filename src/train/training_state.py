@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -89,16 +90,6 @@ def improved_at_last_epoch(val_losses: Sequence[float]) -> bool:
     return n > 0 and early_stopping_state(val_losses, patience=0).best_epoch == n
 
 
-class RandomState:
-    """Python's, NumPy's and torch's random generators as one checkpoint part."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return ckpt_io.rng_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        ckpt_io.set_rng_state(state)
-
-
 class TrainingState:
     """Model, optimizer, scheduler, scaler, random state and history of one training run.
 
@@ -116,7 +107,9 @@ class TrainingState:
         self.history: list[dict[str, float]] = []
         self.run_id = ""
         parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-        self.parts = {k: v for k, v in parts.items() if v is not None} | {"rng": RandomState()}
+        # Python's, NumPy's and torch's random generators as one checkpoint part.
+        rng = SimpleNamespace(state_dict=ckpt_io.rng_state, load_state_dict=ckpt_io.set_rng_state)
+        self.parts = {k: v for k, v in parts.items() if v is not None} | {"rng": rng}
         self._writer: ckpt_io.BackgroundWriter | None = None  # set by `saves_in_background`
 
     # ------------------------------------------------------------ derived from the history
@@ -153,19 +146,16 @@ class TrainingState:
     def load_state_dict(self, state: dict[str, Any], source: str | Path = "The checkpoint") -> None:
         """Every part restored from `state` (a last.pt read from `source`); CheckpointError
         naming the key when a part does not fit. What a part's own `load_state_dict` would take
-        silently and fail on later (weights or buffers of another shape, a garbled schedule or
-        random state) is checked before any part changes."""
-        missing = [key for key in self.parts if key not in state]
-        if missing:
-            raise CheckpointError(
-                f"{source} has no {missing[0]!r} state although this config needs one; "
-                "resume with the config of the run that wrote it."
-            )
-        for key, check in _CHECKS.items():
-            if key in self.parts and (problem := check(self.parts[key], state[key])):
+        silently and fail on later (weights or buffers of another shape, a garbled schedule) is
+        checked before any part changes; `check_resumable` has checked the rest before."""
+        for key, part in self.parts.items():
+            if key not in state:
+                raise CheckpointError(
+                    f"{source} has no {key!r} state although this config needs one; "
+                    "resume with the config of the run that wrote it."
+                )
+            if key in _CHECKS and (problem := _CHECKS[key](part, state[key])):
                 raise _unusable(source, problem)
-        if problem := _history_problem(state.get("history"), state.get("run_id")):
-            raise _unusable(source, problem)
         for key, part in self.parts.items():
             try:
                 part.load_state_dict(state[key])
@@ -175,65 +165,53 @@ class TrainingState:
         self.history = list(state["history"])
         self.run_id = state["run_id"]
 
-    def best_state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
-        """What `best.pt` holds: the weights of the last epoch (when it is the best one)."""
-        return {
-            "kind": "best",
-            "first_epoch": FIRST_EPOCH,
-            "model": self.model.state_dict(),
-            "epoch": self.epoch,
-            "config": config,
-            "run_id": self.run_id,
-            "metrics": self.history[-1],
-        }
-
     def save(self, results_dir: Path, config: dict[str, Any], improved: bool) -> None:
         """`best.pt` when the epoch improved, then `last.pt`; each written atomically.
 
-        Inside `saves_in_background`: waits for the previous save (raising its error), copies
-        the state (tensors to the CPU) and leaves the writing to a background thread; the
-        random states are taken here, as they are now, either way."""
+        `best.pt` holds the weights of the last epoch (the best one), its epoch, metrics,
+        config and run id. Inside `saves_in_background`: waits for the previous save (raising
+        its error), copies the state (tensors to the CPU) and leaves the writing to a background
+        thread; the random states are taken here, as they are now, either way."""
         if self._writer is not None:
             self._writer.wait()  # one copy in memory at a time; a failed write is raised here
         last = self.state_dict(config)
         files = [(last, results_dir / "last.pt")]
         if improved:  # the same weights: copied once
-            best = {**self.best_state_dict(config), "model": last["model"]}
+            best = {k: last[k] for k in ("first_epoch", "model", "epoch", "config", "run_id")}
+            best |= {"kind": "best", "metrics": self.history[-1]}
             files.insert(0, (best, results_dir / "best.pt"))
         if self._writer is None:
             for obj, path in files:
                 ckpt_io.save_atomic(obj, path)
-            return
-        copies = ckpt_io.cpu_copy([obj for obj, _ in files])
-        self._writer.submit([(obj, path) for obj, (_, path) in zip(copies, files)])
+        else:
+            self._writer.submit(ckpt_io.cpu_copy(files))
 
     @contextmanager
     def saves_in_background(self) -> Iterator[None]:
         """Within the block, `save` writes in a background thread. Leaving it waits for the
         last save, also when an error or Ctrl-C ends the block: `last.pt` and `best.pt` are
         then complete. A failed write is raised on the way out; when another exception ends
-        the block, that one goes on and the failed write is said on stderr."""
+        the block, that one goes on and the failed write is said on stderr. (A second Ctrl-C
+        ends that wait; the writer thread is no daemon, so the write still completes before the
+        process exits.)"""
         writer = self._writer = ckpt_io.BackgroundWriter()
         try:
             yield
             writer.wait()  # a failed write is raised here; nothing is left to report below
         except BaseException:  # (a signal during that wait too: the write completes first)
-            _wait_reporting_failure(writer)
+            try:
+                writer.wait()
+            except Exception as e:
+                reason = f"{type(e).__name__}: {' '.join(str(e).split()) or type(e).__name__}"
+                print(
+                    f"warning: the last checkpoint was not written ({reason}); last.pt holds "
+                    "an earlier epoch.",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise
         finally:
             self._writer = None
-
-
-def _wait_reporting_failure(writer: ckpt_io.BackgroundWriter) -> None:
-    """Wait for the write in flight while another exception ends the run; a failed write is
-    said on stderr, not raised over that exception. (A second Ctrl-C ends the wait; the
-    writer thread is no daemon, so the write still completes before the process exits.)"""
-    try:
-        writer.wait()
-    except Exception as e:
-        reason = f"{type(e).__name__}: {' '.join(str(e).split()) or type(e).__name__}"
-        warning = f"the last checkpoint was not written ({reason}); last.pt holds an earlier epoch."
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def weights_epoch(state: dict[str, Any]) -> int:
@@ -244,16 +222,12 @@ def weights_epoch(state: dict[str, Any]) -> int:
 
 def check_resumable(state: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
     """CheckpointError unless `state` is a last.pt of this experiment, made with the config
-    keys that shape training (epochs and patience may grow: "train longer")."""
+    keys that shape training (epochs and patience may grow: "train longer"). A last.pt of an
+    earlier version that counted epochs from 0 is refused by its history (epoch 0 first)."""
     if state.get("kind") != "last" or "run_id" not in state:
         raise CheckpointError(
             f"{path} is not a resumable checkpoint (a run's last.pt); pass the run's results "
             "folder or its last.pt."
-        )
-    if state.get("first_epoch") != FIRST_EPOCH:
-        raise CheckpointError(
-            f"{path} was written by an earlier version of this repository that counted epochs "
-            "from 0; it cannot be resumed here. Start a new run (its best.pt still predicts)."
         )
     saved_name = _saved_config(state, path).get("run", {}).get("experiment_name")
     if saved_name != config.run.experiment_name:
@@ -313,10 +287,6 @@ def _unusable(path: str | Path, problem: str) -> CheckpointError:
     )
 
 
-def _shape(t: torch.Tensor) -> str:
-    return str(list(t.shape))
-
-
 def _weights_problem(model: nn.Module, weights: Any) -> str | None:
     """What keeps `weights` from loading into `model` as they are (names, shapes, dtypes)."""
     if not isinstance(weights, dict):
@@ -330,8 +300,8 @@ def _weights_problem(model: nn.Module, weights: Any) -> str | None:
             )
         if value.shape != tensor.shape or value.dtype != tensor.dtype:
             return (
-                f"'model' tensor {name!r} is {value.dtype} {_shape(value)}, the model's "
-                f"{tensor.dtype} {_shape(tensor)}"
+                f"'model' tensor {name!r} is {value.dtype} {list(value.shape)}, the model's "
+                f"{tensor.dtype} {list(tensor.shape)}"
             )
     extra = sorted(str(k) for k in weights if k not in own)
     return f"'model' has a tensor {extra[0]!r} the model does not" if extra else None
@@ -359,8 +329,8 @@ def _optimizer_problem(optimizer: Any, saved: Any) -> str | None:
         for name, value in buffers[pid].items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
                 return (
-                    f"'optimizer' {name!r} of parameter {pid} has shape {_shape(value)}, "
-                    f"the parameter {_shape(param)}"
+                    f"'optimizer' {name!r} of parameter {pid} has shape {list(value.shape)}, "
+                    f"the parameter {list(param.shape)}"
                 )
     return None
 
@@ -405,5 +375,4 @@ _CHECKS = {
     "scheduler": lambda scheduler, saved: _numbers_problem(
         "scheduler", scheduler.state_dict(), saved
     ),
-    "rng": lambda _, saved: ckpt_io.rng_state_problem(saved),
 }
