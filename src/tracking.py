@@ -106,35 +106,25 @@ def slug(name: str) -> str:
 
 
 def git_state() -> dict[str, str]:
-    """Commit, dirty flag and diff of the repository (empty values outside a git checkout)."""
+    """Commit, dirty flag and diff of the repository ('unknown' outside a git checkout)."""
 
-    def git(*args: str) -> str:
+    def git(*args: str, check: bool = True) -> str:
         return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=check
         ).stdout
 
     try:
         commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD")
         # Untracked files count: a new dataset or model module not yet added changes the run.
-        status = git("status", "--porcelain", "--untracked-files=all")
-        diff = git("diff", "HEAD") if status.strip() else ""
+        # git shows each as added; one over 1 MB as binary ("Binary files ... differ").
         for path in git("ls-files", "--others", "--exclude-standard", "-z").split("\0"):
-            if path and (REPO_ROOT / path).is_file():
-                diff += _new_file_diff(path)
+            if path:  # `diff --no-index` exits with 1 when the files differ
+                limit = ["-c", "core.bigFileThreshold=1m"]
+                diff += git(*limit, "diff", "--no-index", "--", "/dev/null", path, check=False)
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": "unknown", "diff": ""}
-    return {"commit": commit, "dirty": str(bool(status.strip())).lower(), "diff": diff}
-
-
-def _new_file_diff(path: str, max_bytes: int = 1_000_000) -> str:
-    """An untracked file as a git-style patch that adds it (a note when binary or large)."""
-    data = (REPO_ROOT / path).read_bytes()
-    header = f"diff --git a/{path} b/{path}\nnew file (untracked)\n"
-    if len(data) > max_bytes or b"\0" in data:
-        return header + f"# {len(data)} bytes, not shown\n"
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    body = "".join(f"+{line}\n" for line in lines)
-    return header + f"--- /dev/null\n+++ b/{path}\n@@ -0,0 +1,{len(lines)} @@\n" + body
+    return {"commit": commit, "dirty": str(bool(diff)).lower(), "diff": diff}
 
 
 def pip_freeze() -> str:
@@ -182,8 +172,6 @@ class Store:
         with interrupts.mlflow_call(interruptible):
             try:
                 yield
-            except TrackingError:
-                raise
             except Exception as e:
                 raise _store_error(self.uri, e) from None
 
@@ -342,17 +330,11 @@ class NullTracker:
     uri = ""
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
-
     def log_params(self, params: dict[str, Any]) -> None: ...
-
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
-
     def log_text(self, text: str, name: str) -> None: ...
-
     def set_tags(self, tags: dict[str, Any]) -> None: ...
-
     def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any: ...
-
     def end(self, status: str = "FINISHED") -> None: ...
 
     def logged_steps(self, key: str) -> list[int]:
@@ -396,9 +378,7 @@ class Tracker(NullTracker):
         ]
         if batch:
             self._send(batch)
-        self._settle()
-        if _remote(self.uri):
-            self._check_server()
+        self._check_server()
 
     def _send(self, batch: list[Metric]) -> None:
         operations = self.store.client.log_batch(self.run_id, metrics=batch, synchronous=False)
@@ -432,6 +412,7 @@ class Tracker(NullTracker):
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
     def _check_server(self) -> None:
+        """Say once that the server has not answered for server_wait_s, or stop the run."""
         waited = self.unreachable_s()
         if waited < self.server_wait_s:
             return
@@ -499,21 +480,19 @@ class Tracker(NullTracker):
         as `register_as` when given; its registered version, else None. No fluent run is
         started or left active and the run's status is not touched."""
         store = self._synced()
-        path = list(sys.path)  # loading the model to check its input example prepends code/
-        try:
-            with store.errors(), tracking_uri_set(self.uri), quiet():
-                # Created here, in the run's experiment: left to itself, Model.log puts a model
-                # logged without an active run into the default experiment ('0').
-                params = store.client.get_run(self.run_id).data.params
-                logged = store.client.create_logged_model(
-                    self.experiment_id, name=name, source_run_id=self.run_id, params=params
-                )
-                info = Model.log(
-                    artifact_path=None, name=name, model_id=logged.model_id, run_id=self.run_id,
-                    step=step, registered_model_name=register_as or None, **model,
-                )  # fmt: skip
-        finally:
-            sys.path[:] = path
+        # Loading the model to check its input example prepends code/ to sys.path.
+        kept_path = mock.patch.object(sys, "path", list(sys.path))
+        with store.errors(), tracking_uri_set(self.uri), quiet(), kept_path:
+            # Created here, in the run's experiment: left to itself, Model.log puts a model
+            # logged without an active run into the default experiment ('0').
+            params = store.client.get_run(self.run_id).data.params
+            logged = store.client.create_logged_model(
+                self.experiment_id, name=name, source_run_id=self.run_id, params=params
+            )
+            info = Model.log(
+                artifact_path=None, name=name, model_id=logged.model_id, run_id=self.run_id,
+                step=step, registered_model_name=register_as or None, **model,
+            )  # fmt: skip
         return getattr(info, "registered_model_version", None)
 
     def end(self, status: str = "FINISHED") -> None:
@@ -526,12 +505,11 @@ class Tracker(NullTracker):
         finished = status == "FINISHED"
         try:
             if not finished:
-                with suppress(Exception):
+                with suppress(TrackingError):
                     self._drain(5.0)
                 self.sent = []
-            store = self._synced()
-            with store.errors(interruptible=finished):
-                store.client.set_terminated(self.run_id, status=status)
+            with self._synced().errors(interruptible=finished):
+                self.store.client.set_terminated(self.run_id, status=status)
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show
