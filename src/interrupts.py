@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# signal -> the handler Python starts with
+SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 class Preempted(KeyboardInterrupt):
@@ -54,73 +55,49 @@ def _on_signal(signum: int, frame: Any) -> None:
         raise _interrupt(signum)
 
 
-def _python_default(signum: int) -> Any:
-    return signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-
-
-def hold() -> bool:
-    """Put the handlers in, where the program has not set its own (main thread only)."""
+@contextmanager
+def held() -> Iterator[bool]:
+    """The handlers in for the block, where the program has not set its own; whether they
+    are (signal handlers belong to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
     if not _State.holders:
-        if threading.current_thread() is not threading.main_thread():
-            return False
-        for signum in SIGNALS:
+        for signum, python_default in SIGNALS.items():
             # Ctrl-C ignored (a background job of a non-interactive shell) stays ignored.
-            if signal.getsignal(signum) is _python_default(signum):
+            if signal.getsignal(signum) is python_default:
                 _State.installed[signum] = signal.signal(signum, _on_signal)
         _State.pending = None
     _State.holders += 1
-    return True
-
-
-def release() -> None:
-    _State.holders -= 1
-    if _State.holders:
-        return
-    for signum, before in _State.installed.items():
-        if signal.getsignal(signum) is _on_signal:
-            signal.signal(signum, before)
-    _State.installed = {}
-
-
-@contextmanager
-def held() -> Iterator[None]:
-    holds = hold()
     try:
-        yield
+        yield True
     finally:
-        if holds:
-            release()
+        _State.holders -= 1
+        if not _State.holders:
+            for signum, before in _State.installed.items():
+                if signal.getsignal(signum) is _on_signal:
+                    signal.signal(signum, before)
+            _State.installed = {}
 
 
-def received() -> KeyboardInterrupt | None:
-    """The interrupt for a signal received while held (also one Python lost), else None."""
-    if _State.holders and _State.pending is not None:
-        return _interrupt(_State.pending)
-    return None
-
-
-def stop_of(e: BaseException) -> KeyboardInterrupt | None:
+def stop_of(e: BaseException | None = None) -> KeyboardInterrupt | None:
     """The interrupt that ended a run with `e`, or None: `e` itself for Ctrl-C or SIGTERM, or
-    a signal received meanwhile (under torchrun the rank whose peer stopped first fails in its
-    collective call instead)."""
-    return e if isinstance(e, KeyboardInterrupt) else received()
-
-
-def raise_pending() -> None:
-    stop = received()
-    if stop is not None:
-        raise stop
+    a signal received while held (also one Python lost; under torchrun the rank whose peer
+    stopped first fails in its collective call instead)."""
+    if isinstance(e, KeyboardInterrupt):
+        return e
+    return _interrupt(_State.pending) if _State.holders and _State.pending is not None else None
 
 
 @contextmanager
 def mlflow_call(interruptible: bool = True) -> Iterator[None]:
     """A signal waits for the call; `interruptible`: raise one received before or during it."""
-    if interruptible:
-        raise_pending()
+    if interruptible and (stop := stop_of()) is not None:
+        raise stop
     _State.in_mlflow_call += 1
     try:
         yield
     finally:
         _State.in_mlflow_call -= 1
-    if interruptible:
-        raise_pending()
+    if interruptible and (stop := stop_of()) is not None:
+        raise stop

@@ -24,14 +24,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.utils import get_results_from_paginated_fn
 
 import src.interrupts as interrupts
 from src.errors import TrackingError, one_line
@@ -104,35 +106,25 @@ def slug(name: str) -> str:
 
 
 def git_state() -> dict[str, str]:
-    """Commit, dirty flag and diff of the repository (empty values outside a git checkout)."""
+    """Commit, dirty flag and diff of the repository ('unknown' outside a git checkout)."""
 
-    def git(*args: str) -> str:
+    def git(*args: str, check: bool = True) -> str:
         return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=check
         ).stdout
 
     try:
         commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD")
         # Untracked files count: a new dataset or model module not yet added changes the run.
-        status = git("status", "--porcelain", "--untracked-files=all")
-        diff = git("diff", "HEAD") if status.strip() else ""
+        # git shows each as added; one over 1 MB as binary ("Binary files ... differ").
         for path in git("ls-files", "--others", "--exclude-standard", "-z").split("\0"):
-            if path and (REPO_ROOT / path).is_file():
-                diff += _new_file_diff(path)
+            if path:  # `diff --no-index` exits with 1 when the files differ
+                limit = ["-c", "core.bigFileThreshold=1m"]
+                diff += git(*limit, "diff", "--no-index", "--", "/dev/null", path, check=False)
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": "unknown", "diff": ""}
-    return {"commit": commit, "dirty": str(bool(status.strip())).lower(), "diff": diff}
-
-
-def _new_file_diff(path: str, max_bytes: int = 1_000_000) -> str:
-    """An untracked file as a git-style patch that adds it (a note when binary or large)."""
-    data = (REPO_ROOT / path).read_bytes()
-    header = f"diff --git a/{path} b/{path}\nnew file (untracked)\n"
-    if len(data) > max_bytes or b"\0" in data:
-        return header + f"# {len(data)} bytes, not shown\n"
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    body = "".join(f"+{line}\n" for line in lines)
-    return header + f"--- /dev/null\n+++ b/{path}\n@@ -0,0 +1,{len(lines)} @@\n" + body
+    return {"commit": commit, "dirty": str(bool(diff)).lower(), "diff": diff}
 
 
 def pip_freeze() -> str:
@@ -143,31 +135,56 @@ def pip_freeze() -> str:
 # ------------------------------------------------------------------ the store
 
 
-def _client(uri: str) -> MlflowClient:
-    """An MlflowClient of `uri`: short HTTP retries; a SQLite store's folder and tables made
-    once, one process at a time; a store that cannot be opened is one line naming it."""
-    if _remote(uri):
-        # MLflow retries a request 7 times with a doubling back-off (minutes in all) before
-        # it fails: a few seconds, then the run's own handling (`Tracker`) takes over.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    sqlite_dir = _sqlite_dir(uri)
-    if sqlite_dir is None or uri in _READY_STORES:
-        return MlflowClient(tracking_uri=uri)
-    # MLflow creates a new SQLite store's tables on first use; runs that start together (a
-    # job array) would each create them and all but one crash ("table ... already exists").
-    try:
-        sqlite_dir.mkdir(parents=True, exist_ok=True)
-        with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
-            with suppress(OSError):  # a file system without locks (some NFS): go on unguarded
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            client = _store_call(uri, MlflowClient, tracking_uri=uri)
-            _store_call(uri, client.search_experiments, max_results=1)
-    except OSError as e:
-        raise _store_error(uri, e) from None
-    _READY_STORES.add(uri)
-    return client
+class Store:
+    """The MLflow store `uri` as an `MlflowClient`: the same methods and arguments, each call
+    waited for by a signal (src/interrupts.py) and failing with one line naming the store.
+
+    HTTP retries are short; a SQLite store's folder and tables are made once, one process at
+    a time."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        if _remote(uri):
+            # MLflow retries a request 7 times with a doubling back-off (minutes in all) before
+            # it fails: a few seconds, then the run's own handling (`Tracker`) takes over.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        sqlite_dir = _sqlite_dir(uri)
+        if sqlite_dir is None or uri in _READY_STORES:
+            self.client = MlflowClient(tracking_uri=uri)
+            return
+        # MLflow creates a new SQLite store's tables on first use; runs that start together (a
+        # job array) would each create them and all but one crash ("table ... already exists").
+        with self.errors():
+            sqlite_dir.mkdir(parents=True, exist_ok=True)
+            with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
+                with suppress(OSError):  # a file system without locks (some NFS): go unguarded
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                self.client = MlflowClient(tracking_uri=uri)
+                self.client.search_experiments(max_results=1)
+        _READY_STORES.add(uri)
+
+    @contextmanager
+    def errors(self, interruptible: bool = True) -> Iterator[None]:
+        """MLflow calls a signal waits for (`interruptible`: raised before or after them);
+        their error is one line naming the store."""
+        with interrupts.mlflow_call(interruptible):
+            try:
+                yield
+            except Exception as e:
+                raise _store_error(self.uri, e) from None
+
+    def __getattr__(self, name: str) -> Callable:
+        if name.startswith("_") or name == "client":  # not an MLflow call (copy, pickle)
+            raise AttributeError(name)
+        method = getattr(self.client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self.errors():
+                return method(*args, **kwargs)
+
+        return call
 
 
 _READY_STORES: set[str] = set()
@@ -186,17 +203,6 @@ def _store_error(uri: str, e: BaseException) -> TrackingError:
     )
 
 
-def _store_call(uri: str, fn: Callable, *args: Any, interruptible: bool = True, **kw: Any) -> Any:
-    """One MLflow call; a signal waits for it (src/interrupts.py); its error is one line."""
-    with interrupts.mlflow_call(interruptible):
-        try:
-            return fn(*args, **kw)
-        except TrackingError:
-            raise
-        except Exception as e:
-            raise _store_error(uri, e) from None
-
-
 def existing_store(uri: str | None = None) -> str:
     """`uri` (default: as for training) for the commands that read runs: a SQLite store that
     is not there is refused (MLflow would create an empty one), a server must answer."""
@@ -210,17 +216,16 @@ def existing_store(uri: str | None = None) -> str:
     return uri
 
 
-# ------------------------------------------------------------------ reading and tagging runs
+# ------------------------------------------------------------------ reading runs
 
 
 def get_run(uri: str, run_id: str, what_to_do: str = "") -> Any:
     """The MLflow run `run_id` (`.info`, `.data.params/.tags/.metrics`), or one line naming
     the store and `what_to_do`."""
+    store = Store(uri)
     try:
         with interrupts.mlflow_call():
-            return _client(uri).get_run(run_id)
-    except TrackingError:
-        raise
+            return store.client.get_run(run_id)
     except Exception:  # MLflow's error for an unknown or malformed id
         what_to_do = what_to_do or (
             "copy the run id from the MLflow UI or from `python -m src.tools.compare_runs`, "
@@ -236,15 +241,15 @@ def find_runs(
 ) -> list[Any]:
     """The active runs of the experiment named `experiment` that match MLflow's search
     `filter_string`, oldest first (newest first), at most `limit`."""
-    client = _client(uri)
-    found = _store_call(uri, client.get_experiment_by_name, experiment)
+    store = Store(uri)
+    found = store.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage == "deleted":
-        names = sorted(e.name for e in _store_call(uri, client.search_experiments))
+        names = sorted(e.name for e in store.search_experiments())
         raise TrackingError(
             f"There is no MLflow experiment named {experiment!r} in {uri}; the experiments "
             f"there are: {', '.join(names) or 'none'}."
         )
-    return _search(uri, found.experiment_id, filter_string, newest_first, limit)
+    return _search(store, found.experiment_id, filter_string, newest_first, limit)
 
 
 def child_runs(
@@ -254,75 +259,39 @@ def child_runs(
     parent = get_run(uri, parent_run_id)
     where = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     where += f" and {filter_string}" if filter_string else ""
-    return _search(uri, parent.info.experiment_id, where, newest_first, limit)
+    return _search(Store(uri), parent.info.experiment_id, where, newest_first, limit)
 
 
-def _search(uri, experiment_id, filter_string, newest_first, limit) -> list[Any]:
-    client, runs, token = _client(uri), [], None
+def _search(store: Store, experiment_id, filter_string, newest_first, limit) -> list[Any]:
     order = [f"attributes.start_time {'DESC' if newest_first else 'ASC'}"]
-    while limit is None or len(runs) < limit:
-        try:
-            with interrupts.mlflow_call():
-                page = client.search_runs(
-                    [experiment_id], filter_string, order_by=order,
-                    max_results=min(1000, limit or 1000), page_token=token,
-                )  # fmt: skip
-        except Exception as e:
-            if getattr(e, "error_code", "") != "INVALID_PARAMETER_VALUE":
-                raise _store_error(uri, e) from None
-            first = str(e.message).strip().splitlines()[0]
-            raise TrackingError(
-                f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
-                "\"params.optimizer.lr = '0.01'\"."
-            ) from None
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
-    return runs
 
+    def page(max_results: int, token: str | None) -> Any:
+        return store.client.search_runs(
+            [experiment_id], filter_string, order_by=order, max_results=max_results,
+            page_token=token,
+        )  # fmt: skip
 
-def metric_history(uri: str, run_id: str, key: str) -> list[Any]:
-    """Every value logged for `key` (`.step`, `.value`, `.timestamp`)."""
-    return _store_call(uri, _client(uri).get_metric_history, run_id, key)
+    try:
+        with interrupts.mlflow_call():
+            return get_results_from_paginated_fn(page, 1000, limit)
+    except Exception as e:
+        if getattr(e, "error_code", "") != "INVALID_PARAMETER_VALUE":
+            raise _store_error(store.uri, e) from None
+        first = str(e.message).strip().splitlines()[0]
+        raise TrackingError(
+            f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
+            "\"params.optimizer.lr = '0.01'\"."
+        ) from None
 
 
 def download_text(uri: str, run_id: str, path: str) -> str | None:
     """The text of the run's artifact `path`, or None when the run has none there."""
-    client = _client(uri)
+    store = Store(uri)
     folder, _, name = path.rpartition("/")
-    listed = _store_call(uri, client.list_artifacts, run_id, folder or None)
-    if name not in {Path(a.path).name for a in listed}:
+    if name not in {Path(a.path).name for a in store.list_artifacts(run_id, folder or None)}:
         return None
     with quiet(), tempfile.TemporaryDirectory() as tmp:
-        return Path(_store_call(uri, client.download_artifacts, run_id, path, tmp)).read_text()
-
-
-def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
-    items = [RunTag(k, str(v)) for k, v in tags.items()]
-    _store_call(uri, _client(uri).log_batch, run_id, tags=items)
-
-
-def set_terminated(uri: str, run_id: str, status: str) -> None:
-    _store_call(uri, _client(uri).set_terminated, run_id, status=status)
-
-
-@contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """The environment variable `name` set to `value` (None: unset) for the block."""
-    before = os.environ.get(name)
-    _set_env(name, value)
-    try:
-        yield
-    finally:
-        _set_env(name, before)
-
-
-def _set_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+        return Path(store.download_artifacts(run_id, path, tmp)).read_text()
 
 
 @contextmanager
@@ -334,7 +303,7 @@ def quiet() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        with mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
             yield
     finally:
         for lg, level in zip(loggers, levels):
@@ -346,15 +315,8 @@ def tracking_uri_set(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to `uri` for the block (`Model.log` and loading a
     `runs:/` or `models:/` URI read only that), then put back as it was, MLFLOW_TRACKING_URI
     included (MLflow's own `_use_tracking_uri` deletes that variable when no URI was set)."""
-    from mlflow.tracking._tracking_service import utils
-
-    before = utils._tracking_uri
-    with _env("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")):
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            utils.set_tracking_uri(before)
+    with mock.patch.dict(os.environ), _use_tracking_uri(uri):
+        yield
 
 
 # ------------------------------------------------------------------ one run
@@ -368,17 +330,11 @@ class NullTracker:
     uri = ""
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
-
     def log_params(self, params: dict[str, Any]) -> None: ...
-
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
-
     def log_text(self, text: str, name: str) -> None: ...
-
     def set_tags(self, tags: dict[str, Any]) -> None: ...
-
     def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any: ...
-
     def end(self, status: str = "FINISHED") -> None: ...
 
     def logged_steps(self, key: str) -> list[int]:
@@ -397,10 +353,11 @@ class Tracker(NullTracker):
     `END_WAIT_S` for it. What is not sent is in last.pt: a resumed run logs it.
     """
 
-    def __init__(self, client: MlflowClient, uri: str, experiment_id: str, run_id: str) -> None:
-        self.client, self.uri = client, uri
+    def __init__(self, store: Store, experiment_id: str, run_id: str) -> None:
+        self.store, self.uri = store, store.uri
         self.experiment_id, self.run_id = experiment_id, run_id
-        self.holds_signals = interrupts.hold()
+        self.signals = ExitStack()
+        self.holds_signals = self.signals.enter_context(interrupts.held())
         self.server_wait_s, self.server_unreachable = 60.0, "continue"
         self.sent: list[tuple[float, list[Metric], Any]] = []  # (sent at, batch, RunOperations)
         self.failing_since: float | None = None  # time.monotonic() of the first refused send
@@ -421,12 +378,10 @@ class Tracker(NullTracker):
         ]
         if batch:
             self._send(batch)
-        self._settle()
-        if _remote(self.uri):
-            self._check_server()
+        self._check_server()
 
     def _send(self, batch: list[Metric]) -> None:
-        operations = self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        operations = self.store.client.log_batch(self.run_id, metrics=batch, synchronous=False)
         self.sent.append((time.monotonic(), batch, operations))
 
     def _settle(self) -> None:
@@ -457,6 +412,7 @@ class Tracker(NullTracker):
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
     def _check_server(self) -> None:
+        """Say once that the server has not answered for server_wait_s, or stop the run."""
         waited = self.unreachable_s()
         if waited < self.server_wait_s:
             return
@@ -490,58 +446,54 @@ class Tracker(NullTracker):
                 concurrent.futures.wait(waiting, timeout=left)
         return not self.sent
 
-    def _call(self, fn: Callable, *args: Any, interruptible: bool = True, **kwargs: Any) -> Any:
-        """One MLflow call, after the epochs' metrics not yet taken; a store or a server that
-        fails is one line, not a traceback."""
+    def _synced(self) -> Store:
+        """The store, once it has taken the epochs' metrics not yet taken (a server that does
+        not answer for END_WAIT_S: one line)."""
         if not self._drain(END_WAIT_S):
             raise TrackingError(
                 f"The MLflow server {self.uri} has not answered for {self.unreachable_s():.0f} s "
                 f"({self.last_error}); {len(self.sent)} epochs' metrics were not sent. last.pt "
                 "holds them: resume with --resume once the server is back."
             )
-        return _store_call(self.uri, fn, *args, interruptible=interruptible, **kwargs)
+        return self.store
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
-        self._call(self.client.log_batch, self.run_id, params=items)
+        self._synced().log_batch(self.run_id, params=items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call(self.client.log_batch, self.run_id, tags=items)
+        self._synced().log_batch(self.run_id, tags=items)
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self._call(self.client.log_artifact, self.run_id, str(path), artifact_path=subdir)
+        self._synced().log_artifact(self.run_id, str(path), artifact_path=subdir)
 
     def log_text(self, text: str, name: str) -> None:
-        self._call(self.client.log_text, self.run_id, text, name)
+        self._synced().log_text(self.run_id, text, name)
 
     def logged_steps(self, key: str) -> list[int]:
-        return sorted(m.step for m in self._call(self.client.get_metric_history, self.run_id, key))
+        return sorted(m.step for m in self._synced().get_metric_history(self.run_id, key))
 
     def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any:
         """Log the model `name` of the run with MLflow's `Model.log(**model)` (its flavor,
         python_model, artifacts, code_paths, signature, ...), its metrics at `step`, registered
         as `register_as` when given; its registered version, else None. No fluent run is
         started or left active and the run's status is not touched."""
-
-        def log() -> Any:
+        store = self._synced()
+        # Loading the model to check its input example prepends code/ to sys.path.
+        kept_path = mock.patch.object(sys, "path", list(sys.path))
+        with store.errors(), tracking_uri_set(self.uri), quiet(), kept_path:
             # Created here, in the run's experiment: left to itself, Model.log puts a model
             # logged without an active run into the default experiment ('0').
-            params = self.client.get_run(self.run_id).data.params
-            logged = self.client.create_logged_model(
+            params = store.client.get_run(self.run_id).data.params
+            logged = store.client.create_logged_model(
                 self.experiment_id, name=name, source_run_id=self.run_id, params=params
             )
-            return Model.log(
+            info = Model.log(
                 artifact_path=None, name=name, model_id=logged.model_id, run_id=self.run_id,
                 step=step, registered_model_name=register_as or None, **model,
             )  # fmt: skip
-
-        path = list(sys.path)  # loading the model to check its input example prepends code/
-        try:
-            with tracking_uri_set(self.uri), quiet():
-                return getattr(self._call(log), "registered_model_version", None)
-        finally:
-            sys.path[:] = path
+        return getattr(info, "registered_model_version", None)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run `status` and let the signals go.
@@ -553,20 +505,18 @@ class Tracker(NullTracker):
         finished = status == "FINISHED"
         try:
             if not finished:
-                with suppress(Exception):
+                with suppress(TrackingError):
                     self._drain(5.0)
                 self.sent = []
-            self._call(
-                self.client.set_terminated, self.run_id, status=status, interruptible=finished
-            )
+            with self._synced().errors(interruptible=finished):
+                self.store.client.set_terminated(self.run_id, status=status)
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show
         finally:
             self.sent = []
-            if self.holds_signals:
-                self.holds_signals = False
-                interrupts.release()
+            self.holds_signals = False
+            self.signals.close()
 
 
 @contextmanager
@@ -580,9 +530,9 @@ def ended_on_error(tracker: NullTracker) -> Iterator[None]:
         raise
 
 
-def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+def _experiment_id(store: Store, name: str) -> str:
     """The id of the experiment `name`, created if new (artifacts beside a SQLite store)."""
-    exp = _store_call(uri, client.get_experiment_by_name, name)
+    exp = store.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(
@@ -590,11 +540,11 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
                 "--experiment-name."
             )
         return exp.experiment_id
-    sqlite_dir = _sqlite_dir(uri)
+    sqlite_dir = _sqlite_dir(store.uri)
     location = (sqlite_dir / "mlruns" / slug(name)).as_uri() if sqlite_dir else None
     # The UI opens on its GenAI views unless the experiment says it is for model training.
     kind = {"mlflow.experimentKind": "custom_model_development"}
-    return _store_call(uri, client.create_experiment, name, artifact_location=location, tags=kind)
+    return store.create_experiment(name, artifact_location=location, tags=kind)
 
 
 def start(
@@ -610,15 +560,13 @@ def start(
     a run given texts also gets the git diff of a dirty checkout, environment/git_diff.patch).
     A run whose records fail ends FAILED."""
     check_server(uri)
-    client = _client(uri)
-    experiment_id = _experiment_id(client, uri, experiment_name)
+    store = Store(uri)
+    experiment_id = _experiment_id(store, experiment_name)
     git = git_state()
     tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
     tags_str = {k: str(v) for k, v in tags.items()}
-    run = _store_call(
-        uri, client.create_run, experiment_id, run_name=run_name or None, tags=tags_str
-    )
-    tracker = Tracker(client, uri, experiment_id, run.info.run_id)
+    run = store.create_run(experiment_id, run_name=run_name or None, tags=tags_str)
+    tracker = Tracker(store, experiment_id, run.info.run_id)
     if texts and git["diff"]:
         texts = {**texts, "environment/git_diff.patch": git["diff"]}
     with ended_on_error(tracker):
@@ -633,9 +581,9 @@ def reopen(uri: str, run_id: str) -> Tracker:
     """The run `run_id` (which did not finish, or is resumed) marked RUNNING again."""
     check_server(uri)
     run = get_run(uri, run_id)
-    client = _client(uri)
-    _store_call(uri, client.update_run, run_id, status="RUNNING")
-    return Tracker(client, uri, run.info.experiment_id, run_id)
+    store = Store(uri)
+    store.update_run(run_id, status="RUNNING")
+    return Tracker(store, run.info.experiment_id, run_id)
 
 
 def find_group(uri: str, experiment_name: str, key: str) -> tuple[str | None, dict[str, Any]]:

@@ -144,13 +144,11 @@ def test_cuda_versions_are_none_without_a_gpu(monkeypatch):
 def test_a_server_gone_for_server_wait_s_stops_the_run_when_so_configured(monkeypatch):
     """`server_unreachable = "stop"`: once the server has not answered for `server_wait_s`,
     the next epoch ends the run with one line instead of training on."""
-    from mlflow.tracking import MlflowClient as Client
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
-    tracker = tracking.Tracker(Client(uri), uri, "0", "run-id").configure(0.2, "stop")
+    tracker = tracking.Tracker(tracking.Store(uri), "0", "run-id").configure(0.2, "stop")
     tracker.log_epoch({"val_loss": 1.0}, 1)  # queued: training does not wait
     deadline = time.monotonic() + 30
     while tracker.unreachable_s() <= 0.2 and time.monotonic() < deadline:

@@ -169,7 +169,7 @@ def run_trial(child: ExperimentConfig, trial: Any, plan: SweepPlan, report: Epoc
             print(f"Trial {trial.number}: resuming run {before.info.run_id} from {folder}.")
             return run(child, resume=folder, parent_run_id=plan.parent_run_id, **hook)
         if before.info.status == "RUNNING":  # its process died before its first epoch ended
-            tracking.set_terminated(_uri(child), before.info.run_id, "KILLED")
+            tracking.Store(_uri(child)).set_terminated(before.info.run_id, "KILLED")
     return run(child, parent_run_id=plan.parent_run_id, extra_tags=tags, **hook)
 
 
@@ -193,7 +193,9 @@ def _frozen(trial: Any) -> Any:
 
 
 def set_run_tags(config: ExperimentConfig, run_id: str, tags: dict[str, Any]) -> None:
-    tracking.set_tags(_uri(config), run_id, tags)
+    store = tracking.Store(_uri(config))
+    for key, value in tags.items():
+        store.set_tag(run_id, key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

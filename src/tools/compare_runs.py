@@ -50,7 +50,7 @@ NOT_COMPARED_PARAMS = ("run.run_name",)
 
 def metric_history(uri: str, run_id: str, key: str) -> dict[int, float]:
     """step -> value of one metric; a step logged twice (a resumed run) keeps its last value."""
-    history = sorted(tracking.metric_history(uri, run_id, key), key=lambda m: m.timestamp)
+    history = sorted(tracking.Store(uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)
     return {m.step: m.value for m in history}
 
 
@@ -78,7 +78,7 @@ class MetricDiff:
 
 
 def _last_logged(uri: str, run_id: str, key: str) -> tuple[int, float] | None:
-    history = tracking.metric_history(uri, run_id, key)
+    history = tracking.Store(uri).get_metric_history(run_id, key)
     if not history:
         return None
     last = max(history, key=lambda m: (m.timestamp, m.step))  # one write: the later epoch

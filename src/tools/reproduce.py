@@ -415,7 +415,7 @@ def reproduce(
     result = run(config, extra_tags={"reproduces": run_id})
     new_tags = tracking.get_run(uri, result.run_id).data.tags
     if "reproduces" not in new_tags:  # tasks that only predict may not pass extra tags on
-        tracking.set_tags(uri, result.run_id, {"reproduces": run_id})
+        tracking.Store(uri).set_tag(result.run_id, "reproduces", run_id)
     later = device_warnings(original.data.tags, new_tags)
     for w in later:
         _warn(w)
