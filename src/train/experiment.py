@@ -205,10 +205,9 @@ def data_fingerprint(dataset: Any) -> dict[str, Any]:
 
     Two runs whose datasets differ in any id, order or label get different fingerprints.
     """
-    h = hashlib.sha256()
     ids = list(dataset.image_ids)
-    labels = np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.float32))
-    h.update("\n".join(ids).encode())
+    labels = np.asarray(dataset.labels, dtype=np.float32)  # tobytes() is C order
+    h = hashlib.sha256("\n".join(ids).encode())
     h.update(str(labels.shape).encode())
     h.update(labels.tobytes())
     return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
@@ -258,9 +257,8 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
     `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
     last write is complete, so `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
-    stop = False
     with state.saves_in_background():
-        while state.epoch < epochs and not state.early.stopped and not stop:
+        while state.epoch < epochs and not state.early.stopped:
             epoch = state.epoch + 1
             t.train_loader.sampler.set_epoch(epoch)
             stats = loop.train_one_epoch(
@@ -274,7 +272,8 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
             if t.info.is_main:
                 _save_and_log(t, epoch, metrics, improved)
                 _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
-            stop = on_epoch is not None and bool(on_epoch(epoch, metrics))
+            if on_epoch is not None and on_epoch(epoch, metrics):
+                break
 
 
 def _save_and_log(t: Trainer, epoch: int, metrics: dict[str, float], improved: bool) -> None:
@@ -339,6 +338,7 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
             "of a trained run, e.g. --set run.checkpoint='results/...'."
         )
     split = "val" if config.run.task == "predict_on_valid" else "test"
+    problem = config.data.problem
     device = build.pick_device(config.run.device)
     build.seed_everything(config.run.seed)
     path = ckpt_io.resolve_checkpoint(config.run.checkpoint, "best.pt")
@@ -350,15 +350,13 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
     check_weights_load(model, weights, path)
     model.load_state_dict(weights["model"])
     prep = loop.BatchPrep(ds, device, channels_last=False)
-    batches = loop.BatchSettings(
-        prep, loop.make_loss(config.data.problem), problem=config.data.problem
-    )
+    batches = loop.BatchSettings(prep, loop.make_loss(problem), problem=problem)
     tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
     folder, epoch = results_dir(config, tracker.run_id), weights_epoch(weights)
     with _ended(tracker):
         loader = build.build_loader(ds, config, ddp.DistInfo(), device, train=False)
         pred = loop.predict(model, loader, batches)
-        metrics = loop.epoch_metrics(pred, list(ds.label_meanings), config.data.problem, split)
+        metrics = loop.epoch_metrics(pred, list(ds.label_meanings), problem, split)
         tracker.log_epoch(metrics, epoch)
         for file, artifact_folder in write_split_outputs(folder, split, ds, pred, metrics):
             tracker.log_artifact(file, artifact_folder)
