@@ -26,6 +26,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
@@ -43,25 +44,15 @@ EXAMPLE_SIDE = 32  # the input example: a grey 32 x 32 image (the model resizes 
 PIP_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow", "mlflow", "grad-cam")
 
 
-@dataclass(frozen=True)
-class TransformInput:
-    """A torchvision-style dataset's `transform` (e.g. ImageFolder's Compose) as an input
-    transform: it gets the decoded RGB image, as the dataset's loader gives it."""
-
-    transform: Callable[[Any], torch.Tensor]
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return self.transform(image.convert("RGB"))
-
-
 def input_transform_of(dataset: Any) -> Callable[[Any], torch.Tensor] | None:
     """What turns a decoded RGB image (PIL) into the dataset's sample `data`: its
-    `input_transform`, else its torchvision `transform`, else None (no MLflow model then)."""
-    transform = getattr(dataset, "input_transform", None)
-    if callable(transform):
-        return transform
-    transform = getattr(dataset, "transform", None)
-    return TransformInput(transform) if callable(transform) else None
+    `input_transform`, else its torchvision `transform` (e.g. ImageFolder's Compose, which
+    gets the RGB image its loader decodes), else None (no MLflow model then)."""
+    for name in ("input_transform", "transform"):
+        transform = getattr(dataset, name, None)
+        if callable(transform):
+            return transform
+    return None
 
 
 @dataclass(frozen=True)
@@ -115,8 +106,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # MLflow reads the hint of `model_input`: np.ndarray asks for no checks of its own.
     def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> Any:
         """DataFrame [N, K] of probabilities of images uint8 [N, H, W, 3]."""
-        import pandas as pd
-
         return pd.DataFrame(self.probabilities(model_input), columns=self.spec.label_meanings)
 
     def model_inputs(self, images: Any) -> torch.Tensor:
@@ -131,8 +120,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     @torch.no_grad()
     def probabilities(self, images: Any) -> np.ndarray:
         """float32 [N, K] probabilities of images uint8 [N, H, W, 3] (or a list of them)."""
-        if self.net is None:
-            raise RuntimeError("ImageClassifier has no weights; call load_weights first.")
         batch = check_images(images)
         out = [np.zeros((0, len(self.spec.label_meanings)), np.float32)]
         for start in range(0, len(batch), CHUNK):
@@ -171,27 +158,12 @@ def code_folders(model_path: str, dataset_path: str, into: Path) -> list[str]:
     of the model and dataset classes when they are this repository's), under `into`."""
     tops = ["src", "load_dataset", "models"]
     tops += [p.partition(":")[0].split(".")[0] for p in (model_path, dataset_path)]
-    out = []
-    for top in dict.fromkeys(tops):
-        source = REPO_ROOT / top
-        if source.is_dir():
-            shutil.copytree(source, into / top, ignore=_not_python)
-            out.append(str(into / top))
-        elif (REPO_ROOT / f"{top}.py").is_file():
-            shutil.copy(REPO_ROOT / f"{top}.py", into / f"{top}.py")
-            out.append(str(into / f"{top}.py"))
-    return out
-
-
-def _not_python(folder: str, names: list[str]) -> list[str]:
-    """copytree's `ignore`: everything but .py files and the folders that hold some."""
-
-    def keep(path: Path) -> bool:
-        if path.is_dir():
-            return path.name != "__pycache__" and any(path.rglob("*.py"))
-        return path.suffix == ".py"
-
-    return [n for n in names if not keep(Path(folder) / n)]
+    for top in dict.fromkeys(tops):  # a package's .py files, or the module top.py
+        for file in [*REPO_ROOT.glob(f"{top}.py"), *(REPO_ROOT / top).rglob("*.py")]:
+            copy = into / file.relative_to(REPO_ROOT)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, copy)
+    return sorted(str(path) for path in into.iterdir())
 
 
 def signature(label_meanings: Sequence[str]) -> ModelSignature:
@@ -207,13 +179,7 @@ def input_example() -> np.ndarray:
 
 
 def pip_requirements() -> list[str]:
-    out = []
-    for name in PIP_PACKAGES:
-        try:
-            out.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            out.append(name)
-    return out
+    return [f"{name}=={importlib.metadata.version(name)}" for name in PIP_PACKAGES]
 
 
 def pyfunc_model(

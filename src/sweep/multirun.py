@@ -11,11 +11,10 @@ import json
 import math
 import os
 import shlex
-import statistics
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 import src.interrupts as interrupts
 import src.tracking as tracking
@@ -41,26 +40,27 @@ def run_children(
     """
     # Under torchrun every rank runs every child together; only rank 0 tracks and reports.
     main = is_main_process()
-    key = group_key(config, children)
+    # What makes two commands the same group: the config and the children's overrides.
+    text = json.dumps([config.flat(), children], sort_keys=True, default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     uri = tracking.tracking_uri(config.run.tracking_uri)
     parent_id, before = tracking.find_group(uri, config.run.experiment_name, key)
     tags = {**(parent_tags or {}), "group.key": key}
-    parent = start_parent(config, parent_name, tags, enabled=main, reopen=parent_id)
+    parent = start_parent(config, parent_name, tags, parent_id) if main else tracking.NullTracker()
     if parent_id is not None and main:
         done = sum(1 for r in before.values() if r.info.status == "FINISHED")
         print(f"Going on with {parent_name} ({parent_id}): {done} of {len(children)} finished.")
     results: list[RunResult] = []
     try:
-        for name, overrides in children:
-            child = config.replace(**{"run.run_name": name, **overrides})
-            results.append(_run_child(child, before.get(name), parent.run_id))
-        if main:
-            log_summary(parent, children, results)
-        parent.end("FINISHED")
+        with tracking.ended_on_error(parent):
+            for name, overrides in children:
+                child = config.replace(**{"run.run_name": name, **overrides})
+                results.append(_run_child(child, before.get(name), parent.run_id))
+            if main:
+                log_summary(parent, children, results)
+            parent.end("FINISHED")
     except BaseException as e:
-        stop = interrupts.stop_of(e)
-        parent.end("FAILED" if stop is None else "KILLED")
-        if stop is not None and main:
+        if interrupts.stop_of(e) is not None and main:
             print(
                 f"\n{parent_name} stopped; finished runs are kept. Run the same command again "
                 f"to go on (finished runs are skipped, the stopped one resumes): {same_command()}",
@@ -75,24 +75,15 @@ def start_parent(
     config: ExperimentConfig,
     run_name: str,
     tags: dict[str, Any],
-    enabled: bool = True,
     reopen: str | None = None,
-) -> tracking.NullTracker:
+) -> tracking.Tracker:
     """A run in the config's experiment without the config's params: the parent that groups
     child runs (a grid, a sweep or a set of seeds). `reopen`: the id of a parent that did not
     finish, marked RUNNING again."""
-    if not enabled:
-        return tracking.NullTracker()
     uri = tracking.tracking_uri(config.run.tracking_uri)
     if reopen is not None:
         return tracking.reopen(uri, reopen)
     return tracking.start(uri, config.run.experiment_name, run_name, tags)
-
-
-def group_key(config: ExperimentConfig, children: list[tuple[str, dict[str, Any]]]) -> str:
-    """What makes two commands the same group: the config and the children's overrides."""
-    text = json.dumps([config.flat(), children], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _run_child(child: ExperimentConfig, before: Any, parent_id: str) -> RunResult:
@@ -103,21 +94,17 @@ def _run_child(child: ExperimentConfig, before: Any, parent_id: str) -> RunResul
         print(f"{child.run.run_name}: finished before (run {before.info.run_id}), skipped.")
         return finished_result(before)
     folder = results_dir(child, before.info.run_id)
-    if (folder / "last.pt").is_file():
-        print(f"{child.run.run_name}: resuming run {before.info.run_id} from {folder}.")
-        return run(child, resume=folder, parent_run_id=parent_id)
-    return run(child, parent_run_id=parent_id)  # stopped before its first epoch ended
+    if not (folder / "last.pt").is_file():  # stopped before its first epoch ended
+        return run(child, parent_run_id=parent_id)
+    print(f"{child.run.run_name}: resuming run {before.info.run_id} from {folder}.")
+    return run(child, resume=folder, parent_run_id=parent_id)
 
 
 def finished_result(run: Any) -> RunResult:
     """The RunResult of a finished MLflow run, from its logged best-epoch metrics."""
-    metrics = run.data.metrics
+    best = {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}
     return RunResult(
-        run.info.run_id,
-        run.info.experiment_id,
-        None,
-        int(metrics.get("best_epoch", 0)),
-        {k: v for k, v in metrics.items() if k.startswith("best_")},
+        run.info.run_id, run.info.experiment_id, None, int(best.get("best_epoch", 0)), best
     )
 
 
@@ -129,33 +116,23 @@ def same_command() -> str:
     return f"{launcher} {shlex.join([*head, *sys.argv[1:]])}"
 
 
-def _best(result: RunResult, key: str) -> float:
-    return result.best_metrics.get(f"best_{key}", math.nan)
-
-
 def log_summary(parent, children, results: list[RunResult]) -> None:
     """The parent's summary: mean and std of the children's best-epoch metrics, and the
     table `summary/children.csv` (one row per child), also printed."""
-    import pandas as pd
-
     rows = []
     for (name, overrides), result in zip(children, results):
         row = {"run_name": name, "run_id": result.run_id, "best_epoch": result.best_epoch}
-        row.update({k: v for k, v in overrides.items()})
-        row.update({f"best_{k}": _best(result, k) for k in SUMMARY_KEYS})
-        rows.append(row)
+        best = {f"best_{k}": result.best_metrics.get(f"best_{k}", math.nan) for k in SUMMARY_KEYS}
+        rows.append({**row, **overrides, **best})
     table = pd.DataFrame(rows)
     summary: dict[str, float] = {}
     for key in SUMMARY_KEYS:
-        values = [_best(r, key) for r in results if not math.isnan(_best(r, key))]
-        if values:
-            summary[f"best_{key}.mean"] = statistics.fmean(values)
-            summary[f"best_{key}.std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        values = table[f"best_{key}"].dropna()
+        if len(values):
+            summary[f"best_{key}.mean"] = float(values.mean())
+            summary[f"best_{key}.std"] = float(values.std()) if len(values) > 1 else 0.0
     parent.log_epoch(summary, 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "children.csv"
-        table.to_csv(path, index=False)
-        parent.log_artifact(path, "summary")
+    parent.log_text(table.to_csv(index=False), "summary/children.csv")
     print("\n" + table.to_string(index=False))
     for key, value in summary.items():
         print(f"{key}: {value:.4f}")

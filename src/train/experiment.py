@@ -6,8 +6,7 @@ line `python -m src.run_experiment experiments/X.toml`.
 `run(config)` trains in three steps: `set_up` (src/train/build.py: seeds, device, the datasets
 checked against the dataset contract, loaders, model, and the training state, restored when
 resuming) returns the trainer; `fit` is the epoch loop (train, validate, log, checkpoint, stop
-early);
-`finish` evaluates the best weights again and logs their plots, predictions and per-class
+early); `finish` evaluates the best weights again and logs their plots, predictions and per-class
 table with the run. The training state (src/train/training_state.py) saves and restores itself.
 
 The other pieces: `src/train/loop.py` (one epoch: `train_one_epoch`, `predict`, `epoch_metrics`),
@@ -21,8 +20,8 @@ import importlib.metadata
 import platform
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,30 +32,13 @@ import torch
 import src.distributed as ddp
 import src.interrupts as interrupts
 import src.tracking as tracking
+import src.train.build as build
 import src.train.checkpoint as ckpt_io
+import src.train.loop as loop
 from src.config import RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
 from src.errors import ConfigError, NonFiniteLossError, TrackingError
-from src.train.build import (
-    Trainer,
-    build_dataset,
-    build_loader,
-    build_model,
-    check_outputs,
-    device_name,
-    pick_device,
-    seed_everything,
-    set_up,
-)
+from src.train.build import Trainer, set_up
 from src.train.checkpoint import run_lock
-from src.train.loop import (
-    BatchPrep,
-    BatchSettings,
-    epoch_metrics,
-    gather_predictions,
-    make_loss,
-    predict,
-    train_one_epoch,
-)
 from src.train.outputs import log_best_outputs, write_split_outputs
 from src.train.training_state import check_weights_fit, check_weights_load, weights_epoch
 
@@ -72,11 +54,6 @@ class RunResult:
     stopped_early: bool = False
 
 
-def _uses_cuda(config: ExperimentConfig) -> bool:
-    name = config.run.device
-    return name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
-
-
 def run(
     config: ExperimentConfig,
     resume: str | Path | None = None,
@@ -85,7 +62,9 @@ def run(
     on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> RunResult:
     """Run the experiment `config` (train_eval, predict_on_valid or predict_on_test)."""
-    info = ddp.init_distributed(_uses_cuda(config))
+    device = config.run.device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    info = ddp.init_distributed(cuda)
     # Every rank stops at a safe point on Ctrl-C or SIGTERM (rank 0's tracker holds them too).
     with interrupts.held():
         try:
@@ -99,70 +78,61 @@ def run(
 
 
 def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) -> RunResult:
-    """set_up -> start (or resume) the MLflow run -> fit -> finish; the run's status says how
-    it ended (FINISHED, KILLED by Ctrl-C or SIGTERM, FAILED)."""
+    """set_up -> start (or resume) the MLflow run -> fit -> finish."""
     t = set_up(config, info, resume)
+    # Rank 0 holds the run folder's lock from here to the end (rank 0 tracks; others get a
+    # NullTracker).
     with ExitStack() as lock:
-        _open_run(t, parent_run_id, extra_tags, lock)
-        try:
+        if t.resume_path is not None:
+            t.results_dir = t.resume_path.parent
+            if info.is_main:  # before the MLflow run is reopened
+                lock.enter_context(run_lock(t.results_dir))
+            t.tracker = resume_run(config, t.state.run_id, enabled=info.is_main)
+        else:
+            tags = {**(extra_tags or {}), **_data_tags(t)}
+            t.tracker = start_run(config, info.is_main, parent_run_id, tags)
+            t.state.run_id = t.tracker.run_id
+            t.results_dir = results_dir(config, t.tracker.run_id)
+            if info.is_main:
+                with tracking.ended_on_error(t.tracker):
+                    lock.enter_context(run_lock(t.results_dir))
+        # A group of runs says itself how to go on.
+        with _ended(t.tracker, t.results_dir, hint=info.is_main and parent_run_id is None):
             _catch_up(t)
             fit(t, on_epoch)
             return finish(t)
-        except NonFiniteLossError as e:
-            t.tracker.end("FAILED")
-            raise _non_finite(t, e) from None
-        except BaseException as e:
-            stop = interrupts.stop_of(e)
-            if stop is None:
-                t.tracker.end("FAILED")
-                raise
-            _end_stopped(t, stop, in_group=parent_run_id is not None)
-            if stop is e:
-                raise
-            raise stop from None
 
 
-def _non_finite(t: Trainer, e: NonFiniteLossError) -> NonFiniteLossError:
-    last = t.results_dir / "last.pt"
-    kept = (
-        f"the last good checkpoint is {last}"
-        if last.is_file()
-        else "no epoch completed, so there is no checkpoint"
-    )
-    return NonFiniteLossError(
-        f"Training stopped: {e}; {kept} (try a lower learning rate, or amp = 'off')."
-    )
-
-
-def _end_stopped(t: Trainer, stop: KeyboardInterrupt, in_group: bool) -> None:
-    """KILLED, and the command that resumes (a group of runs says how to go on itself)."""
-    t.tracker.end("KILLED")
-    if t.info.is_main and not in_group:
-        by = "Stopped by SIGTERM" if isinstance(stop, interrupts.Preempted) else "Interrupted"
-        print(
-            f"\n{by}; last.pt holds the last complete epoch. Resume with the same command and "
-            f"flags plus: --resume {t.results_dir}",
-            file=sys.stderr,
-            flush=True,
+@contextmanager
+def _ended(tracker: Any, results_dir: Path | None = None, hint: bool = False) -> Iterator[None]:
+    """The run's status when it does not finish: FAILED on an error, KILLED on Ctrl-C or
+    SIGTERM, raised as that interrupt (`hint`: with the command that resumes `results_dir`)."""
+    try:
+        with tracking.ended_on_error(tracker):
+            yield
+    except NonFiniteLossError as e:
+        last = results_dir / "last.pt"
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last.is_file()
+            else "no epoch completed, so there is no checkpoint"
         )
-
-
-def _open_run(t: Trainer, parent_run_id: str | None, extra_tags: dict | None, lock) -> None:
-    """Start the MLflow run (rank 0; others get a NullTracker), or reopen the resumed one;
-    rank 0 holds the run folder's lock (`lock`, an ExitStack) from here to the end."""
-    if t.resume_path is not None:
-        t.results_dir = t.resume_path.parent
-        if t.info.is_main:  # before the MLflow run is reopened
-            lock.enter_context(run_lock(t.results_dir))
-        t.tracker = resume_run(t.config, t.state.run_id, enabled=t.info.is_main)
-    else:
-        tags = {**(extra_tags or {}), "world_size": t.info.world_size}
-        t.tracker = start_run(t.config, t.info.is_main, parent_run_id, tags)
-        t.state.run_id = t.tracker.run_id
-        t.results_dir = results_dir(t.config, t.tracker.run_id)
-        if t.info.is_main:
-            with tracking.ended_on_error(t.tracker):
-                lock.enter_context(run_lock(t.results_dir))
+        raise NonFiniteLossError(
+            f"Training stopped: {e}; {kept} (try a lower learning rate, or amp = 'off')."
+        ) from None
+    except BaseException as e:
+        stop = interrupts.stop_of(e)
+        if stop is None:
+            raise
+        if hint:
+            by = "Stopped by SIGTERM" if isinstance(stop, interrupts.Preempted) else "Interrupted"
+            print(
+                f"\n{by}; last.pt holds the last complete epoch. Resume with the same command "
+                f"and flags plus: --resume {results_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise stop from None
 
 
 def start_run(
@@ -173,7 +143,8 @@ def start_run(
 ) -> tracking.NullTracker:
     """Create the MLflow run of `config` (rank 0; others get a NullTracker) with what makes it
     reproducible: params = the flattened config; tags = seed, package versions (and the git
-    commit); artifacts = the resolved config TOML and `pip freeze` (and the git diff)."""
+    commit), `extra_tags`; artifacts = the resolved config TOML and `pip freeze` (and the git
+    diff)."""
     if not enabled:
         return tracking.NullTracker()
     run = config.run
@@ -214,17 +185,62 @@ def resume_run(config: ExperimentConfig, run_id: str, enabled: bool = True) -> t
     return tracker
 
 
+def _data_tags(t: Trainer) -> dict[str, Any]:
+    """World size, device, and each split's size, data fingerprint and how it was made."""
+    tags: dict[str, Any] = {
+        "world_size": t.info.world_size,
+        "device": build.device_name(t.batches.device),
+    }
+    for split, ds in t.datasets.items():
+        tags[f"data.{split}.count"] = len(ds)
+        if hasattr(ds, "image_ids") and hasattr(ds, "labels"):
+            tags[f"data.{split}.fingerprint"] = data_fingerprint(ds)["fingerprint"]
+        made = {**getattr(ds, "split_info", {}), **getattr(ds, "source_counts", {})}
+        tags.update({f"data.{split}.{key}": value for key, value in made.items()})
+    return tags
+
+
+def data_fingerprint(dataset: Any) -> dict[str, Any]:
+    """A hash of the ordered image ids and their labels, and the count.
+
+    Two runs whose datasets differ in any id, order or label get different fingerprints.
+    """
+    ids = list(dataset.image_ids)
+    labels = np.asarray(dataset.labels, dtype=np.float32)  # tobytes() is C order
+    h = hashlib.sha256("\n".join(ids).encode())
+    h.update(str(labels.shape).encode())
+    h.update(labels.tobytes())
+    return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the main packages' versions, and the CUDA and cuDNN this run can use."""
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "mlflow", "numpy", "pillow", "scikit-learn"):
+        out[name] = importlib.metadata.version(name)  # all of requirements.txt
+    # What this torch was built for; "cuda"/"cudnn" only when a GPU is there to use them.
+    out["cuda_build"] = torch.version.cuda or "none"
+    gpu = torch.cuda.is_available()
+    out["cuda"] = out["cuda_build"] if gpu else "none"
+    cudnn = gpu and torch.backends.cudnn.is_available()
+    out["cudnn"] = str(torch.backends.cudnn.version()) if cudnn else "none"
+    return out
+
+
+def results_dir(config: ExperimentConfig, run_id: str) -> Path:
+    """Where a run's checkpoints and tables go: <results_dir>/<experiment>/<run id>."""
+    return Path(config.run.results_dir) / tracking.slug(config.run.experiment_name) / run_id
+
+
 def _catch_up(t: Trainer) -> None:
-    """Tag a new run with its data; log the epochs a resumed run's checkpoint holds but the
-    run missed (the process died in between)."""
+    """Log the epochs a resumed run's checkpoint holds but the run missed (the process died
+    in between)."""
     if not t.info.is_main:
         return
-    if t.resume_path is None:
-        _record_data(t)
     logged = set(t.tracker.logged_steps("val_loss"))
     for h in t.state.history:
         if h["epoch"] not in logged:
-            t.tracker.log_epoch(_metrics_of(h), int(h["epoch"]))
+            t.tracker.log_epoch({k: v for k, v in h.items() if k != "epoch"}, int(h["epoch"]))
     t.logged_epochs = logged | {int(h["epoch"]) for h in t.state.history}
     print(
         f"Run {t.tracker.run_id} in MLflow {t.tracker.uri} (experiment "
@@ -241,12 +257,11 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
     `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
     last write is complete, so `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
-    stop = False
     with state.saves_in_background():
-        while state.epoch < epochs and not state.early.stopped and not stop:
+        while state.epoch < epochs and not state.early.stopped:
             epoch = state.epoch + 1
             t.train_loader.sampler.set_epoch(epoch)
-            stats = train_one_epoch(
+            stats = loop.train_one_epoch(
                 t.train_net, t.train_loader, state.optimizer, t.scaler, t.batches,
                 f"epoch {epoch}/{epochs}",
             )  # fmt: skip
@@ -257,7 +272,8 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
             if t.info.is_main:
                 _save_and_log(t, epoch, metrics, improved)
                 _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
-            stop = bool(on_epoch(epoch, metrics)) if on_epoch is not None else False
+            if on_epoch is not None and on_epoch(epoch, metrics):
+                break
 
 
 def _save_and_log(t: Trainer, epoch: int, metrics: dict[str, float], improved: bool) -> None:
@@ -279,100 +295,14 @@ def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:
     loss_sum, images, wait, seconds = ddp.sum_across_ranks(
         [stats["loss_sum"], stats["images"], stats["wait"], stats["seconds"]], info
     )
-    val = gather_predictions(predict(t.eval_net, t.val_loader, t.batches), info)
+    val = loop.gather_predictions(loop.predict(t.eval_net, t.val_loader, t.batches), info)
     return {
         "train_loss": loss_sum / max(1, images),
-        **epoch_metrics(val, t.label_meanings, t.config.data.problem, "val"),
+        **loop.epoch_metrics(val, t.label_meanings, t.config.data.problem, "val"),
         "train_images_per_s": images / max(1e-9, seconds / info.world_size),
         "data_wait_fraction": wait / max(1e-9, seconds),
         "lr": t.state.optimizer.param_groups[0]["lr"],
     }
-
-
-def finish(t: Trainer) -> RunResult:
-    """The best weights evaluated again, their outputs logged, the run FINISHED."""
-    ddp.barrier(t.info)
-    early = t.state.early
-    result = RunResult(
-        t.tracker.run_id,
-        t.tracker.experiment_id,
-        t.results_dir if t.info.is_main else None,
-        early.best_epoch,
-        {},
-        len(t.state.history),
-        early.stopped,
-    )
-    if t.info.is_main:
-        result.best_metrics = log_best_outputs(t)
-    ddp.barrier(t.info)
-    t.tracker.end("FINISHED")
-    if t.info.is_main and not t.config.run.keep_last_pt:  # only best.pt is wanted
-        (t.results_dir / "last.pt").unlink(missing_ok=True)
-    return result
-
-
-def _record_data(t: Trainer) -> None:
-    """Tags: world size, device, and each split's size and data fingerprint."""
-    tags: dict[str, Any] = {
-        "world_size": t.info.world_size,
-        "device": device_name(t.batches.device),
-    }
-    for split, ds in t.datasets.items():
-        if hasattr(ds, "image_ids") and hasattr(ds, "labels"):
-            fp = data_fingerprint(ds)
-            tags[f"data.{split}.fingerprint"] = fp["fingerprint"]
-            tags[f"data.{split}.count"] = fp["count"]
-        else:
-            tags[f"data.{split}.count"] = len(ds)
-        for key, value in getattr(ds, "split_info", {}).items():
-            tags[f"data.{split}.{key}"] = value
-        for key, value in getattr(ds, "source_counts", {}).items():
-            tags[f"data.{split}.{key}"] = value
-    t.tracker.set_tags(tags)
-
-
-def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """A hash of the ordered image ids and their labels, and the count.
-
-    Two runs whose datasets differ in any id, order or label get different fingerprints.
-    """
-    h = hashlib.sha256()
-    ids = list(dataset.image_ids)
-    labels = np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.float32))
-    h.update("\n".join(ids).encode())
-    h.update(str(labels.shape).encode())
-    h.update(labels.tobytes())
-    return {"fingerprint": h.hexdigest()[:16], "count": len(ids)}
-
-
-def package_versions() -> dict[str, str]:
-    """Python's and the main packages' versions, and the CUDA and cuDNN this run can use."""
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "mlflow", "numpy", "pillow", "scikit-learn"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    # What this torch was built for; "cuda"/"cudnn" only when a GPU is there to use them.
-    out["cuda_build"] = torch.version.cuda or "none"
-    gpu = torch.cuda.is_available()
-    out["cuda"] = (torch.version.cuda or "none") if gpu else "none"
-    cudnn = torch.backends.cudnn.version() if gpu and torch.backends.cudnn.is_available() else None
-    out["cudnn"] = str(cudnn) if cudnn else "none"
-    return out
-
-
-def results_dir(config: ExperimentConfig, run_id: str) -> Path:
-    """Where a run's checkpoints and tables go: <results_dir>/<experiment>/<run id>."""
-    base = Path(config.run.results_dir)
-    folder = base / tracking.slug(config.run.experiment_name) / run_id
-    if not folder.resolve().is_relative_to(base.resolve()):  # a run id is hex: never
-        raise ConfigError(f"Run folder {folder} is outside --results-dir {base}.")
-    return folder
-
-
-def _metrics_of(h: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in h.items() if k != "epoch"}
 
 
 def _print_epoch(epoch: int, epochs: int, m: dict[str, float], seconds: float) -> None:
@@ -385,7 +315,22 @@ def _print_epoch(epoch: int, epochs: int, m: dict[str, float], seconds: float) -
     )
 
 
-def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
+def finish(t: Trainer) -> RunResult:
+    """The best weights evaluated again, their outputs logged, the run FINISHED."""
+    ddp.barrier(t.info)
+    main, early = t.info.is_main, t.state.early
+    best_metrics = log_best_outputs(t) if main else {}
+    ddp.barrier(t.info)
+    t.tracker.end("FINISHED")
+    if main and not t.config.run.keep_last_pt:  # only best.pt is wanted
+        (t.results_dir / "last.pt").unlink(missing_ok=True)
+    return RunResult(
+        t.tracker.run_id, t.tracker.experiment_id, t.results_dir if main else None,
+        early.best_epoch, best_metrics, len(t.state.history), early.stopped,
+    )  # fmt: skip
+
+
+def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -> RunResult:
     """predict_on_valid / predict_on_test: the weights of `run.checkpoint` on one split."""
     if not config.run.checkpoint:
         raise ConfigError(
@@ -393,29 +338,27 @@ def _predict_only(config: ExperimentConfig, info, parent_run_id) -> RunResult:
             "of a trained run, e.g. --set run.checkpoint='results/...'."
         )
     split = "val" if config.run.task == "predict_on_valid" else "test"
-    device = pick_device(config.run.device)
-    seed_everything(config.run.seed)
-    weights = ckpt_io.load_checkpoint(config.run.checkpoint, "best.pt")
-    check_weights_fit(weights, config, Path(config.run.checkpoint))
-    ds = build_dataset(config, split)
-    model = build_model(config).to(device)
-    check_outputs(model, list(ds.label_meanings), config)
-    check_weights_load(model, weights, ckpt_io.resolve_checkpoint(config.run.checkpoint, "best.pt"))
+    problem = config.data.problem
+    device = build.pick_device(config.run.device)
+    build.seed_everything(config.run.seed)
+    path = ckpt_io.resolve_checkpoint(config.run.checkpoint, "best.pt")
+    weights = ckpt_io.load_checkpoint(path)
+    check_weights_fit(weights, config, path)
+    ds = build.build_dataset(config, split)
+    model = build.build_model(config).to(device)
+    build.check_outputs(model, list(ds.label_meanings), config)
+    check_weights_load(model, weights, path)
     model.load_state_dict(weights["model"])
-    prep = BatchPrep(ds, device, channels_last=False)
-    batches = BatchSettings(prep, make_loss(config.data.problem), problem=config.data.problem)
+    prep = loop.BatchPrep(ds, device, channels_last=False)
+    batches = loop.BatchSettings(prep, loop.make_loss(problem), problem=problem)
     tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
-    folder = results_dir(config, tracker.run_id)
-    epoch = weights_epoch(weights)
-    try:
-        loader = build_loader(ds, config, ddp.DistInfo(), device, train=False)
-        pred = predict(model, loader, batches)
-        metrics = epoch_metrics(pred, list(ds.label_meanings), config.data.problem, split)
+    folder, epoch = results_dir(config, tracker.run_id), weights_epoch(weights)
+    with _ended(tracker):
+        loader = build.build_loader(ds, config, ddp.DistInfo(), device, train=False)
+        pred = loop.predict(model, loader, batches)
+        metrics = loop.epoch_metrics(pred, list(ds.label_meanings), problem, split)
         tracker.log_epoch(metrics, epoch)
-        for path, artifact_folder in write_split_outputs(folder, split, ds, pred, metrics):
-            tracker.log_artifact(path, artifact_folder)
+        for file, artifact_folder in write_split_outputs(folder, split, ds, pred, metrics):
+            tracker.log_artifact(file, artifact_folder)
         tracker.end("FINISHED")
-    except BaseException as e:
-        tracker.end("FAILED" if interrupts.stop_of(e) is None else "KILLED")
-        raise
     return RunResult(tracker.run_id, tracker.experiment_id, folder, epoch, metrics)

@@ -37,50 +37,41 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
     if not best_path.is_file():
         return {}
     best = ckpt_io.load_checkpoint(best_path, "best.pt")
+    best_epoch = int(best["epoch"])
     t.state.model.load_state_dict(best["model"])
-    summary: dict[str, float] = {"best_epoch": float(best["epoch"])}
-    single = ddp.DistInfo()
-    preds, metrics = {}, {}
+    summary: dict[str, float] = {"best_epoch": float(best_epoch)}
+    files: Files = [] if t.config.run.log_model else [(best_path, "checkpoint")]
+    preds = {}
     for split, ds in t.datasets.items():
         if split == "train":
             continue
-        loader = build_loader(ds, t.config, single, t.batches.device, train=False)
+        loader = build_loader(ds, t.config, ddp.DistInfo(), t.batches.device, train=False)
         pred = preds[split] = predict(t.state.model, loader, t.batches)
-        metrics[split] = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
-        summary.update({f"best_{k}": v for k, v in metrics[split].items() if "/" not in k})
-    chosen = choose_thresholds(t, preds["val"])
-    files: Files = [] if t.config.run.log_model else [(best_path, "checkpoint")]
-    if chosen is not None:
-        files += write_thresholds(t, chosen)
+        metrics = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
+        summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
+        files += write_split_outputs(t.results_dir, split, ds, pred, metrics)
+    # Per label, the threshold that maximizes F1 on the validation split, in
+    # `tables/thresholds.csv` with that F1; none for a multiclass run (it predicts the most
+    # probable class).
+    thresholds, val = None, preds["val"]
+    if t.config.data.problem != "multiclass" and len(val["idx"]):
+        chosen = evaluate.choose_thresholds(val["labels"], val["probs"])
+        table = evaluate.thresholds_table(list(t.datasets["val"].label_meanings), chosen)
+        csv = evaluate.write_csv(t.results_dir / "tables" / "thresholds.csv", table)
+        files.append((csv, "tables"))
+        thresholds = [threshold for threshold, _ in chosen]
     if t.config.explain.gallery:
-        files += draw_explanations(t, preds["val"])
-    for split, pred in preds.items():
-        files += write_split_outputs(t.results_dir, split, t.datasets[split], pred, metrics[split])
+        files += draw_explanations(t, val)
     curves = t.results_dir / "plots" / "learning_curves.png"
     files.append((evaluate.plot_learning_curves(t.state.history, curves), "plots"))
     # A run resumed to train longer whose best epoch did not change has logged this already.
-    if int(best["epoch"]) not in t.tracker.logged_steps("best_epoch"):
-        t.tracker.log_epoch(summary, int(best["epoch"]))
+    if best_epoch not in t.tracker.logged_steps("best_epoch"):
+        t.tracker.log_epoch(summary, best_epoch)
     for path, folder in files:
         t.tracker.log_artifact(path, folder)
     if t.config.run.log_model:
-        thresholds = None if chosen is None else [threshold for threshold, _ in chosen]
-        log_model_package(t, best_path, thresholds, int(best["epoch"]))
+        log_model_package(t, best_path, thresholds, best_epoch)
     return summary
-
-
-def choose_thresholds(t: Trainer, pred: dict[str, Any]) -> list[tuple[float, float]] | None:
-    """Per label, (threshold, F1) with the threshold that maximizes F1 on the validation split;
-    None for a multiclass run (it predicts the most probable class)."""
-    if t.config.data.problem == "multiclass" or not len(pred["idx"]):
-        return None
-    return evaluate.choose_thresholds(pred["labels"], pred["probs"])
-
-
-def write_thresholds(t: Trainer, chosen: list[tuple[float, float]]) -> Files:
-    """`tables/thresholds.csv`: the threshold and validation F1 of each label."""
-    table = evaluate.thresholds_table(list(t.datasets["val"].label_meanings), chosen)
-    return [(evaluate.write_csv(t.results_dir / "tables" / "thresholds.csv", table), "tables")]
 
 
 def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
@@ -141,29 +132,19 @@ def log_model_package(
 
 def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Files:
     """ROC/PR plots, a predictions CSV and a per-class metrics CSV for one split."""
-    meanings = list(ds.label_meanings)
+    meanings, labels, probs = list(ds.label_meanings), pred["labels"], pred["probs"]
     plots = evaluate.plot_roc_pr(
-        pred["labels"],
-        pred["probs"],
-        meanings,
-        results_dir / "plots" / split,
-        f"{split} (best epoch)",
+        labels, probs, meanings, results_dir / "plots" / split, f"{split} (best epoch)"
     )
     ids = getattr(ds, "image_ids", None)
     names = [ids[i] if ids is not None else str(i) for i in pred["idx"].astype(int)]
     table = {"name": names}
-    for k, m in enumerate(meanings):
-        table[f"prob_{m}"] = list(pred["probs"][:, k])
-    for k, m in enumerate(meanings):
-        table[f"label_{m}"] = pred["labels"][:, k].astype(int).tolist()
-    pred_csv = evaluate.write_csv(results_dir / "tables" / f"{split}_predictions.csv", table)
+    table.update({f"prob_{m}": list(probs[:, k]) for k, m in enumerate(meanings)})
+    table.update({f"label_{m}": labels[:, k].astype(int).tolist() for k, m in enumerate(meanings)})
     prefix = f"{split}_"
-    per_class = evaluate.per_class_table(
-        {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)},
-        pred["labels"],
-        meanings,
-    )
-    class_csv = evaluate.write_csv(
-        results_dir / "tables" / f"{split}_per_class_metrics.csv", per_class
-    )
+    ours = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    per_class = evaluate.per_class_table(ours, labels, meanings)
+    tables = results_dir / "tables"
+    pred_csv = evaluate.write_csv(tables / f"{split}_predictions.csv", table)
+    class_csv = evaluate.write_csv(tables / f"{split}_per_class_metrics.csv", per_class)
     return [(p, f"plots/{split}") for p in plots] + [(pred_csv, "tables"), (class_csv, "tables")]
