@@ -43,8 +43,6 @@ DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
 END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
 RETRY_S = 2.0  # between two tries of metrics a tracking server refused
-# MLflow's async queue logs each failed batch as an error; the run says so itself, once.
-logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(logging.CRITICAL)
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -356,6 +354,10 @@ class Tracker(NullTracker):
     def __init__(self, store: Store, experiment_id: str, run_id: str) -> None:
         self.store, self.uri = store, store.uri
         self.experiment_id, self.run_id = experiment_id, run_id
+        # MLflow's async queue logs each refused batch as an error; the run says so itself, once.
+        logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(
+            logging.CRITICAL
+        )
         self.signals = ExitStack()
         self.holds_signals = self.signals.enter_context(interrupts.held())
         self.server_wait_s, self.server_unreachable = 60.0, "continue"
