@@ -349,3 +349,23 @@ def test_keep_last_pt_false_leaves_only_best_pt_once_the_run_finished(mlflow_uri
     result = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.keep_last_pt": False}))
     assert sorted(p.name for p in result.results_dir.glob("*.pt")) == ["best.pt"]
     assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_resuming_a_finished_run_that_has_nothing_left_to_train_is_one_line(mlflow_uri, tmp_path):
+    """--epochs not above what a FINISHED run trained, or its early stop unchanged: one line,
+    nothing logged, the run stays FINISHED; a larger --epochs trains on."""
+    from src.errors import ConfigError
+
+    first = run(tiny_config(tmp_path, **{"train.epochs": 2}))
+    client = MlflowClient(mlflow_uri)
+    before = client.get_run(first.run_id)
+    last = (first.results_dir / "last.pt").read_bytes()
+    for epochs in (2, 1):
+        with pytest.raises(ConfigError, match="finished after 2 epochs and --epochs is"):
+            run(tiny_config(tmp_path, **{"train.epochs": epochs}), resume=first.results_dir)
+    after = client.get_run(first.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags
+    assert (first.results_dir / "last.pt").read_bytes() == last
+    longer = run(tiny_config(tmp_path, **{"train.epochs": 3}), resume=first.results_dir)
+    assert longer.run_id == first.run_id and longer.epochs_run == 3

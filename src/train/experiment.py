@@ -40,7 +40,12 @@ from src.errors import ConfigError, NonFiniteLossError, TrackingError
 from src.train.build import Trainer, set_up
 from src.train.checkpoint import run_lock
 from src.train.outputs import log_best_outputs, write_split_outputs
-from src.train.training_state import check_weights_fit, check_weights_load, weights_epoch
+from src.train.training_state import (
+    TrainingState,
+    check_weights_fit,
+    check_weights_load,
+    weights_epoch,
+)
 
 
 @dataclass
@@ -87,6 +92,7 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) 
             t.results_dir = t.resume_path.parent
             if info.is_main:  # before the MLflow run is reopened
                 lock.enter_context(run_lock(t.results_dir))
+                check_epochs_left(config, t.state)
             t.tracker = resume_run(config, t.state.run_id, enabled=info.is_main)
         else:
             tags = {**(extra_tags or {}), **_data_tags(t)}
@@ -183,6 +189,27 @@ def resume_run(config: ExperimentConfig, run_id: str, enabled: bool = True) -> t
     with tracking.ended_on_error(tracker):
         tracker.set_tags(changed)
     return tracker
+
+
+def check_epochs_left(config: ExperimentConfig, state: TrainingState) -> None:
+    """ConfigError when resuming a run that FINISHED would train nothing (and log its end
+    again). A run stopped after its last epoch, during its end, does resume: to finish."""
+    if state.epoch < config.train.epochs and not state.early.stopped:
+        return
+    uri = tracking.tracking_uri(config.run.tracking_uri)
+    hint = "it comes from the checkpoint: resume with the same --tracking-uri as the original run"
+    if tracking.get_run(uri, state.run_id, hint).info.status != "FINISHED":
+        return
+    done = f"Run {state.run_id} finished after {state.epoch} epochs"
+    if state.epoch >= config.train.epochs:
+        raise ConfigError(
+            f"{done} and --epochs is {config.train.epochs}: there is nothing to train; to "
+            f"train longer, resume with --epochs above {state.epoch}."
+        )
+    raise ConfigError(
+        f"{done}, stopped early by patience {config.train.patience}: there is nothing to "
+        "train; to train longer, resume with a larger --patience (0 turns it off)."
+    )
 
 
 def _data_tags(t: Trainer) -> dict[str, Any]:
