@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -90,7 +91,9 @@ def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     store = uri if shown.startswith("..") else f"sqlite:///{shown}"
     mlflow_bin = os.path.relpath(Path(sys.executable).parent / "mlflow", REPO_ROOT)
     mlflow_bin = "mlflow" if mlflow_bin.startswith("..") else mlflow_bin
-    opens = f"Open the MLflow UI (from {REPO_ROOT}): {mlflow_bin} ui --backend-store-uri {store}"
+    # Quoted, so that a path with a space or a quote pastes into a shell as it is.
+    command = f"{shlex.quote(mlflow_bin)} ui --backend-store-uri {shlex.quote(store)}"
+    opens = f"Open the MLflow UI (from {shlex.quote(str(REPO_ROOT))}): {command}"
     return f"{opens}\nthen {runs}"
 
 

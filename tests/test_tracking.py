@@ -104,6 +104,8 @@ def test_server_that_does_not_answer_fails_fast():
 def test_ui_hint_names_store_and_runs_table():
     hint = tracking.ui_hint(f"sqlite:///{tracking.REPO_ROOT / 'mlflow.db'}", "3")
     assert "ui --backend-store-uri sqlite:///mlflow.db" in hint
+    spaced = tracking.ui_hint("sqlite:////tmp/st öre/mlflow.db", "3")
+    assert "ui --backend-store-uri 'sqlite:////tmp/st öre/mlflow.db'" in spaced
     assert "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning" in hint
     assert tracking.ui_hint("http://srv:5000", "4") == (
         "Runs: http://srv:5000/#/experiments/4/runs?workflowType=machine_learning"
