@@ -369,3 +369,18 @@ def test_resuming_a_finished_run_that_has_nothing_left_to_train_is_one_line(mlfl
     assert (first.results_dir / "last.pt").read_bytes() == last
     longer = run(tiny_config(tmp_path, **{"train.epochs": 3}), resume=first.results_dir)
     assert longer.run_id == first.run_id and longer.epochs_run == 3
+
+
+def test_resuming_an_early_stopped_run_needs_a_larger_patience(mlflow_uri, tmp_path):
+    """lr 0.5 makes val_loss rise at epoch 3 of 10: with patience 1 the run stops early there.
+    Resumed with the same patience there is nothing to train (one line); a larger one trains on."""
+    from src.errors import ConfigError
+
+    settings = {"train.epochs": 10, "train.patience": 1, "optimizer.lr": 0.5}
+    first = run(tiny_config(tmp_path, **settings))
+    assert first.stopped_early and first.epochs_run == 3
+    with pytest.raises(ConfigError, match="stopped early by patience 1: there is nothing"):
+        run(tiny_config(tmp_path, **settings), resume=first.results_dir)
+    assert MlflowClient(mlflow_uri).get_run(first.run_id).info.status == "FINISHED"
+    more = run(tiny_config(tmp_path, **{**settings, "train.patience": 0}), resume=first.results_dir)
+    assert more.run_id == first.run_id and more.epochs_run == 10
