@@ -92,8 +92,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) 
             t.results_dir = t.resume_path.parent
             if info.is_main:  # before the MLflow run is reopened
                 lock.enter_context(run_lock(t.results_dir))
-                check_epochs_left(config, t.state)
-            t.tracker = resume_run(config, t.state.run_id, enabled=info.is_main)
+            nothing_left = _nothing_left(config, t.state)
+            t.tracker = resume_run(config, t.state.run_id, info.is_main, nothing_left)
         else:
             tags = {**(extra_tags or {}), **_data_tags(t)}
             t.tracker = start_run(config, info.is_main, parent_run_id, tags)
@@ -167,14 +167,21 @@ def start_run(
     return tracker.configure(run.server_wait_s, run.server_unreachable)
 
 
-def resume_run(config: ExperimentConfig, run_id: str, enabled: bool = True) -> tracking.NullTracker:
+def resume_run(
+    config: ExperimentConfig, run_id: str, enabled: bool = True, nothing_left: str | None = None
+) -> tracking.NullTracker:
     """Reopen the run `run_id` for a resumed training; its params must equal the config's
-    (those of RESUME_MAY_CHANGE aside: "train longer" is a tag `resumed.<key>`)."""
+    (those of RESUME_MAY_CHANGE aside: "train longer" is a tag `resumed.<key>`).
+    `nothing_left`: why the resumed state has no epoch to train, the error when the run
+    FINISHED (a run stopped during its end resumes: to finish)."""
     if not enabled:
         return tracking.NullTracker()
     uri = tracking.tracking_uri(config.run.tracking_uri)
     hint = "it comes from the checkpoint: resume with the same --tracking-uri as the original run"
-    logged = tracking.get_run(uri, run_id, hint).data.params
+    run = tracking.get_run(uri, run_id, hint)
+    if nothing_left and run.info.status == "FINISHED":
+        raise ConfigError(nothing_left)
+    logged = run.data.params
     mismatch = config_mismatch(logged, config, may_differ=RESUME_MAY_CHANGE, as_params=True)
     if mismatch is not None:
         key, theirs, ours = mismatch
@@ -191,25 +198,20 @@ def resume_run(config: ExperimentConfig, run_id: str, enabled: bool = True) -> t
     return tracker
 
 
-def check_epochs_left(config: ExperimentConfig, state: TrainingState) -> None:
-    """ConfigError when resuming a run that FINISHED would train nothing (and log its end
-    again). A run stopped after its last epoch, during its end, does resume: to finish."""
-    if state.epoch < config.train.epochs and not state.early.stopped:
-        return
-    uri = tracking.tracking_uri(config.run.tracking_uri)
-    hint = "it comes from the checkpoint: resume with the same --tracking-uri as the original run"
-    if tracking.get_run(uri, state.run_id, hint).info.status != "FINISHED":
-        return
+def _nothing_left(config: ExperimentConfig, state: TrainingState) -> str | None:
+    """Why resuming `state` would train nothing (and log its end again), or None."""
     done = f"Run {state.run_id} finished after {state.epoch} epochs"
     if state.epoch >= config.train.epochs:
-        raise ConfigError(
+        return (
             f"{done} and --epochs is {config.train.epochs}: there is nothing to train; to "
             f"train longer, resume with --epochs above {state.epoch}."
         )
-    raise ConfigError(
-        f"{done}, stopped early by patience {config.train.patience}: there is nothing to "
-        "train; to train longer, resume with a larger --patience (0 turns it off)."
-    )
+    if state.early.stopped:
+        return (
+            f"{done}, stopped early by patience {config.train.patience}: there is nothing to "
+            "train; to train longer, resume with a larger --patience (0 turns it off)."
+        )
+    return None
 
 
 def _data_tags(t: Trainer) -> dict[str, Any]:
