@@ -441,7 +441,11 @@ class Tracker(NullTracker):
     def _drain(self, timeout_s: float) -> bool:
         """Wait until the store has taken every batch (True) or `timeout_s` passed (False)."""
         deadline = time.monotonic() + timeout_s
-        while (self._settle() or self.sent) and (left := deadline - time.monotonic()) > 0:
+        while True:
+            self._settle()
+            left = deadline - time.monotonic()
+            if not self.sent or left <= 0:
+                return not self.sent
             if self.failing_since is not None:
                 time.sleep(min(left, RETRY_S))
             else:
@@ -449,7 +453,6 @@ class Tracker(NullTracker):
                     f for _, _, operations in self.sent for f in operations._operation_futures
                 ]
                 concurrent.futures.wait(waiting, timeout=left)
-        return not self.sent
 
     def _synced(self) -> Store:
         """The store, once it has taken the epochs' metrics not yet taken (a server that does
