@@ -35,7 +35,6 @@ from src.config import (
     SECTIONS,
     SETNAME_PLACEHOLDER,
     ExperimentConfig,
-    ModelConfig,
     from_dict,
     import_object,
     read_toml,
@@ -100,7 +99,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags shared by every Demo, `python -m src.run_experiment` and `python -m src.sweep`.
 
     The dataset's folder flags (`--data-dir`, `--voc-dir`, ...) are not among them: a
-    `FlagParser` adds those of the experiment's dataset when it parses (`add_path_flags`).
+    `FlagParser` adds those of the experiment's dataset when it parses.
     """
     a = parser.add_argument
     for flag, (key, kind, text) in CONFIG_FLAGS.items():
@@ -154,8 +153,7 @@ def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
         isinstance(flag, str)
         and flag.startswith("--")
         and isinstance(spec, tuple)
-        and len(spec) == 2
-        and all(isinstance(s, str) for s in spec)
+        and tuple(map(type, spec)) == (str, str)
         for flag, spec in declared.items()
     )
     if not well_formed:
@@ -175,48 +173,19 @@ def path_flags_of(dataset_path: str) -> dict[str, tuple[str, str]]:
     return {**declared, "--data-dir": (arg, "the dataset's main folder")}
 
 
-def add_path_flags(parser: FlagParser, dataset_path: str, dataset_args: dict[str, Any]) -> None:
-    """Give `parser` the path flags of the dataset at `dataset_path`, in a group of their own.
-
-    Each one stores its value under the key it overrides (`data.args.<argument>`); its help
-    shows the experiment file's value of that argument (`dataset_args`), when it has one.
-    """
-    flags = path_flags_of(dataset_path)
-    group = parser.add_argument_group(
-        f"folders of the dataset {dataset_path}",
-        "Relative paths are resolved against the current directory; an empty value ('') "
-        "leaves that folder out, where the dataset allows it.",
-    )
-    for flag, (arg, text) in flags.items():
-        now = dataset_args.get(arg)
-        text = f"{text} (sets {arg}" + (f"; the experiment file has {now})" if now else ")")
-        try:
-            group.add_argument(
-                flag,
-                dest=f"data.args.{arg}",
-                type=functools.partial(from_cwd, per_split=SETNAME_PLACEHOLDER in str(now)),
-                metavar="DIR" if flag.endswith("-dir") else "PATH",
-                help=text.replace("%", "%%"),
-            )
-        except argparse.ArgumentError:
-            raise ConfigError(
-                f"{dataset_path}.path_flags declares {flag}, which is already a flag of this "
-                "command; give it another name."
-            ) from None
-    parser.dataset, parser.path_flags = dataset_path, flags
-
-
 class FlagParser(argparse.ArgumentParser):
     """An ArgumentParser that gives itself the path flags of the experiment's dataset.
 
     `parse_args` first reads the experiment file that the command line names (the `config`
     argument: `python -m src.run_experiment`'s positional, a Demo's `--config`), takes its
     `[data] dataset`, or the one a `--set data.dataset=...` puts in its place (the flags are
-    those of the dataset that will be built), and adds that class's path flags
-    (`add_path_flags`). Then it parses for real, so `--help` lists them; the parsed flags hold
-    the file's tree as `toml` = (path, tree) for `load_from_args`. Every mistake (a flag that
-    neither this parser nor the dataset knows, a value of the wrong type, an experiment file
-    that cannot be read) ends in one line `error: ...` and exit code 2.
+    those of the dataset that will be built), and adds that class's path flags in a group of
+    their own: each stores its value under the key it overrides (`data.args.<argument>`), its
+    help shows the file's value of that argument. Then it parses for real, so `--help` lists
+    them; the parsed flags hold the file's tree as `toml` = (path, tree) for `load_from_args`.
+    Every mistake (a flag that neither this parser nor the dataset knows, a value of the
+    wrong type, an experiment file that cannot be read) ends in one line `error: ...` and
+    exit code 2.
     """
 
     # Set once the experiment file is read: its dataset, that dataset's path flags, the tree.
@@ -230,7 +199,7 @@ class FlagParser(argparse.ArgumentParser):
         argv = sys.argv[1:] if args is None else list(args)
         try:
             if self.dataset is None:
-                self._add_dataset_flags(argv)
+                self._add_path_flags(argv)
             parsed, extras = self.parse_known_args(argv, namespace)
             if extras:
                 raise ConfigError(self._unknown(extras))
@@ -242,15 +211,36 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)  # `parse_args` prints it
 
-    def _add_dataset_flags(self, argv: list[str]) -> None:
+    def _add_path_flags(self, argv: list[str]) -> None:
         known = self._read_ahead(argv)
         if getattr(known, "config", None) is None:  # no experiment file yet, or no parse
             self.epilog = "--help after the experiment file also lists its dataset's folder flags."
             return
         tree = read_toml(known.config)
         self.toml = (str(known.config), tree)
-        dataset = _class_path(tree, known.set, "data", "dataset")
-        add_path_flags(self, dataset, tree.get("data", {}).get("args", {}))
+        self.dataset = _class_path(tree, known.set, "data", "dataset")
+        self.path_flags = path_flags_of(self.dataset)
+        group = self.add_argument_group(
+            f"folders of the dataset {self.dataset}",
+            "Relative paths are resolved against the current directory; an empty value ('') "
+            "leaves that folder out, where the dataset allows it.",
+        )
+        for flag, (arg, text) in self.path_flags.items():
+            now = tree.get("data", {}).get("args", {}).get(arg)
+            text = f"{text} (sets {arg}" + (f"; the experiment file has {now})" if now else ")")
+            try:
+                group.add_argument(
+                    flag,
+                    dest=f"data.args.{arg}",
+                    type=functools.partial(from_cwd, per_split=SETNAME_PLACEHOLDER in str(now)),
+                    metavar="DIR" if flag.endswith("-dir") else "PATH",
+                    help=text.replace("%", "%%"),
+                )
+            except argparse.ArgumentError:
+                raise ConfigError(
+                    f"{self.dataset}.path_flags declares {flag}, which is already a flag of "
+                    "this command; give it another name."
+                ) from None
 
     def _read_ahead(self, argv: list[str]) -> argparse.Namespace | None:
         """argv parsed without the path flags, which are not known yet; None if it fails."""
@@ -315,16 +305,24 @@ def _class_path(tree: dict[str, Any], set_items: list[str] | None, section: str,
 NOT_PRETRAINED = {"vgginit": "random", "pretrained": False}
 
 
-def overrides_from_args(
-    args: argparse.Namespace, dataset_path: str, model_path: str = ModelConfig.model
-) -> dict[str, Any]:
-    """Dotted-key overrides from parsed flags: every flag stored under a config key (a dotted
-    `dest`, folders already resolved), then what `--image-size` and `--no-pretrained` set in
-    the classes that take it, then `--set KEY=VALUE`, which comes last and wins.
+def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConfig:
+    """The config of the experiment file `path` with the overrides of the parsed flags; the
+    TOML as the parser read it (`args.toml`) when that is this file, else read here.
 
-    `--image-size` sets image_size of the dataset (it resizes to it) and of the model (it
-    sizes its linear layer by it); `--no-pretrained` the model's vgginit or pretrained. A flag
-    that no class takes is an error: a flag never silently does nothing."""
+    The overrides: every flag stored under a config key (a dotted `dest`, folders already
+    resolved), then what `--image-size` and `--no-pretrained` set in the classes that take it,
+    then `--set KEY=VALUE`, which comes last and wins. The classes are the TOML's dataset and
+    model, or those that `--set data.dataset=...` / `--set model.model=...` put in their place,
+    as in `FlagParser`. `--image-size` sets image_size of the dataset (it resizes to it) and of
+    the model (it sizes its linear layer by it); `--no-pretrained` the model's vgginit or
+    pretrained. A flag that no class takes is an error: a flag never silently does nothing.
+    """
+    read, tree = getattr(args, "toml", None) or (None, {})
+    if read != str(path):
+        tree = read_toml(path)
+    items = getattr(args, "set", None)
+    dataset_path = _class_path(tree, items, "data", "dataset")
+    model_path = _class_path(tree, items, "model", "model")
     out = {key: v for key, v in vars(args).items() if "." in key and v is not None}
     if getattr(args, "image_size", None) is not None:
         takers = [
@@ -346,24 +344,8 @@ def overrides_from_args(
                 "neither vgginit nor pretrained."
             )
         out[f"model.args.{arg}"] = NOT_PRETRAINED[arg]
-    out.update(set_overrides(getattr(args, "set", None)))
-    return out
-
-
-def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConfig:
-    """The config of the experiment file `path` with the overrides of the parsed flags; the
-    TOML as the parser read it (`args.toml`) when that is this file, else read here.
-
-    The dataset and model are the TOML's, or those that `--set data.dataset=...` /
-    `--set model.model=...` put in their place, as in `FlagParser`.
-    """
-    read, tree = getattr(args, "toml", None) or (None, {})
-    if read != str(path):
-        tree = read_toml(path)
-    items = getattr(args, "set", None)
-    dataset_path = _class_path(tree, items, "data", "dataset")
-    overrides = overrides_from_args(args, dataset_path, _class_path(tree, items, "model", "model"))
-    return from_dict(tree, overrides)
+    out.update(set_overrides(items))
+    return from_dict(tree, out)
 
 
 def main(

@@ -15,6 +15,7 @@ import importlib
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,7 @@ else:  # pragma: no cover - Python 3.10
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-TASKS = ("train_eval", "predict_on_valid", "predict_on_test")
-PROBLEMS = ("multilabel", "multiclass")
 AMP_MODES = ("off", "bf16", "fp16")
-CAMS = ("hirescam", "gradcam")  # src/serve/explain.py
 # 'package.module:ClassName', the form of every class a config names.
 IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 # In a string of [data.args], replaced by the split's name ("train", "val", "test"); a dataset
@@ -74,7 +72,7 @@ class RunConfig:
 class DataConfig:
     dataset: str = "load_dataset.custom_tiny:TinyData"
     # "multilabel" (sigmoid + BCE, several labels per image) or "multiclass" (softmax + CE).
-    # Called `task` before; that key is still read (with a note), see `_renamed_keys`.
+    # Called `task` before; that key is still read (with a note), see `_rename_keys`.
     problem: str = "multilabel"
     batch_size: int = 16
     num_workers: int | str = 0
@@ -170,10 +168,6 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _is_path_key(key: str) -> bool:
-    return key == "root" or key.endswith("_dir") or key.endswith("_path")
-
-
 def _resolve_path(value: Any, base_dir: Path) -> Any:
     if not (isinstance(value, str) and value):
         return value
@@ -218,7 +212,7 @@ def from_dict(
     tree = copy.deepcopy(tree)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
-    tree = _renamed_keys(tree)
+    _rename_keys(tree)
     unknown = set(tree) - set(SECTIONS)
     if unknown:
         raise ConfigError(
@@ -236,17 +230,15 @@ def from_dict(
                     f"{', '.join(sorted(fields))}."
                 )
             values[key] = _check_type(section, key, value, fields[key].type)
-        if "args" in values:
-            values["args"] = {
-                k: (_resolve_path(v, base_dir) if _is_path_key(k) else v)
-                for k, v in values["args"].items()
-            }
+        for k, v in values.get("args", {}).items():
+            if k == "root" or k.endswith(("_dir", "_path")):
+                values["args"][k] = _resolve_path(v, base_dir)
         if section == "run":
             for key in ("results_dir", "checkpoint"):
                 values[key] = _resolve_path(values.get(key, fields[key].default), base_dir)
         sections[section] = cls(**values)
     config = ExperimentConfig(**sections)
-    _check_choices(config)
+    _check_values(config)
     return config
 
 
@@ -255,8 +247,8 @@ RENAMED_KEYS = (("data", "task", "problem"),)
 _renames_noted: set[tuple[str, str]] = set()
 
 
-def _renamed_keys(tree: dict[str, Any]) -> dict[str, Any]:
-    """`tree` with renamed keys under their new names; a one-line note on stderr, once."""
+def _rename_keys(tree: dict[str, Any]) -> None:
+    """Put renamed keys of `tree` under their new names; a one-line note on stderr, once."""
     for section, old, new in RENAMED_KEYS:
         values = tree.get(section)
         if not isinstance(values, dict) or old not in values:
@@ -266,12 +258,10 @@ def _renamed_keys(tree: dict[str, Any]) -> dict[str, Any]:
                 f"Config keys [{section}] {old} and [{section}] {new} are the same key (its "
                 f"old and new name); keep only {new}."
             )
-        values = {(new if k == old else k): v for k, v in values.items()}
-        tree = {**tree, section: values}
+        values[new] = values.pop(old)
         if (section, old) not in _renames_noted:
             _renames_noted.add((section, old))
             print(f"note: [{section}] {old} is now called [{section}] {new}.", file=sys.stderr)
-    return tree
 
 
 def check_choice(section: str, key: str, value: Any, allowed: Any) -> None:
@@ -283,24 +273,68 @@ def check_choice(section: str, key: str, value: Any, allowed: Any) -> None:
         )
 
 
-def _check_choices(config: ExperimentConfig) -> None:
-    check_choice("run", "task", config.run.task, TASKS)
-    check_choice("data", "problem", config.data.problem, PROBLEMS)
-    check_choice("train", "amp", config.train.amp, AMP_MODES)
-    check_choice("run", "server_unreachable", config.run.server_unreachable, ("continue", "stop"))
-    check_choice("explain", "cam", config.explain.cam, CAMS)
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.run.device):
-        raise ConfigError(
-            f"Config key [run] device = {config.run.device!r} is not one of auto, cpu, cuda, "
-            "cuda:N (N = a GPU index), mps."
-        )
-    for section, path in [("data", config.data.dataset), ("model", config.model.model)]:
-        if not IMPORT_PATH.fullmatch(path):
-            raise ConfigError(
-                f"Config key [{section}] {'dataset' if section == 'data' else 'model'} = "
-                f"{path!r} must be an import path of the form 'package.module:ClassName'."
-            )
-    _check_model_name(config.run.register_model)
+def _number(below: float, allowed: str) -> tuple[Callable[[Any], bool], str]:
+    """A finite number from 0 up to, not including, `below`."""
+    return (lambda v: 0 <= v < below), (
+        f"= {{!r}} must be a finite number, {allowed}; fix it in the TOML or on the command line."
+    )
+
+
+# The names a key takes ([optimizer] name and scheduler: src/train/build.py's tables).
+CHOICES = {
+    "run.task": ("train_eval", "predict_on_valid", "predict_on_test"),
+    "run.server_unreachable": ("continue", "stop"),
+    "data.problem": ("multilabel", "multiclass"),
+    "train.amp": AMP_MODES,
+    "explain.cam": ("hirescam", "gradcam"),  # src/serve/explain.py
+}
+CLASS = "= {!r} must be an import path of the form 'package.module:ClassName'."
+SECONDS = (lambda v: 0 < v < math.inf, "must be a number of seconds above 0, got {}.")
+AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1, got {}.")
+# What a value must be, so that a run never starts on one that cannot work: dotted key ->
+# (test, the end of the error line, where {} is the value). A NaN, infinite or negative
+# learning rate, momentum, weight decay or decay factor would train to NaN (or away from the
+# minimum) silently, epochs later; a momentum of 1 or more never forgets a gradient and
+# diverges. A registered model's URI (models:/<name>/<version>) splits on '/' and ':'.
+RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "run.device": (
+        re.compile(r"auto|cpu|mps|cuda(:\d+)?").fullmatch,
+        "= {!r} is not one of auto, cpu, cuda, cuda:N (N = a GPU index), mps.",
+    ),
+    "run.server_wait_s": SECONDS,
+    "run.progress_every_s": SECONDS,
+    "run.register_model": (
+        lambda v: not v or (v.strip() and not re.search("[/:%]", v)),
+        "= {!r} is not a usable model name; use letters, digits, '-', '_', '.' or spaces "
+        "(no '/', ':' or '%').",
+    ),
+    "data.dataset": (IMPORT_PATH.fullmatch, CLASS),
+    "data.batch_size": AT_LEAST_1,
+    "data.num_workers": (lambda v: v == "auto" or v >= 0, 'must be 0 or more, or "auto".'),
+    "model.model": (IMPORT_PATH.fullmatch, CLASS),
+    "optimizer.lr": _number(math.inf, "0 or more"),
+    "optimizer.momentum": _number(1, "at least 0 and below 1"),
+    "optimizer.weight_decay": _number(math.inf, "0 or more"),
+    "optimizer.gamma": _number(math.inf, "0 or more"),
+    "optimizer.step_size": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "train.patience": (lambda v: v >= 0, "must be 0 or more."),
+    "train.max_batches": (lambda v: v >= 0, "must be 0 (all batches) or more."),
+    "explain.gallery_images": (
+        lambda v: v >= 1,
+        "must be at least 1; to leave the gallery out, set [explain] gallery = false.",
+    ),
+}
+
+
+def _check_values(config: ExperimentConfig) -> None:
+    flat = config.flat()
+    for key, names in CHOICES.items():
+        check_choice(*key.split("."), flat[key], names)
+    for key, (fits, must) in RULES.items():
+        if not fits(flat[key]):
+            section, name = key.split(".")
+            raise ConfigError(f"Config key [{section}] {name} " + must.format(flat[key]))
     if config.run.register_model and not config.run.log_model:
         raise ConfigError(
             "Config key [run] register_model needs log_model = true (the model it registers)."
@@ -309,65 +343,6 @@ def _check_choices(config: ExperimentConfig) -> None:
         raise ConfigError(
             "task = 'predict_on_test' needs use_test_set = true in [run]: the test split is "
             "kept out of every run unless the config asks for it."
-        )
-    _check_numbers(config)
-
-
-def _check_numbers(config: ExperimentConfig) -> None:
-    """Each number in its range, so that a run never trains on a value that cannot work."""
-    for key in ("server_wait_s", "progress_every_s"):
-        value = getattr(config.run, key)
-        if not 0 < value < float("inf"):
-            raise ConfigError(
-                f"Config key [run] {key} must be a number of seconds above 0, got {value}."
-            )
-    for section, key, value in [
-        ("data", "batch_size", config.data.batch_size),
-        ("train", "epochs", config.train.epochs),
-        ("optimizer", "step_size", config.optimizer.step_size),
-    ]:
-        if value < 1:
-            raise ConfigError(f"Config key [{section}] {key} must be at least 1, got {value}.")
-    if config.train.patience < 0:
-        raise ConfigError("Config key [train] patience must be 0 or more.")
-    if config.train.max_batches < 0:
-        raise ConfigError("Config key [train] max_batches must be 0 (all batches) or more.")
-    if config.explain.gallery_images < 1:
-        raise ConfigError(
-            "Config key [explain] gallery_images must be at least 1; to leave the gallery out, "
-            "set [explain] gallery = false."
-        )
-    if isinstance(config.data.num_workers, int) and config.data.num_workers < 0:
-        raise ConfigError('Config key [data] num_workers must be 0 or more, or "auto".')
-    _check_optimizer_numbers(config.optimizer)
-
-
-def _check_model_name(name: str) -> None:
-    """A registered model name: MLflow's URIs (models:/<name>/<version>) split on '/' and
-    ':', so the name must hold neither (nor only spaces)."""
-    if name and (not name.strip() or re.search(r"[/:%]", name)):
-        raise ConfigError(
-            f"Config key [run] register_model = {name!r} is not a usable model name; use "
-            "letters, digits, '-', '_', '.' or spaces (no '/', ':' or '%')."
-        )
-
-
-def _check_optimizer_numbers(o: OptimizerConfig) -> None:
-    """Each optimizer number finite and in its range: a NaN, infinite or negative learning rate,
-    momentum, weight decay or decay factor would train to NaN (or away from the minimum)
-    silently, epochs later; a momentum of 1 or more never forgets a gradient and diverges."""
-    for key, value, upper in [
-        ("lr", o.lr, None),
-        ("momentum", o.momentum, 1.0),
-        ("weight_decay", o.weight_decay, None),
-        ("gamma", o.gamma, None),
-    ]:
-        if math.isfinite(value) and value >= 0 and (upper is None or value < upper):
-            continue
-        allowed = "0 or more" if upper is None else f"at least 0 and below {upper:g}"
-        raise ConfigError(
-            f"Config key [optimizer] {key} = {value!r} must be a finite number, {allowed}; "
-            "fix it in the TOML or on the command line."
         )
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import src.config as cfg
 import src.tracking as tracking
-from src.cli import overrides_from_args
+from src.cli import set_overrides
 from src.errors import ConfigError, TrackingError, UserError, print_user_error
 from src.tools.compare_runs import MetricDiff, compare_metrics
 from src.train.experiment import data_fingerprint, package_versions
@@ -172,8 +172,8 @@ def check_import_paths(config: cfg.ExperimentConfig, run_id: str, trust: bool = 
 def resumed_overrides(tags: dict[str, str]) -> dict[str, Any]:
     """Config keys a resume changed (tags `resumed.<key>`, e.g. more epochs) -> new values."""
     items = [f"{k[len('resumed.') :]}={v}" for k, v in tags.items() if k.startswith("resumed.")]
-    # The shared flag parser turns KEY=VALUE items into typed dotted-key overrides.
-    return overrides_from_args(argparse.Namespace(set=items), "")
+    # The shared `--set` parsing turns KEY=VALUE items into typed dotted-key overrides.
+    return set_overrides(items)
 
 
 # ------------------------------------------------------------------ what may differ, and why
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     """Reproduce, print the comparison; 0 reproduced, 1 different, 2 a user error."""
     args = make_parser().parse_args(argv)
     try:
-        overrides = overrides_from_args(argparse.Namespace(set=args.set), "")
+        overrides = set_overrides(args.set)
         result = reproduce(
             args.run_id, args.tolerance, args.tracking_uri, overrides or None, args.trust
         )
