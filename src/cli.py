@@ -325,11 +325,10 @@ def load_from_args(path: str | Path, args: argparse.Namespace) -> ExperimentConf
     model_path = _class_path(tree, items, "model", "model")
     out = {key: v for key, v in vars(args).items() if "." in key and v is not None}
     if getattr(args, "image_size", None) is not None:
-        takers = [
-            ("data", _params(dataset_path, "dataset")),
-            ("model", _params(model_path, "model")),
-        ]
-        sized = {f"{s}.args.image_size": args.image_size for s, p in takers if "image_size" in p}
+        takers = {"data": _params(dataset_path, "dataset"), "model": _params(model_path, "model")}
+        sized = {
+            f"{s}.args.image_size": args.image_size for s, p in takers.items() if "image_size" in p
+        }
         if not sized:
             raise ConfigError(
                 f"--image-size does not apply to {dataset_path} or {model_path}: neither "
