@@ -38,16 +38,12 @@ from src.config import (
     from_dict,
     import_object,
     read_toml,
+    toml_value,
 )
 from src.errors import ConfigError, UserError, print_user_error
 from src.interrupts import exit_code
 from src.sweep.multirun import run_seeds
 from src.train.experiment import RunResult, run
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 # The arguments the generic `--data-dir` sets, first match wins, for datasets that do not
 # declare `--data-dir` themselves (torchvision's ImageFolder, a fork's folder dataset).
@@ -62,14 +58,6 @@ def from_cwd(value: str, per_split: bool = False) -> str:
         return ""
     path = Path(value).expanduser().resolve()
     return str(path / SETNAME_PLACEHOLDER if per_split else path)
-
-
-def toml_value(text: str) -> Any:
-    """A value as TOML reads it (`2` -> 2, `true` -> True); anything else is a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 # The flags that set one config key each: flag -> (key, type, help). A flag stores its value

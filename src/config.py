@@ -404,6 +404,14 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not valid TOML: {e}.") from None
 
 
+def toml_value(text: str) -> Any:
+    """A value as TOML reads it (`2` -> 2, `true` -> True); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def import_object(path: str, what: str) -> Any:
     """Import 'package.module:Name' and return the object; a clear ConfigError otherwise."""
     module_name, _, attr = path.partition(":")
