@@ -76,7 +76,7 @@ def check_logged_model(tiny, monkeypatch) -> None:
     table = model.predict(images)
     assert list(table.columns) == LABELS and table.shape == (50, 3)
     np.testing.assert_allclose(table.to_numpy(), expected, atol=1e-6)
-    # No input schema: the pyfunc checks its input itself (MLflow's server would cast to one).
+    # No input schema: the pyfunc checks its input (with one, the server casts floats to uint8).
     assert model.metadata.get_input_schema() is None
     # The registered version is the same model; other image sizes are resized, not refused.
     registered = mlflow.pyfunc.load_model("models:/tiny-model/1")
@@ -238,7 +238,7 @@ def with_pixel(value: int) -> np.ndarray:
 # name: (input, the one-line error; None: the probabilities of IMAGE)
 INPUTS = {
     "integers 0-255": (INTS, None),
-    "floats 0-1 (truncated to a black image before)": (
+    "floats 0-1": (
         np.array([[[[0.9, 0.99, 0.5]]]]),
         f"{EXPECTED}; got float64 [1, 1, 1, 3].",
     ),
@@ -289,7 +289,7 @@ def served_model(saved_model, tmp_path_factory) -> Iterator[str]:
 @pytest.mark.parametrize("name", INPUTS)
 def test_inputs_through_the_server(name, served_model, image_probabilities):
     """The same inputs as JSON to `mlflow models serve`: the probabilities of IMAGE, or HTTP 400
-    and the one line (MLflow's own check put the whole array in front of it)."""
+    and the one line, not the whole array in front of it."""
     images, error = INPUTS[name]
     status, body = post(served_model, {"inputs": images.tolist()})
     if error is None:
