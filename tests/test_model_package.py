@@ -1,6 +1,7 @@
 """The MLflow model a finished run logs (src/serve/model_package.py): the probabilities of best.pt
 through the training loop, for TinyConv on TinyData and a random VGG16 on PASCAL at 96 px; the
-per-label thresholds; the registry; a real `mlflow models serve` answering a request."""
+per-label thresholds; the registry; a real `mlflow models serve` answering a request; what the
+model does with inputs other than uint8 images, through the Python API and the server."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import src.serve.model_package as model_package
@@ -28,7 +33,7 @@ from src import evaluate
 from src.distributed import DistInfo
 from src.train.build import build_dataset, build_loader, build_model
 from src.train.loop import BatchPrep, BatchSettings, make_loss, predict
-from tests.trained_runs import LABELS, REPO, train_tiny
+from tests.trained_runs import LABELS, REPO, save_tiny_model, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,8 @@ def check_logged_model(tiny, monkeypatch) -> None:
     table = model.predict(images)
     assert list(table.columns) == LABELS and table.shape == (50, 3)
     np.testing.assert_allclose(table.to_numpy(), expected, atol=1e-6)
-    assert model.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
+    # No input schema: the pyfunc checks its input (with one, the server casts floats to uint8).
+    assert model.metadata.get_input_schema() is None
     # The registered version is the same model; other image sizes are resized, not refused.
     registered = mlflow.pyfunc.load_model("models:/tiny-model/1")
     np.testing.assert_allclose(registered.predict(images[:2]).to_numpy(), expected[:2], atol=1e-6)
@@ -157,38 +163,47 @@ def wait_for(url: str, server: subprocess.Popen, timeout_s: float = 120.0) -> No
     raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
-def check_serving(tiny, tmp_path) -> None:
-    """A real `mlflow models serve` of runs:/<id>/model answers a request with an image."""
+@contextmanager
+def served(model_uri: str, cwd: Path, **env: str) -> Iterator[str]:
+    """A real `mlflow models serve` of `model_uri` on 127.0.0.1: its URL once /ping answers."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tiny.uri, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     # It starts `uvicorn` by name: the environment's bin folder must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        f"runs:/{tiny.run_id}/model",
-    ]
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     server = subprocess.Popen(
-        command, cwd=tmp_path, env=env, start_new_session=True,
+        command, cwd=cwd, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server)
-        image = np.asarray(open_rgb(REPO / "load_dataset" / "tiny_data" / "val" / "val_003.png"))
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": image[None].tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as r:
-            (answer,) = json.loads(r.read())["predictions"]
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(server)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON answer) of a JSON request to `url`/invocations."""
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 4xx / 5xx: the answer is in the error
+        return e.code, json.loads(e.read())
+
+
+def check_serving(tiny, tmp_path) -> None:
+    """A real `mlflow models serve` of runs:/<id>/model answers a request with an image."""
+    image = np.asarray(open_rgb(REPO / "load_dataset" / "tiny_data" / "val" / "val_003.png"))
+    with served(f"runs:/{tiny.run_id}/model", tmp_path, MLFLOW_TRACKING_URI=tiny.uri) as url:
+        status, body = post(url, {"inputs": image[None].tolist()})
+    assert status == 200
+    (answer,) = body["predictions"]
     expected = model_package.load(f"runs:/{tiny.run_id}/model").probabilities(image[None])[0]
     assert [answer[k] for k in LABELS] == pytest.approx(expected.tolist(), abs=1e-6)
 
@@ -205,3 +220,80 @@ def stop_group(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+# ------------------------------------------------------------------ inputs other than uint8
+
+EXPECTED = "The model takes RGB images [N, H, W, 3] of integers 0-255 (uint8)"
+IMAGE = (np.arange(48).reshape(1, 4, 4, 3) * 255 // 47).astype(np.uint8)  # values 0 to 255
+INTS = IMAGE.astype(np.int64)  # what a JSON request of IMAGE becomes on the server
+
+
+def with_pixel(value: int) -> np.ndarray:
+    ints = INTS.copy()
+    ints[0, 1, 1, 2] = value
+    return ints
+
+
+# name: (input, the one-line error; None: the probabilities of IMAGE)
+INPUTS = {
+    "integers 0-255": (INTS, None),
+    "floats 0-1": (
+        np.array([[[[0.9, 0.99, 0.5]]]]),
+        f"{EXPECTED}; got float64 [1, 1, 1, 3].",
+    ),
+    "whole floats 0-255": (INTS.astype(np.float64), f"{EXPECTED}; got float64 [1, 4, 4, 3]."),
+    "negative integer": (with_pixel(-1), f"{EXPECTED}; got int64 values -1 to 255."),
+    "integer above 255": (with_pixel(256), f"{EXPECTED}; got int64 values 0 to 256."),
+    "booleans": (IMAGE > 127, f"{EXPECTED}; got bool [1, 4, 4, 3]."),
+    "one image without N": (INTS[0], f"{EXPECTED}; got int64 [4, 4, 3]."),
+    "4 channels": (
+        np.concatenate([INTS, INTS[..., :1]], -1),
+        f"{EXPECTED}; got int64 [1, 4, 4, 4].",
+    ),
+    "1 channel": (INTS[..., :1], f"{EXPECTED}; got int64 [1, 4, 4, 1]."),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("input-model"))
+
+
+@pytest.fixture(scope="module")
+def image_probabilities(saved_model) -> list[float]:
+    return mlflow.pyfunc.load_model(str(saved_model)).predict(IMAGE).to_numpy()[0].tolist()
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_inputs_through_the_python_api(name, saved_model, image_probabilities):
+    images, error = INPUTS[name]
+    model = mlflow.pyfunc.load_model(str(saved_model))
+    if error is None:
+        assert model.predict(images).to_numpy()[0].tolist() == pytest.approx(image_probabilities)
+    else:
+        with pytest.raises(MlflowException) as refused:
+            model.predict(images)
+        assert refused.value.message == error
+
+
+@pytest.fixture(scope="module")
+def served_model(saved_model, tmp_path_factory) -> Iterator[str]:
+    # The saved model carries no code/ folder: the server imports src/ from the repository.
+    cwd = tmp_path_factory.mktemp("serve")
+    with served(str(saved_model), cwd, PYTHONPATH=str(REPO)) as url:
+        yield url
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", INPUTS)
+def test_inputs_through_the_server(name, served_model, image_probabilities):
+    """The same inputs as JSON to `mlflow models serve`: the probabilities of IMAGE, or HTTP 400
+    and the one line, not the whole array in front of it."""
+    images, error = INPUTS[name]
+    status, body = post(served_model, {"inputs": images.tolist()})
+    if error is None:
+        assert status == 200
+        assert [body["predictions"][0][k] for k in LABELS] == pytest.approx(image_probabilities)
+    else:
+        assert (status, body["message"]) == (400, error)

@@ -1,11 +1,12 @@
 """The best weights of a run as an MLflow model: `runs:/<run id>/model`, a pyfunc that takes
 RGB images and returns per-label probabilities.
 
-Input: uint8 numpy images [N, H, W, 3] (RGB) of any H and W. Each image becomes a model input
-through the dataset's own `input_transform` (what its `__getitem__` makes of a decoded image:
-resize, and normalization when the dataset normalizes on the CPU), then through the training
-loop's `BatchPrep` (normalization with `mean_std` when the dataset returns uint8), so an image
-the dataset would have read gets exactly the probabilities the run's metrics were computed
+Input: uint8 numpy images [N, H, W, 3] (RGB) of any H and W, or integers 0-255 of another type
+(JSON requests to `mlflow models serve`); anything else is refused in one line. Each image becomes
+a model input through the dataset's own `input_transform` (what its `__getitem__` makes of a
+decoded image: resize, and normalization when the dataset normalizes on the CPU), then through the
+training loop's `BatchPrep` (normalization with `mean_std` when the dataset returns uint8), so an
+image the dataset would have read gets exactly the probabilities the run's metrics were computed
 from. Output: a pandas DataFrame, one row per image, one column per label (`label_meanings`),
 sigmoid probabilities (softmax for a multiclass problem).
 
@@ -28,8 +29,10 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 import src.tracking as tracking
@@ -136,18 +139,37 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return probs >= np.asarray(chosen if chosen is not None else 0.5, dtype=np.float32)
 
 
+class InputError(MlflowException):
+    """An input the model refuses, in one line (HTTP 400 from `mlflow models serve`). The server
+    puts the whole input in front of the message of an MlflowException that `predict` raises
+    (thousands of characters for one image); this one keeps its line."""
+
+    def __init__(self, line: str) -> None:
+        self.line = line
+        super().__init__(line, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self.line
+
+    @message.setter
+    def message(self, _: str) -> None:
+        pass
+
+
 def check_images(images: Any) -> list[np.ndarray] | np.ndarray:
-    """`images` (uint8 [N, H, W, 3], or a list of uint8 [H, W, 3] of any sizes) as given;
-    ValueError in one sentence otherwise."""
+    """`images` (integers 0-255 [N, H, W, 3], or a list of [H, W, 3] of any sizes) as uint8: any
+    integer type, since JSON numbers reach the server as int64; InputError in one line for
+    anything else (floats, booleans, values outside 0-255, another shape)."""
     if isinstance(images, (list, tuple)):
-        for image in images:
-            check_images(np.asarray(image)[None])
-        return list(images)
+        return [check_images(np.asarray(image)[None])[0] for image in images]
     array = np.asarray(images)
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        shown = f"{array.dtype} {list(array.shape)}"
-        raise ValueError(f"The model takes uint8 RGB images [N, H, W, 3]; got {shown}.")
-    return array
+    expected = "The model takes RGB images [N, H, W, 3] of integers 0-255 (uint8)"
+    if array.ndim != 4 or array.shape[-1] != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{expected}; got {array.dtype} {list(array.shape)}.")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise InputError(f"{expected}; got {array.dtype} values {array.min()} to {array.max()}.")
+    return array.astype(np.uint8, copy=False)
 
 
 # ------------------------------------------------------------------ logging
@@ -167,8 +189,9 @@ def code_folders(model_path: str, dataset_path: str, into: Path) -> list[str]:
 
 
 def signature(label_meanings: Sequence[str]) -> ModelSignature:
+    """Outputs only: with an input schema MLflow would check the input first, in a message that
+    holds the whole array, and `mlflow models serve` would cast JSON floats to uint8 (0.9 -> 0)."""
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([ColSpec("float", name) for name in label_meanings]),
     )
 
