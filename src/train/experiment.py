@@ -40,12 +40,7 @@ from src.errors import ConfigError, NonFiniteLossError, TrackingError
 from src.train.build import Trainer, set_up
 from src.train.checkpoint import run_lock
 from src.train.outputs import log_best_outputs, write_split_outputs
-from src.train.training_state import (
-    TrainingState,
-    check_weights_fit,
-    check_weights_load,
-    weights_epoch,
-)
+from src.train.training_state import TrainingState, load_weights
 
 
 @dataclass
@@ -291,7 +286,7 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
             epoch = state.epoch + 1
             t.train_loader.sampler.set_epoch(epoch)
             stats = loop.train_one_epoch(
-                t.train_net, t.train_loader, state.optimizer, t.scaler, t.batches,
+                t.train_net, t.train_loader, state.optimizer, state.scaler, t.batches,
                 f"epoch {epoch}/{epochs}",
             )  # fmt: skip
             metrics = _epoch_metrics(t, stats)
@@ -327,7 +322,9 @@ def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:
     val = loop.gather_predictions(loop.predict(t.eval_net, t.val_loader, t.batches), info)
     return {
         "train_loss": loss_sum / max(1, images),
-        **loop.epoch_metrics(val, t.label_meanings, t.config.data.problem, "val"),
+        **loop.epoch_metrics(
+            val, list(t.datasets["val"].label_meanings), t.config.data.problem, "val"
+        ),
         "train_images_per_s": images / max(1e-9, seconds / info.world_size),
         "data_wait_fraction": wait / max(1e-9, seconds),
         "lr": t.state.optimizer.param_groups[0]["lr"],
@@ -372,16 +369,14 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
     build.seed_everything(config.run.seed)
     path = ckpt_io.resolve_checkpoint(config.run.checkpoint, "best.pt")
     weights = ckpt_io.load_checkpoint(path)
-    check_weights_fit(weights, config, path)
     ds = build.build_dataset(config, split)
     model = build.build_model(config).to(device)
+    load_weights(model, weights, config, path)
     build.check_outputs(model, list(ds.label_meanings), config)
-    check_weights_load(model, weights, path)
-    model.load_state_dict(weights["model"])
     prep = loop.BatchPrep(ds, device, channels_last=False)
     batches = loop.BatchSettings(prep, loop.make_loss(problem), problem=problem)
     tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
-    folder, epoch = results_dir(config, tracker.run_id), weights_epoch(weights)
+    folder, epoch = results_dir(config, tracker.run_id), int(weights["epoch"])
     with _ended(tracker):
         loader = build.build_loader(ds, config, ddp.DistInfo(), device, train=False)
         pred = loop.predict(model, loader, batches)
