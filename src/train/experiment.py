@@ -278,8 +278,9 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
 
     Checkpoints are written by a background thread while the next epoch trains; the loop
     spends only the copy (and any wait for the previous write) on them, logged as
-    `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
-    last write is complete, so `finish`, a resume and the stop hint find it."""
+    `checkpoint_seconds` (wall-clock, like train_images_per_s; not kept in the history). `fit`
+    returns or raises (Ctrl-C, SIGTERM, an error) only when the last write is complete, so
+    `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
     with state.saves_in_background():
         while state.epoch < epochs and not state.early.stopped:
@@ -294,23 +295,17 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
             if state.scheduler is not None:
                 state.scheduler.step()  # after the epoch: the checkpoint holds the next lr
             if t.info.is_main:
-                _save_and_log(t, epoch, metrics, improved)
+                started = time.perf_counter()
+                state.save(t.results_dir, t.config.to_dict(), improved)
+                seconds = time.perf_counter() - started
+                # An epoch is logged while its checkpoint is still being written: a process
+                # killed then resumes from the epoch before and trains this one again, without
+                # logging it twice.
+                if epoch not in t.logged_epochs:
+                    t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
                 _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
             if on_epoch is not None and on_epoch(epoch, metrics):
                 break
-
-
-def _save_and_log(t: Trainer, epoch: int, metrics: dict[str, float], improved: bool) -> None:
-    """Checkpoint the epoch (its write goes on in the background), then log its metrics and
-    `checkpoint_seconds`, what the loop spent on the checkpoint (wall-clock, like
-    train_images_per_s; not kept in the history)."""
-    started = time.perf_counter()
-    t.state.save(t.results_dir, t.config.to_dict(), improved)
-    seconds = time.perf_counter() - started
-    # An epoch is logged while its checkpoint is still being written: a process killed then
-    # resumes from the epoch before and trains this one again, without logging it twice.
-    if epoch not in t.logged_epochs:
-        t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
 
 
 def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:
