@@ -294,6 +294,10 @@ class Trainer:
     results_dir: Path | None = None
     logged_epochs: set[int] = field(default_factory=set)  # epochs the MLflow run holds
 
+    @property
+    def label_meanings(self) -> list[str]:
+        return list(self.datasets["train"].label_meanings)
+
 
 def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | None) -> Trainer:
     """Seeds, device, datasets (checked), loaders, model, optimizer and the training state,

@@ -317,9 +317,7 @@ def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:
     val = loop.gather_predictions(loop.predict(t.eval_net, t.val_loader, t.batches), info)
     return {
         "train_loss": loss_sum / max(1, images),
-        **loop.epoch_metrics(
-            val, list(t.datasets["val"].label_meanings), t.config.data.problem, "val"
-        ),
+        **loop.epoch_metrics(val, t.label_meanings, t.config.data.problem, "val"),
         "train_images_per_s": images / max(1e-9, seconds / info.world_size),
         "data_wait_fraction": wait / max(1e-9, seconds),
         "lr": t.state.optimizer.param_groups[0]["lr"],

@@ -234,7 +234,9 @@ def check_resumable(state: dict[str, Any], config: ExperimentConfig, path: Path)
         raise _unusable(path, str(e)) from None
 
 
-def load_weights(model: nn.Module, state: dict[str, Any], config: ExperimentConfig, path: Path):
+def load_weights(
+    model: nn.Module, state: dict[str, Any], config: ExperimentConfig, path: Path
+) -> None:
     """The weights of the checkpoint `state` (read from `path`) loaded into `model`;
     CheckpointError unless they were made with the config's model section and load as they
     are."""
