@@ -262,7 +262,6 @@ def train_drop_last(n_images: int, world_size: int, batch_size: int) -> bool:
 def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The OPTIMIZERS class of [optimizer] name, given the [optimizer] numbers it takes."""
     o = config.optimizer
-    check_choice("optimizer", "name", o.name, OPTIMIZERS)
     takes = inspect.signature(OPTIMIZERS[o.name]).parameters
     numbers = {k: getattr(o, k) for k in ("lr", "momentum", "weight_decay") if k in takes}
     return OPTIMIZERS[o.name](model.parameters(), **numbers)
@@ -270,7 +269,6 @@ def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.O
 
 def build_scheduler(config: ExperimentConfig, optimizer: torch.optim.Optimizer) -> Any:
     """The SCHEDULERS schedule of [optimizer] scheduler (an LRScheduler), or None for "none"."""
-    check_choice("optimizer", "scheduler", config.optimizer.scheduler, SCHEDULERS)
     return SCHEDULERS[config.optimizer.scheduler](optimizer, config)
 
 
@@ -291,7 +289,6 @@ class Trainer:
     state: TrainingState
     train_net: nn.Module  # compiled, and wrapped in DDP under torchrun
     eval_net: nn.Module  # compiled, unwrapped: each rank predicts its own share
-    scaler: torch.amp.GradScaler | None
     resume_path: Path | None = None
     tracker: Any = None
     results_dir: Path | None = None
@@ -331,31 +328,23 @@ def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | No
         config.train.max_batches,
         config.run.progress_every_s,
     )
-    state, scaler = _training_state(config, batches, list(datasets["train"].label_meanings))
+    model = build_model(config).to(device, memory_format=batches.prep.memory_format)
+    check_outputs(model, list(datasets["train"].label_meanings), config)
+    optimizer = build_optimizer(config, model)
+    scaler = torch.amp.GradScaler("cuda") if batches.amp == "fp16" else None
+    scheduler = build_scheduler(config, optimizer)
+    state = TrainingState(model, optimizer, scheduler, scaler, config.train.patience)
     if saved is not None:
         state.load_state_dict(saved, resume_path)
-    net = torch.compile(state.model) if config.train.compile else state.model
+    net = torch.compile(model) if config.train.compile else model
     train_net = net
     if info.enabled:
         ids = [device] if device.type == "cuda" else None
         train_net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     return Trainer(
-        config, info, datasets, train_loader, val_loader, batches, state, train_net, net, scaler,
+        config, info, datasets, train_loader, val_loader, batches, state, train_net, net,
         resume_path,
     )  # fmt: skip
-
-
-def _training_state(
-    config: ExperimentConfig, batches: BatchSettings, label_meanings: list[str]
-) -> tuple[TrainingState, torch.amp.GradScaler | None]:
-    model = build_model(config).to(batches.device)
-    check_outputs(model, label_meanings, config)
-    if batches.prep.memory_format == torch.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(config, model)
-    scaler = torch.amp.GradScaler("cuda") if batches.amp == "fp16" else None
-    scheduler = build_scheduler(config, optimizer)
-    return TrainingState(model, optimizer, scheduler, scaler, config.train.patience), scaler
 
 
 def device_name(device: torch.device) -> str:

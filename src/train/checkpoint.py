@@ -139,20 +139,10 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def rng_state_problem(state: Any) -> str | None:
-    """What is wrong with a checkpoint's `rng` (as `rng_state` wrote it), naming the part
-    (`'rng.numpy'`), or None when every generator accepts its state."""
-    try:
-        _checked_rng_state(state)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators of `rng_state`; ValueError naming the part when one is not a
     generator state, before any generator is changed."""
-    python, numpy, cpu, cuda = _checked_rng_state(state)
+    python, numpy, cpu, cuda = checked_rng_state(state)
     random.setstate(python)
     np.random.set_state(numpy)
     torch.set_rng_state(cpu)
@@ -161,7 +151,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda_state, index)
 
 
-def _checked_rng_state(state: Any) -> tuple[tuple, tuple, torch.Tensor, list[torch.Tensor]]:
+def checked_rng_state(state: Any) -> tuple[tuple, tuple, torch.Tensor, list[torch.Tensor]]:
     """The states of `rng_state` as each generator's setter takes them, each tried on a
     generator of its own first; ValueError naming the part that is missing or malformed.
     Whatever a setter raises means the same (the state is not one), hence `except Exception`."""

@@ -40,12 +40,7 @@ from src.errors import ConfigError, NonFiniteLossError, TrackingError
 from src.train.build import Trainer, set_up
 from src.train.checkpoint import run_lock
 from src.train.outputs import log_best_outputs, write_split_outputs
-from src.train.training_state import (
-    TrainingState,
-    check_weights_fit,
-    check_weights_load,
-    weights_epoch,
-)
+from src.train.training_state import TrainingState, load_weights
 
 
 @dataclass
@@ -283,15 +278,16 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
 
     Checkpoints are written by a background thread while the next epoch trains; the loop
     spends only the copy (and any wait for the previous write) on them, logged as
-    `checkpoint_seconds`. `fit` returns or raises (Ctrl-C, SIGTERM, an error) only when the
-    last write is complete, so `finish`, a resume and the stop hint find it."""
+    `checkpoint_seconds` (wall-clock, like train_images_per_s; not kept in the history). `fit`
+    returns or raises (Ctrl-C, SIGTERM, an error) only when the last write is complete, so
+    `finish`, a resume and the stop hint find it."""
     state, epochs = t.state, t.config.train.epochs
     with state.saves_in_background():
         while state.epoch < epochs and not state.early.stopped:
             epoch = state.epoch + 1
             t.train_loader.sampler.set_epoch(epoch)
             stats = loop.train_one_epoch(
-                t.train_net, t.train_loader, state.optimizer, t.scaler, t.batches,
+                t.train_net, t.train_loader, state.optimizer, state.scaler, t.batches,
                 f"epoch {epoch}/{epochs}",
             )  # fmt: skip
             metrics = _epoch_metrics(t, stats)
@@ -299,23 +295,17 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
             if state.scheduler is not None:
                 state.scheduler.step()  # after the epoch: the checkpoint holds the next lr
             if t.info.is_main:
-                _save_and_log(t, epoch, metrics, improved)
+                started = time.perf_counter()
+                state.save(t.results_dir, t.config.to_dict(), improved)
+                seconds = time.perf_counter() - started
+                # An epoch is logged while its checkpoint is still being written: a process
+                # killed then resumes from the epoch before and trains this one again, without
+                # logging it twice.
+                if epoch not in t.logged_epochs:
+                    t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
                 _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
             if on_epoch is not None and on_epoch(epoch, metrics):
                 break
-
-
-def _save_and_log(t: Trainer, epoch: int, metrics: dict[str, float], improved: bool) -> None:
-    """Checkpoint the epoch (its write goes on in the background), then log its metrics and
-    `checkpoint_seconds`, what the loop spent on the checkpoint (wall-clock, like
-    train_images_per_s; not kept in the history)."""
-    started = time.perf_counter()
-    t.state.save(t.results_dir, t.config.to_dict(), improved)
-    seconds = time.perf_counter() - started
-    # An epoch is logged while its checkpoint is still being written: a process killed then
-    # resumes from the epoch before and trains this one again, without logging it twice.
-    if epoch not in t.logged_epochs:
-        t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
 
 
 def _epoch_metrics(t: Trainer, stats: dict[str, float]) -> dict[str, float]:
@@ -372,16 +362,14 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
     build.seed_everything(config.run.seed)
     path = ckpt_io.resolve_checkpoint(config.run.checkpoint, "best.pt")
     weights = ckpt_io.load_checkpoint(path)
-    check_weights_fit(weights, config, path)
     ds = build.build_dataset(config, split)
     model = build.build_model(config).to(device)
+    load_weights(model, weights, config, path)
     build.check_outputs(model, list(ds.label_meanings), config)
-    check_weights_load(model, weights, path)
-    model.load_state_dict(weights["model"])
     prep = loop.BatchPrep(ds, device, channels_last=False)
     batches = loop.BatchSettings(prep, loop.make_loss(problem), problem=problem)
     tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
-    folder, epoch = results_dir(config, tracker.run_id), weights_epoch(weights)
+    folder, epoch = results_dir(config, tracker.run_id), int(weights["epoch"])
     with _ended(tracker):
         loader = build.build_loader(ds, config, ddp.DistInfo(), device, train=False)
         pred = loop.predict(model, loader, batches)

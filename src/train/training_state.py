@@ -103,6 +103,7 @@ class TrainingState:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.scaler = scaler
         self.patience = patience
         self.history: list[dict[str, float]] = []
         self.run_id = ""
@@ -214,64 +215,52 @@ class TrainingState:
             self._writer = None
 
 
-def weights_epoch(state: dict[str, Any]) -> int:
-    """The epoch (counted from 1) a checkpoint's weights come from, also in older checkpoints
-    that counted from 0."""
-    return int(state["epoch"]) + (0 if state.get("first_epoch") == FIRST_EPOCH else 1)
-
-
 def check_resumable(state: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
-    """CheckpointError unless `state` is a last.pt of this experiment, made with the config
-    keys that shape training (epochs and patience may grow: "train longer"). A last.pt of an
-    earlier version that counted epochs from 0 is refused by its history (epoch 0 first)."""
+    """CheckpointError unless `state` is a last.pt made with the config keys that shape
+    training (epochs and patience may grow: "train longer"; the MLflow run's params, checked
+    when it is reopened, cover the rest). A last.pt of an earlier version that counted epochs
+    from 0 is refused by its history (epoch 0 first)."""
     if state.get("kind") != "last" or "run_id" not in state:
         raise CheckpointError(
             f"{path} is not a resumable checkpoint (a run's last.pt); pass the run's results "
             "folder or its last.pt."
         )
-    saved_name = _saved_config(state, path).get("run", {}).get("experiment_name")
-    if saved_name != config.run.experiment_name:
-        raise CheckpointError(
-            f"{path} is a checkpoint of another experiment ({saved_name!r}, the config says "
-            f"{config.run.experiment_name!r}); pass the config it was made with."
-        )
     _check_fits(state, config, path, TRAINING_SECTIONS, RESUME_MAY_CHANGE)
     # Before the datasets are read and the MLflow run is reopened: what needs no model.
-    rng, history, run_id = state.get("rng"), state.get("history"), state.get("run_id")
-    if problem := ckpt_io.rng_state_problem(rng) or _history_problem(history, run_id):
-        raise _unusable(path, problem)
+    try:
+        ckpt_io.checked_rng_state(state.get("rng"))
+        _check_history(state.get("history"), state.get("run_id"))
+    except ValueError as e:
+        raise _unusable(path, str(e)) from None
 
 
-def check_weights_fit(state: dict[str, Any], config: ExperimentConfig, path: Path) -> None:
-    """CheckpointError unless the checkpoint's model section equals the config's."""
+def load_weights(
+    model: nn.Module, state: dict[str, Any], config: ExperimentConfig, path: Path
+) -> None:
+    """The weights of the checkpoint `state` (read from `path`) loaded into `model`;
+    CheckpointError unless they were made with the config's model section and load as they
+    are."""
     _check_fits(state, config, path, ("model",))
-
-
-def check_weights_load(model: nn.Module, state: dict[str, Any], path: Path) -> None:
-    """CheckpointError unless the checkpoint's weights load into `model` as they are."""
     if problem := _weights_problem(model, state.get("model")):
         raise CheckpointError(
             f"{path} does not fit this model: its {problem}; predict with the config of the run "
             "that wrote it."
         )
+    model.load_state_dict(state["model"])
 
 
-def _saved_config(state: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+def _check_fits(state, config, path, sections, may_differ=()) -> None:
     saved = state.get("config", {})
     if not (isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values())):
         raise CheckpointError(
             f"{path} is not a checkpoint written by this repository: its 'config' is not the "
             "config sections of a run."
         )
-    return saved
-
-
-def _check_fits(state, config, path, sections, may_differ=()) -> None:
-    mismatch = config_mismatch(flatten(_saved_config(state, path)), config, sections, may_differ)
+    mismatch = config_mismatch(flatten(saved), config, sections, may_differ)
     if mismatch is not None:
-        key, saved, now = mismatch
+        key, theirs, now = mismatch
         raise CheckpointError(
-            f"{path} does not fit this experiment: it was made with {key} = {saved!r}, the "
+            f"{path} does not fit this experiment: it was made with {key} = {theirs!r}, the "
             f"config says {now!r}; use the config and flags of the run that wrote it."
         )
 
@@ -351,21 +340,20 @@ def _numbers_problem(part: str, own: dict[str, Any], saved: Any) -> str | None:
     return None
 
 
-def _history_problem(history: Any, run_id: Any) -> str | None:
-    """The per-epoch history must count epochs 1, 2, ... with a val_loss each (early stopping
-    and the epoch to resume from follow from it); the run id must be one."""
+def _check_history(history: Any, run_id: Any) -> None:
+    """ValueError unless the per-epoch history counts epochs 1, 2, ... with a val_loss each
+    (early stopping and the epoch to resume from follow from it) and the run id is one."""
     if not isinstance(run_id, str) or not run_id.isalnum():
-        return f"'run_id' = {run_id!r} is not an MLflow run id"
+        raise ValueError(f"'run_id' = {run_id!r} is not an MLflow run id")
     if not isinstance(history, list):
-        return f"'history' is a {type(history).__name__}, not a list of epochs"
+        raise ValueError(f"'history' is a {type(history).__name__}, not a list of epochs")
     for i, h in enumerate(history):
         if not (
             isinstance(h, dict)
             and h.get("epoch") == FIRST_EPOCH + i
             and isinstance(h.get("val_loss"), (int, float))
         ):
-            return f"'history' entry {i} is not epoch {FIRST_EPOCH + i} with a val_loss"
-    return None
+            raise ValueError(f"'history' entry {i} is not epoch {FIRST_EPOCH + i} with a val_loss")
 
 
 # What each part's own `load_state_dict` would take silently and fail on later.
