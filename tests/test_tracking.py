@@ -113,6 +113,7 @@ def test_ui_hint_names_store_and_runs_table():
     assert tracking.ui_hint("http://srv:5000", "4", "abc") == (
         "Runs: http://srv:5000/#/experiments/4/runs?workflowType=machine_learning\n"
         "This run: http://srv:5000/#/experiments/4/runs/abc/model-metrics"
+        "?workflowType=machine_learning"
     )
 
 
