@@ -422,28 +422,24 @@ class Tracker(NullTracker):
                 flush=True,
             )
 
-    def _drain(self, timeout_s: float) -> bool:
-        """Wait until the store has taken every batch (True) or `timeout_s` passed (False)."""
+    def _synced(self, timeout_s: float = END_WAIT_S) -> Store:
+        """The store, once it has taken the epochs' metrics not yet taken (a server that does
+        not answer for `timeout_s`: one line)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            self._settle()
+        self._settle()
+        while self.sent:
             left = deadline - time.monotonic()
-            if not self.sent or left <= 0:
-                return not self.sent
+            if left <= 0:
+                raise TrackingError(
+                    f"The MLflow server {self.uri} has not answered for {self.unreachable_s():.0f}"
+                    f" s ({self.last_error}); {len(self.sent)} epochs' metrics were not sent. "
+                    "last.pt holds them: resume with --resume once the server is back."
+                )
             if self.failing_since is not None:
                 time.sleep(min(left, RETRY_S))
             else:
                 concurrent.futures.wait([f for *_, fs in self.sent for f in fs], timeout=left)
-
-    def _synced(self) -> Store:
-        """The store, once it has taken the epochs' metrics not yet taken (a server that does
-        not answer for END_WAIT_S: one line)."""
-        if not self._drain(END_WAIT_S):
-            raise TrackingError(
-                f"The MLflow server {self.uri} has not answered for {self.unreachable_s():.0f} s "
-                f"({self.last_error}); {len(self.sent)} epochs' metrics were not sent. last.pt "
-                "holds them: resume with --resume once the server is back."
-            )
+            self._settle()
         return self.store
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -495,7 +491,7 @@ class Tracker(NullTracker):
         try:
             if not finished:
                 with suppress(TrackingError):
-                    self._drain(5.0)
+                    self._synced(5.0)
                 self.sent = []
             with self._synced().errors(interruptible=finished):
                 self.store.client.set_terminated(self.run_id, status=status)
