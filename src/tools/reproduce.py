@@ -208,9 +208,7 @@ def code_warnings(uri: str, original: Any) -> list[str]:
     else:
         then_diff = ""
         if tags.get("git.dirty") == "true":
-            then_diff = download_text(
-                uri, original.info.run_id, "environment/git_diff.patch"
-            )
+            then_diff = download_text(uri, original.info.run_id, "environment/git_diff.patch")
         if (then_diff or "") != now["diff"]:
             out.append(
                 "the uncommitted changes differ from the original run's (its diff is the "
