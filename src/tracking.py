@@ -20,9 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -41,7 +39,8 @@ from src.errors import TrackingError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
-RUNS_TABLE_SUFFIX = "runs?workflowType=machine_learning"
+# The UI's query that opens a page in its model-training views, not its GenAI ones.
+ML_VIEWS = "workflowType=machine_learning"
 END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
 RETRY_S = 2.0  # between two tries of metrics a tracking server refused
 
@@ -64,9 +63,8 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
     if not _remote(uri):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            r.read()
-    except (urllib.error.URLError, OSError) as e:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except OSError as e:  # urllib's URLError and HTTPError included
         reason = getattr(e, "reason", e)
         raise TrackingError(
             f"The MLflow tracking server {uri} does not answer ({reason}); start it "
@@ -82,9 +80,10 @@ def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The command that opens the MLflow UI on this store, the link to the runs table and,
     given `run_id`, to that run's own page (its Model metrics tab, the curves)."""
     local = _sqlite_dir(uri) is not None
-    base = "http://127.0.0.1:5000" if local else uri.rstrip("/")
-    this_run = f"\nThis run: {base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
-    runs = f"{base}/#/experiments/{experiment_id}/{RUNS_TABLE_SUFFIX}{this_run if run_id else ''}"
+    base = f"{'http://127.0.0.1:5000' if local else uri.rstrip('/')}/#/experiments/{experiment_id}"
+    runs = f"{base}/runs?{ML_VIEWS}"
+    if run_id:
+        runs += f"\nThis run: {base}/runs/{run_id}/model-metrics?{ML_VIEWS}"
     if not local:
         return f"Runs: {runs}"
     shown = os.path.relpath(uri[len("sqlite:///") :], REPO_ROOT)
@@ -167,14 +166,15 @@ class Store:
         _READY_STORES.add(uri)
 
     @contextmanager
-    def errors(self, interruptible: bool = True) -> Iterator[None]:
+    def errors(self, interruptible: bool = True, explain: Callable | None = None) -> Iterator[None]:
         """MLflow calls a signal waits for (`interruptible`: raised before or after them);
-        their error is one line naming the store."""
+        their error is one line naming the store, or `explain(error)` where that is a line."""
         with interrupts.mlflow_call(interruptible):
             try:
                 yield
             except Exception as e:
-                raise _store_error(self.uri, e) from None
+                line = explain(e) if explain else None
+                raise (TrackingError(line) if line else _store_error(self.uri, e)) from None
 
     def __getattr__(self, name: str) -> Callable:
         if name.startswith("_") or name == "client":  # not an MLflow call (copy, pickle)
@@ -223,18 +223,14 @@ def existing_store(uri: str | None = None) -> str:
 def get_run(uri: str, run_id: str, what_to_do: str = "") -> Any:
     """The MLflow run `run_id` (`.info`, `.data.params/.tags/.metrics`), or one line naming
     the store and `what_to_do`."""
+    what_to_do = what_to_do or (
+        "copy the run id from the MLflow UI or from `python -m src.tools.compare_runs`, "
+        "or pass --tracking-uri"
+    )
+    not_there = f"MLflow run {run_id!r} is not in the store {uri}; {what_to_do}."
     store = Store(uri)
-    try:
-        with interrupts.mlflow_call():
-            return store.client.get_run(run_id)
-    except Exception:  # MLflow's error for an unknown or malformed id
-        what_to_do = what_to_do or (
-            "copy the run id from the MLflow UI or from `python -m src.tools.compare_runs`, "
-            "or pass --tracking-uri"
-        )
-        raise TrackingError(
-            f"MLflow run {run_id!r} is not in the store {uri}; {what_to_do}."
-        ) from None
+    with store.errors(explain=lambda e: not_there):  # MLflow's error for an unknown or bad id
+        return store.client.get_run(run_id)
 
 
 def find_runs(
@@ -272,27 +268,17 @@ def _search(store: Store, experiment_id, filter_string, newest_first, limit) -> 
             page_token=token,
         )  # fmt: skip
 
-    try:
-        with interrupts.mlflow_call():
-            return get_results_from_paginated_fn(page, 1000, limit)
-    except Exception as e:
+    def invalid_filter(e: Exception) -> str | None:
         if getattr(e, "error_code", "") != "INVALID_PARAMETER_VALUE":
-            raise _store_error(store.uri, e) from None
+            return None  # the store's own error
         first = str(e.message).strip().splitlines()[0]
-        raise TrackingError(
+        return (
             f"--filter {filter_string!r} is not a valid MLflow filter ({first}); write e.g. "
             "\"params.optimizer.lr = '0.01'\"."
-        ) from None
+        )
 
-
-def download_text(uri: str, run_id: str, path: str) -> str | None:
-    """The text of the run's artifact `path`, or None when the run has none there."""
-    store = Store(uri)
-    folder, _, name = path.rpartition("/")
-    if name not in {Path(a.path).name for a in store.list_artifacts(run_id, folder or None)}:
-        return None
-    with quiet(), tempfile.TemporaryDirectory() as tmp:
-        return Path(store.download_artifacts(run_id, path, tmp)).read_text()
+    with store.errors(explain=invalid_filter):
+        return get_results_from_paginated_fn(page, 1000, limit)
 
 
 @contextmanager
@@ -364,7 +350,7 @@ class Tracker(NullTracker):
         self.signals = ExitStack()
         self.holds_signals = self.signals.enter_context(interrupts.held())
         self.server_wait_s, self.server_unreachable = 60.0, "continue"
-        self.sent: list[tuple[float, list[Metric], Any]] = []  # (sent at, batch, RunOperations)
+        self.sent: list[tuple[float, list[Metric], list]] = []  # (sent at, batch, its futures)
         self.failing_since: float | None = None  # time.monotonic() of the first refused send
         self.last_error = ""
         self._said_unreachable = False
@@ -387,29 +373,27 @@ class Tracker(NullTracker):
 
     def _send(self, batch: list[Metric]) -> None:
         operations = self.store.client.log_batch(self.run_id, metrics=batch, synchronous=False)
-        self.sent.append((time.monotonic(), batch, operations))
+        # RunOperations offers only a wait without a time limit: its futures say whether a
+        # batch is done without waiting.
+        self.sent.append((time.monotonic(), batch, operations._operation_futures))
 
     def _settle(self) -> None:
         """Forget the batches the store took; send again those a server refused. A local
         store that refuses one fails the run (one line naming the store)."""
-        sent, self.sent = self.sent, []
-        for i, (at, batch, operations) in enumerate(sent):
-            # RunOperations offers only a wait without a time limit: its futures say whether
-            # a batch is done without waiting.
-            futures = operations._operation_futures
+        for entry in list(self.sent):
+            at, batch, futures = entry
             if not all(f.done() for f in futures):
-                self.sent.append((at, batch, operations))
                 continue
-            error = next((f.exception() for f in futures if f.exception() is not None), None)
+            self.sent.remove(entry)
+            error = next(filter(None, (f.exception() for f in futures)), None)
             if error is None:
                 self.failing_since = None
-                continue
-            if not _remote(self.uri):
-                self.sent += sent[i + 1 :]
+            elif not _remote(self.uri):
                 raise _store_error(self.uri, error)
-            self.last_error = one_line(error).split("[")[-1].rstrip("]")
-            self.failing_since = min(self.failing_since or at, at)
-            self._send(batch)
+            else:
+                self.last_error = one_line(error).split("[")[-1].rstrip("]")
+                self.failing_since = min(self.failing_since or at, at)
+                self._send(batch)
 
     def unreachable_s(self) -> float:
         """How long the server has refused the oldest batch not yet taken (0 while it answers)."""
@@ -438,31 +422,24 @@ class Tracker(NullTracker):
                 flush=True,
             )
 
-    def _drain(self, timeout_s: float) -> bool:
-        """Wait until the store has taken every batch (True) or `timeout_s` passed (False)."""
+    def _synced(self, timeout_s: float = END_WAIT_S) -> Store:
+        """The store, once it has taken the epochs' metrics not yet taken (a server that does
+        not answer for `timeout_s`: one line)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            self._settle()
+        self._settle()
+        while self.sent:
             left = deadline - time.monotonic()
-            if not self.sent or left <= 0:
-                return not self.sent
+            if left <= 0:
+                raise TrackingError(
+                    f"The MLflow server {self.uri} has not answered for {self.unreachable_s():.0f}"
+                    f" s ({self.last_error}); {len(self.sent)} epochs' metrics were not sent. "
+                    "last.pt holds them: resume with --resume once the server is back."
+                )
             if self.failing_since is not None:
                 time.sleep(min(left, RETRY_S))
             else:
-                waiting = [
-                    f for _, _, operations in self.sent for f in operations._operation_futures
-                ]
-                concurrent.futures.wait(waiting, timeout=left)
-
-    def _synced(self) -> Store:
-        """The store, once it has taken the epochs' metrics not yet taken (a server that does
-        not answer for END_WAIT_S: one line)."""
-        if not self._drain(END_WAIT_S):
-            raise TrackingError(
-                f"The MLflow server {self.uri} has not answered for {self.unreachable_s():.0f} s "
-                f"({self.last_error}); {len(self.sent)} epochs' metrics were not sent. last.pt "
-                "holds them: resume with --resume once the server is back."
-            )
+                concurrent.futures.wait([f for *_, fs in self.sent for f in fs], timeout=left)
+            self._settle()
         return self.store
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -514,7 +491,7 @@ class Tracker(NullTracker):
         try:
             if not finished:
                 with suppress(TrackingError):
-                    self._drain(5.0)
+                    self._synced(5.0)
                 self.sent = []
             with self._synced().errors(interruptible=finished):
                 self.store.client.set_terminated(self.run_id, status=status)

@@ -75,7 +75,8 @@ def test_demo_cli_with_seeds(mlflow_uri, tmp_path, monkeypatch, capsys):
     # The parent's id and the link to its page: the group's summary is there.
     pid, eid = parents[0].info.run_id, parents[0].info.experiment_id
     assert f"Parent run of the 2 seeds: {pid}" in out
-    assert f"This run: http://127.0.0.1:5000/#/experiments/{eid}/runs/{pid}/model-metrics" in out
+    link = f"http://127.0.0.1:5000/#/experiments/{eid}/runs/{pid}/model-metrics"
+    assert f"This run: {link}?workflowType=machine_learning\n" in out
     children = children_of(client, parents[0])
     assert sorted(c.data.params["run.seed"] for c in children) == ["0", "1"]
     assert set(parents[0].data.metrics) >= {"best_val_auroc_mean.mean", "best_val_auroc_mean.std"}

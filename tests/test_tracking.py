@@ -113,6 +113,7 @@ def test_ui_hint_names_store_and_runs_table():
     assert tracking.ui_hint("http://srv:5000", "4", "abc") == (
         "Runs: http://srv:5000/#/experiments/4/runs?workflowType=machine_learning\n"
         "This run: http://srv:5000/#/experiments/4/runs/abc/model-metrics"
+        "?workflowType=machine_learning"
     )
 
 
@@ -195,3 +196,17 @@ def test_a_file_system_without_locks_still_runs(mlflow_uri, tmp_path, monkeypatc
     monkeypatch.setattr(tracking, "_READY_STORES", set())
     result = run(tiny_config(tmp_path, **{"train.epochs": 1}))
     assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_search_with_a_bad_filter_is_one_line(mlflow_uri):
+    """MLflow's error for a filter it cannot parse is one line naming the filter; a good filter
+    finds the run."""
+    tracking.start(mlflow_uri, "filters", "r", {}).end()
+    finished = tracking.find_runs(mlflow_uri, "filters", "attributes.status = 'FINISHED'")
+    assert [r.info.run_name for r in finished] == ["r"]
+    with pytest.raises(tracking.TrackingError) as e:
+        tracking.find_runs(mlflow_uri, "filters", "params.lr === 1")
+    assert str(e.value).startswith("--filter 'params.lr === 1' is not a valid MLflow filter (")
+    assert "\n" not in str(e.value)
+    with pytest.raises(tracking.TrackingError, match=r"'0+' is not in the store .*; look again\.$"):
+        tracking.get_run(mlflow_uri, "0" * 32, "look again")

@@ -84,11 +84,21 @@ class ComparisonResult:
 # ------------------------------------------------------------------ reading the original
 
 
+def download_text(uri: str, run_id: str, path: str) -> str | None:
+    """The text of the run's artifact `path`, or None when the run has none there."""
+    store = tracking.Store(uri)
+    folder, _, name = path.rpartition("/")
+    if name not in {Path(a.path).name for a in store.list_artifacts(run_id, folder or None)}:
+        return None
+    with tracking.quiet(), tempfile.TemporaryDirectory() as tmp:
+        return Path(store.download_artifacts(run_id, path, tmp)).read_text()
+
+
 def load_run_config(
     uri: str, run_id: str, overrides: dict[str, Any] | None = None
 ) -> cfg.ExperimentConfig:
     """The run's stored resolved config (`config/config.toml`), with dotted-key overrides."""
-    text = tracking.download_text(uri, run_id, "config/config.toml")
+    text = download_text(uri, run_id, "config/config.toml")
     if text is None:
         children = tracking.child_runs(uri, run_id, limit=5)
         hint = (
@@ -198,9 +208,7 @@ def code_warnings(uri: str, original: Any) -> list[str]:
     else:
         then_diff = ""
         if tags.get("git.dirty") == "true":
-            then_diff = tracking.download_text(
-                uri, original.info.run_id, "environment/git_diff.patch"
-            )
+            then_diff = download_text(uri, original.info.run_id, "environment/git_diff.patch")
         if (then_diff or "") != now["diff"]:
             out.append(
                 "the uncommitted changes differ from the original run's (its diff is the "
