@@ -117,6 +117,42 @@ def test_a_span_that_is_a_whole_number_of_steps_in_decimals_is_taken(tmp_path):
     assert space.params["optimizer.lr"] == spec
 
 
+def test_one_line_per_trial_and_the_epoch_lines_with_epoch_lines(mlflow_uri, tmp_path, capsys):
+    args = sweep_args(tmp_path, mlflow_uri, LR_WD, "--trials", "2")
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (parent,), _ = split_runs(mlflow_uri)
+    folder = (
+        tmp_path / "r" / "Demo-2-TinyConv-TinyData" / "sweeps" / parent.data.tags["sweep.study"]
+    )
+    log = folder / "worker-0.log"
+    # The header, a line per trial as it ends, then the table (its head and a row per trial).
+    assert lines[0] == (
+        f"2 trials, one at a time; each run's epoch lines: {log} (--epoch-lines prints them here)"
+    )
+    assert [line.split(":")[0] for line in lines[1:4]] == [
+        "trial 0 complete",
+        "trial 1 complete",
+        "",
+    ]
+    assert lines[4].split() == ["trial", "state", "val_auroc_mean", "optimizer.lr",
+                                "optimizer.weight_decay", "run_id"]  # fmt: skip
+    assert len([line for line in lines if line.startswith("trial ")]) == 2
+    assert not [line for line in lines if line.startswith(("epoch ", "Device: ", "Run "))]
+    # The runs' own lines are in the log: 2 trials x 2 epochs.
+    logged = log.read_text().splitlines()
+    assert len([line for line in logged if line.startswith("epoch ")]) == 4
+    assert len([line for line in logged if line.startswith("Device: ")]) == 2
+
+    assert main([*args, "--epoch-lines"]) == 0  # a new study (the last one finished)
+    lines = capsys.readouterr().out.splitlines()
+    # Each trial's two epoch lines, then its own line.
+    shown = [line.split()[:2] for line in lines if line.startswith(("epoch ", "trial "))]
+    assert [words[1] for words in shown] == ["1/2", "2/2", "0", "1/2", "2/2", "1"]
+    assert not any("one at a time" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_six_trials_on_two_workers_one_parent_and_compare_runs_shows_them(
     mlflow_uri, tmp_path, capsys
