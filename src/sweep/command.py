@@ -13,6 +13,8 @@ again after Ctrl-C, SIGTERM or SIGKILL goes on (finished trials kept, a stopped 
 after a sweep that finished, it starts a new study (`<name>-2`, ...) and parent run.
 The parent run logs the best value so far per finished trial; at the end, the trials table,
 the best config (a TOML experiment that runs as is) and Optuna's history and importance plots.
+The sweep prints one line per trial as it ends; the trials' runs write their own lines (one per
+epoch) to the sweep folder's worker-<i>.log, or print them too with --epoch-lines.
 Demo-4 runs its grid through `run_sweep` too.
 """
 
@@ -38,7 +40,7 @@ from src.config import REPO_ROOT, ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
 from src.sweep.multirun import start_parent
 from src.sweep.space import SweepSpace, make_pruner, make_sampler, read_space
-from src.sweep.trial import SweepPlan
+from src.sweep.trial import SweepPlan, work
 
 POLL_S = 1.0
 STOP_WAIT_S = 300.0  # how long stopped workers may take to mark their runs KILLED
@@ -208,8 +210,6 @@ def reopened_parent(config, study, name: str, tags: dict[str, Any], trials: int)
 def run_in_process(plan: SweepPlan, progress: Any, epoch_lines: bool) -> None:
     """The trials one after the other in this process, a line each as it ends (`progress`);
     their runs' own lines go to the sweep folder's worker-0.log, or here with `epoch_lines`."""
-    from src.sweep.trial import work
-
     if epoch_lines:
         work(plan, after_trial=progress.update)
         return
