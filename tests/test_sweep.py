@@ -58,12 +58,39 @@ def split_runs(uri: str) -> tuple[list, list]:
     return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
+LR = '"optimizer.lr" = { type = "float", low = 1e-4, high = 1e-1, log = true }'
+BATCH = '"data.batch_size" = { type = "int", low = 8, high = 32, step = 8 }'
+
+
 @pytest.mark.parametrize(
     "space, flags, message",
     [
         (LR_WD.replace('"optimizer.lr"', '"optimizer.learning_rate"'), [],
          "'optimizer.learning_rate' is not a key of the experiment's config"),
         (LR_WD.replace("low = 1e-4", "low = 0.5"), [], "has low = 0.5 >= high = 0.1"),
+        (LR_WD.replace("low = 1e-4", "low = 0.1"), [], "has low = 0.1 >= high = 0.1"),
+        (LR_WD.replace("low = 1e-4", "low = 0.0"), [],
+         "'optimizer.lr' is log-scaled, so low must be above 0, got 0.0"),
+        (LR_WD.replace("low = 1e-4", 'low = "1e-4"'), [],
+         "'optimizer.lr' needs low and high, each a finite number, got low = '1e-4'"),
+        (LR_WD.replace("high = 1e-1", "high = inf"), [], "each a finite number"),
+        (LR_WD.replace("log = true", "step = 0"), [],
+         "'optimizer.lr' has step = 0; step must be a finite number above 0"),
+        (LR_WD.replace(LR, BATCH.replace("step = 8", "step = -8")), [],
+         "'data.batch_size' has step = -8; step must be a whole number above 0"),
+        (LR_WD.replace(LR, BATCH.replace("step = 8", "step = 2.5")), [],
+         "'data.batch_size' has step = 2.5; step must be a whole number above 0"),
+        (LR_WD.replace(LR, BATCH.replace("step = 8", "step = 25")), [],
+         "'data.batch_size' has step = 25, larger than high - low = 24"),
+        (LR_WD.replace("log = true", "step = 0.2"), [],
+         "'optimizer.lr' has step = 0.2, larger than high - low = 0.0999"),
+        (LR_WD.replace("log = true", "log = true, step = 0.01"), [],
+         "'optimizer.lr' cannot be both log-scaled and stepped"),
+        (LR_WD.replace("log = true", 'log = "yes"'), [], "'optimizer.lr' has log = 'yes'"),
+        (LR_WD.replace("[1e-7, 1e-3]", "[]"), [],
+         "'optimizer.weight_decay' needs choices = [at least two values]"),
+        ('[space]\n"optimizer.lr" = []\n', [],
+         "the values of 'optimizer.lr' must be a non-empty list"),
         (LR_WD.replace('"val_auroc_mean"', '"val_f1"'), [], "metric 'val_f1' is not one"),
         (LR_WD, ["--storage", "sqlite:////no/such/folder/optuna.db"],
          "The Optuna storage sqlite:////no/such/folder/optuna.db cannot be opened"),
@@ -75,7 +102,55 @@ def test_bad_input_is_one_line_exit_2_before_any_run(
     assert main([*sweep_args(tmp_path, mlflow_uri, space, "--trials", "2"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert str(tmp_path / "space.sweep.toml") in err[0] or "--storage" in flags
     assert all_runs(mlflow_uri) == []
+    assert not (tmp_path / "optuna.db").exists()  # no Optuna study either
+
+
+def test_a_span_that_is_a_whole_number_of_steps_in_decimals_is_taken(tmp_path):
+    """0.3 - 0.1 is 0.19999999999999998 in floats: a step of 0.2 still fits (two values)."""
+    from src.sweep.space import space_from_dict
+
+    config = cfg.load(DEMO2)
+    spec = {"type": "float", "low": 0.1, "high": 0.3, "step": 0.2}
+    space = space_from_dict({"space": {"optimizer.lr": spec}}, config, "here")
+    assert space.params["optimizer.lr"] == spec
+
+
+def test_one_line_per_trial_and_the_epoch_lines_with_epoch_lines(mlflow_uri, tmp_path, capsys):
+    args = sweep_args(tmp_path, mlflow_uri, LR_WD, "--trials", "2")
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (parent,), _ = split_runs(mlflow_uri)
+    folder = (
+        tmp_path / "r" / "Demo-2-TinyConv-TinyData" / "sweeps" / parent.data.tags["sweep.study"]
+    )
+    log = folder / "worker-0.log"
+    # The header, a line per trial as it ends, then the table (its head and a row per trial).
+    assert lines[0] == (
+        f"2 trials, one at a time; each run's epoch lines: {log} (--epoch-lines prints them here)"
+    )
+    assert [line.split(":")[0] for line in lines[1:4]] == [
+        "trial 0 complete",
+        "trial 1 complete",
+        "",
+    ]
+    assert lines[4].split() == ["trial", "state", "val_auroc_mean", "optimizer.lr",
+                                "optimizer.weight_decay", "run_id"]  # fmt: skip
+    assert len([line for line in lines if line.startswith("trial ")]) == 2
+    assert not [line for line in lines if line.startswith(("epoch ", "Device: ", "Run "))]
+    # The runs' own lines are in the log: 2 trials x 2 epochs.
+    logged = log.read_text().splitlines()
+    assert len([line for line in logged if line.startswith("epoch ")]) == 4
+    assert len([line for line in logged if line.startswith("Device: ")]) == 2
+
+    assert main([*args, "--epoch-lines"]) == 0  # a new study (the last one finished)
+    lines = capsys.readouterr().out.splitlines()
+    # Each trial's two epoch lines, then its own line.
+    shown = [line.split()[:2] for line in lines if line.startswith(("epoch ", "trial "))]
+    assert [words[1] for words in shown] == ["1/2", "2/2", "0", "1/2", "2/2", "1"]
+    assert not any("one at a time" in line for line in lines)
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ again after Ctrl-C, SIGTERM or SIGKILL goes on (finished trials kept, a stopped 
 after a sweep that finished, it starts a new study (`<name>-2`, ...) and parent run.
 The parent run logs the best value so far per finished trial; at the end, the trials table,
 the best config (a TOML experiment that runs as is) and Optuna's history and importance plots.
+The sweep prints one line per trial as it ends; the trials' runs write their own lines (one per
+epoch) to the sweep folder's worker-<i>.log, or print them too with --epoch-lines.
 Demo-4 runs its grid through `run_sweep` too.
 """
 
@@ -38,7 +40,7 @@ from src.config import REPO_ROOT, ExperimentConfig
 from src.errors import ConfigError, UserError, print_user_error
 from src.sweep.multirun import start_parent
 from src.sweep.space import SweepSpace, make_pruner, make_sampler, read_space
-from src.sweep.trial import SweepPlan
+from src.sweep.trial import SweepPlan, work
 
 POLL_S = 1.0
 STOP_WAIT_S = 300.0  # how long stopped workers may take to mark their runs KILLED
@@ -58,6 +60,9 @@ class SweepOptions:
     parent_name: str = "sweep"  # the parent run's name
     parent_tags: dict[str, Any] = field(default_factory=dict)
     child_names: str = "trial"  # the child runs' names: <run_name>-<child_names><N>
+    # Trials run in this process print their runs' lines (device, every epoch) here; False:
+    # one line per trial here, the runs' lines in the sweep folder's worker-0.log.
+    epoch_lines: bool = True
 
 
 @dataclass
@@ -103,22 +108,21 @@ def run_sweep(
             parent = reopened_parent(config, study, options.parent_name, tags, trials)
     plan = SweepPlan(config, space, url, name, parent.run_id, trials, options.child_names)
     outcome = SweepOutcome(parent.run_id, parent.experiment_id, study, plan, False)
-    return _run(parent, outcome, workers, options.devices, on_finish or log_sweep_summary)
+    return _run(parent, outcome, workers, options, on_finish or log_sweep_summary)
 
 
-def _run(parent, outcome: SweepOutcome, workers: int, devices: list[str], on_finish) -> Any:
+def _run(parent, outcome: SweepOutcome, workers: int, options: SweepOptions, on_finish) -> Any:
     from src.sweep.multirun import same_command
     from src.sweep.report import Progress
-    from src.sweep.trial import work
 
     plan, study = outcome.plan, outcome.study
     try:
         progress = Progress(parent, study, plan)
         progress.update()
-        if workers == 1 and not devices:
-            work(plan, after_trial=progress.update)
+        if workers == 1 and not options.devices:
+            run_in_process(plan, progress, options.epoch_lines)
         else:
-            run_workers(plan, workers, devices, progress)
+            run_workers(plan, workers, options.devices, progress)
         progress.update()
         outcome.finished = sweep_study.counted(study) >= plan.trials and not _running(study)
         if outcome.finished:
@@ -201,6 +205,24 @@ def reopened_parent(config, study, name: str, tags: dict[str, Any], trials: int)
     done = sweep_study.counted(study)
     print(f"Going on with {study.study_name} ({parent_id}): {done} of {trials} trials counted.")
     return start_parent(config, name, tags, reopen=parent_id)
+
+
+def run_in_process(plan: SweepPlan, progress: Any, epoch_lines: bool) -> None:
+    """The trials one after the other in this process, a line each as it ends (`progress`);
+    their runs' own lines go to the sweep folder's worker-0.log, or here with `epoch_lines`."""
+    if epoch_lines:
+        work(plan, after_trial=progress.update)
+        return
+    folder = sweep_folder(plan.config, plan.study_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "worker-0.log"
+    print(
+        f"{plan.trials} trials, one at a time; each run's epoch lines: {path} "
+        "(--epoch-lines prints them here)",
+        flush=True,
+    )
+    with open(path, "a", buffering=1) as log:  # a line at a time: `tail -f` follows it
+        work(plan, after_trial=progress.update, output=log)
 
 
 # ------------------------------------------------------------------ worker processes
@@ -317,6 +339,14 @@ def add_sweep_flags(parser: argparse.ArgumentParser, grid: bool = False) -> None
     a("--devices", help="GPUs for the workers, e.g. 0,1,2,3: one per worker (CUDA_VISIBLE_DEVICES)")
     a("--storage", help="Optuna storage URL (default: sqlite:///optuna.db by the MLflow store)")
     a("--study-name", help="the Optuna study; the same name on several machines joins them")
+    if not grid:
+        a(
+            "--epoch-lines",
+            action="store_true",
+            help="print the epoch lines of every trial too (default: one line per trial; the "
+            "epoch lines go to results/<experiment>/sweeps/<study>/worker-<i>.log, where a "
+            "worker of --workers K > 1 always writes them)",
+        )
 
 
 def options_from_args(args: argparse.Namespace) -> SweepOptions:
@@ -339,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
         options.parent_name = f"{config.run.run_name}-sweep"
         options.parent_tags = {"sweep.space": Path(args.space).name}
+        options.epoch_lines = args.epoch_lines
         outcome = run_sweep(config, space, options)
     except UserError as e:
         return print_user_error(e)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -184,16 +185,45 @@ def _distribution_ends(key: str, spec: Any, where: str) -> list[Any]:
             raise ConfigError(f"{where}: {key!r} needs choices = [at least two values].")
         return choices
     low, high = spec.get("low"), spec.get("high")
-    number = int if kind == "int" else (int, float)
-    if not all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high)):
-        raise ConfigError(f"{where}: {key!r} needs low and high, both {kind} numbers.")
+    number = "a whole number" if kind == "int" else "a finite number"
+    if not (_is_number(low, kind) and _is_number(high, kind)):
+        raise ConfigError(
+            f"{where}: {key!r} needs low and high, each {number}, got low = {low!r}, "
+            f"high = {high!r}."
+        )
     if low >= high:
         raise ConfigError(f"{where}: {key!r} has low = {low} >= high = {high}; low must be below.")
-    if spec.get("log") and low <= 0:
-        raise ConfigError(f"{where}: {key!r} is log-scaled, so low must be above 0, got {low}.")
-    if spec.get("log") and spec.get("step") is not None and kind == "float":
-        raise ConfigError(f"{where}: {key!r} cannot be both log-scaled and stepped.")
+    log, step = spec.get("log", False), spec.get("step")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: {key!r} has log = {log!r}; write log = true or log = false.")
+    if log and low <= 0:
+        raise ConfigError(
+            f"{where}: {key!r} is log-scaled, so low must be above 0, got {low}; raise low "
+            "or drop log = true."
+        )
+    if step is None:
+        return [low, high]
+    if not _is_number(step, kind) or step <= 0:
+        raise ConfigError(
+            f"{where}: {key!r} has step = {step!r}; step must be {number} above 0 "
+            "(or leave step out to draw any value between low and high)."
+        )
+    # In decimals: 0.3 - 0.1 is 0.19999999999999998 in floats, below a step of 0.2.
+    span = Decimal(repr(high)) - Decimal(repr(low))
+    if Decimal(repr(step)) > span:
+        raise ConfigError(
+            f"{where}: {key!r} has step = {step}, larger than high - low = {span}, so only "
+            "low could be drawn; give a smaller step or a wider range."
+        )
+    if log and (kind == "float" or step != 1):  # Optuna's log scale has no steps
+        raise ConfigError(f"{where}: {key!r} cannot be both log-scaled and stepped; drop one.")
     return [low, high]
+
+
+def _is_number(value: Any, kind: str) -> bool:
+    """An int (kind "int"), or a finite int or float (kind "float"); never a bool."""
+    number = int if kind == "int" else (int, float)
+    return isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def suggest(trial: Any, space: SweepSpace) -> dict[str, Any]:

@@ -16,9 +16,10 @@ import json
 import math
 import os
 import sys
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import src.interrupts as interrupts
 import src.sweep.study as sweep_study
@@ -93,9 +94,15 @@ def next_sampler(plan: SweepPlan, study: Any) -> Any:
     )
 
 
-def work(plan: SweepPlan, parent_pid: int | None = None, after_trial: Any = None) -> None:
+def work(
+    plan: SweepPlan,
+    parent_pid: int | None = None,
+    after_trial: Any = None,
+    output: TextIO | None = None,
+) -> None:
     """Run trials until the study has --trials that count; `after_trial()` after each one.
-    A worker whose sweep process died (`parent_pid` no longer its parent) takes no more."""
+    A worker whose sweep process died (`parent_pid` no longer its parent) takes no more.
+    `output`: where the trials' runs print their lines (device, every epoch); default stdout."""
     study, storage = load_study(plan)
     while parent_pid is None or os.getppid() == parent_pid:
         with sweep_study.MachineLock(plan.storage_url, plan.study_name) as lock:
@@ -103,11 +110,12 @@ def work(plan: SweepPlan, parent_pid: int | None = None, after_trial: Any = None
             if sweep_study.counted(study) >= plan.trials:
                 return
             study.sampler = next_sampler(plan, study)
-            study.optimize(
-                lambda trial: objective(trial, plan, lock),
-                n_trials=1,
-                catch=(NonFiniteLossError,),  # a diverging trial fails; the sweep goes on
-            )
+            with redirect_stdout(output) if output is not None else nullcontext():
+                study.optimize(
+                    lambda trial: objective(trial, plan, lock),
+                    n_trials=1,
+                    catch=(NonFiniteLossError,),  # a diverging trial fails; the sweep goes on
+                )
         if after_trial is not None:
             after_trial()
 

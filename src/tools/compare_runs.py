@@ -11,7 +11,9 @@ shown (the rest are equal, so they say nothing), and the best epoch with its met
 written as `runs.csv`, and `val_auroc_mean.png` shows each run's curve over the epochs, in
 `results/compare/<experiment>/` unless --out says otherwise. `--filter` takes MLflow's search
 syntax (`params.<key>`, `metrics.<key>`, `tags.<key>`, `attributes.status`). Parent runs (of a
-set of seeds or a grid) hold no params and are left out; their children are shown.
+sweep, a set of seeds or a grid) hold no params and are left out, and the command says which;
+their children are shown. Printed tables give numbers to 4 significant digits; the CSV keeps
+every digit.
 
 `--sweep PARENT_RUN_ID` shows one sweep (`python -m src.sweep`) instead: its trials sorted by the
 objective, best first, with the values each trial drew and how it ended (`complete`, `pruned`).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,17 @@ SUMMARY_PREFIX = "best_"
 BEST_METRICS = ("best_epoch", "best_val_auroc_mean", "best_val_ap_mean", "best_val_loss")
 # The run name has its own column; it differs between runs by design.
 NOT_COMPARED_PARAMS = ("run.run_name",)
+# Columns printed as they are; every other column holds numbers (params are stored as text).
+TEXT_COLUMNS = ("run_name", "run_id", "status", "parent")
+# What a run without params is, by its tags (the first that it has): (tag, one, many). A
+# Demo-4 grid is a sweep tagged `grid`; a set of seeds (--seeds) is tagged `seeds`.
+PARENT_KINDS = (
+    ("grid", "a grid", "grids"),
+    ("sweep.study", "a sweep", "sweeps"),
+    ("seeds", "a set of seeds", "sets of seeds"),
+)
+# Line styles of the curves: a new one after every 20 runs (the colours of tab20).
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 # ------------------------------------------------------------------ reading the store
@@ -158,39 +172,60 @@ def _legend_label(run: Any, varying: list[str], names: list[str]) -> str:
     label = run.info.run_name
     if names.count(label) > 1:
         label += f" ({run.info.run_id[:8]})"
-    shown = [f"{k.rsplit('.', 1)[-1]}={run.data.params.get(k, '-')}" for k in varying[:3]]
+    shown = [f"{k.rsplit('.', 1)[-1]}={_significant(run.data.params.get(k))}" for k in varying[:3]]
     return label + (f"  {', '.join(shown)}" if shown else "")
+
+
+def curve_styles(n: int) -> list[tuple[tuple[float, ...], str]]:
+    """(colour, line style) of n curves, each pair different for up to 80 curves: tab20's
+    colours, its dark half first (tab10's colours, matplotlib's default cycle), then its light
+    half; after 20 curves the colours come again with the next line style."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    colours = [tab20[i] for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    return [(colours[i % 20], LINE_STYLES[i // 20 % len(LINE_STYLES)]) for i in range(n)]
+
+
+def curves_figure(uri: str, runs: list[Any], metric: str) -> Any:
+    """The matplotlib figure of `plot_curves`, or None when no run logged the metric. The
+    legend lies below the axes (in two columns from 4 runs on, when the labels are short
+    enough), and the figure grows taller to hold it."""
+    from matplotlib.ticker import MaxNLocator
+
+    from src.evaluate import pyplot
+
+    plt = pyplot()
+    varying = differing_params([r.data.params for r in runs])
+    names = [r.info.run_name for r in runs]
+    histories = [(run, metric_history(uri, run.info.run_id, metric)) for run in runs]
+    histories = [(run, history) for run, history in histories if history]
+    if not histories:
+        return None
+    labels = [_legend_label(run, varying, names) for run, _ in histories]
+    # Two columns of up to 60 characters (7 pt) fit the figure's 800 pixels.
+    columns = 2 if len(labels) >= 4 and max(map(len, labels)) <= 60 else 1
+    rows = math.ceil(len(labels) / columns)
+    fig, ax = plt.subplots(figsize=(8, 5 + max(0, rows - 4) * 0.18))
+    styles = curve_styles(len(histories))
+    for (_, history), label, (colour, style) in zip(histories, labels, styles):
+        steps = sorted(history)
+        values = [history[s] for s in steps]
+        ax.plot(steps, values, marker=".", color=colour, linestyle=style, label=label)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    # Below the axes: it never covers a curve, and long labels get the figure's width.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=columns, fontsize=7)
+    return fig
 
 
 def plot_curves(uri: str, runs: list[Any], metric: str, out_path: Path) -> Path | None:
     """One line per run: `metric` over the epochs. None when no run logged the metric."""
-    from matplotlib.ticker import MaxNLocator
+    from src.evaluate import save_figure
 
-    from src.evaluate import pyplot, save_figure
-
-    plt = pyplot()
-
-    varying = differing_params([r.data.params for r in runs])
-    names = [r.info.run_name for r in runs]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = 0
-    for run in runs:
-        history = metric_history(uri, run.info.run_id, metric)
-        if not history:
-            continue
-        steps = sorted(history)
-        ax.plot(
-            steps, [history[s] for s in steps], marker=".", label=_legend_label(run, varying, names)
-        )
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_figure(fig, out_path)
+    fig = curves_figure(uri, runs, metric)
+    return None if fig is None else save_figure(fig, out_path)
 
 
 @dataclass
@@ -198,7 +233,7 @@ class CompareOutputs:
     table: Any  # pandas.DataFrame, one row per run
     csv_path: Path
     plot_path: Path | None
-    parents_left_out: int
+    left_out: list[Any]  # the runs without params: parents of sweeps, seeds and grids
 
 
 def compare_experiment(
@@ -223,7 +258,36 @@ def compare_experiment(
     csv_path = out / "runs.csv"
     table.to_csv(csv_path, index=False)
     plot_path = plot_curves(uri, runs, metric, out / f"{tracking.slug(metric)}.png")
-    return CompareOutputs(table, csv_path, plot_path, len(found) - len(runs))
+    return CompareOutputs(table, csv_path, plot_path, [r for r in found if not r.data.params])
+
+
+def left_out_text(runs: list[Any]) -> str:
+    """The runs without params in words: "the parent run of a sweep", "the parent runs of 2
+    grids and a set of seeds; a run that logged no params"."""
+    counts = Counter(_parent_kind(run.data.tags) for run in runs)
+    groups = [
+        one if counts[one] == 1 else f"{counts[one]} {many}"
+        for _, one, many in PARENT_KINDS
+        if counts[one]
+    ]
+    phrases = []
+    if groups:
+        parents = sum(counts[one] for _, one, _ in PARENT_KINDS)
+        phrases.append(f"the parent run{'s' if parents > 1 else ''} of {_and(groups)}")
+    if counts[None]:
+        n = counts[None]
+        phrases.append(
+            f"{n} runs that logged no params" if n > 1 else "a run that logged no params"
+        )
+    return "; ".join(phrases)
+
+
+def _parent_kind(tags: dict[str, str]) -> str | None:
+    return next((one for tag, one, _ in PARENT_KINDS if tag in tags), None)
+
+
+def _and(parts: list[str]) -> str:
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
 def sweep_table(uri: str, parent_run_id: str) -> Any:
@@ -264,6 +328,33 @@ def sweep_table(uri: str, parent_run_id: str) -> Any:
 # ------------------------------------------------------------------ command line
 
 
+def table_text(table: Any) -> str:
+    """`table` as printed: every column but the names and ids in numbers of 4 significant
+    digits (whole numbers whole), missing values as '-'."""
+    import pandas as pd
+
+    shown = table.copy()
+    for column in shown.columns:
+        if column not in TEXT_COLUMNS:
+            shown[column] = [_significant(v) for v in shown[column]]
+    with pd.option_context("display.width", None, "display.max_columns", None):
+        return shown.to_string(index=False)
+
+
+def _significant(value: Any) -> str:
+    """A number, or a param's text that reads as one, to 4 significant digits; other text
+    as it is."""
+    import pandas as pd
+
+    if pd.isna(value):
+        return "-"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else f"{number:.4g}"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m src.tools.compare_runs",
@@ -289,8 +380,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the table and where the CSV and plot went; 1 if no run matches, 2 user errors."""
-    import pandas as pd
-
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.sweep:
@@ -307,11 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         what = f" match the filter {args.filter!r}" if args.filter else ""
         print(f"No runs of experiment {args.experiment!r}{what}.", file=sys.stderr)
         return 1
-    with pd.option_context("display.width", None, "display.max_columns", None):
-        print(outputs.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if outputs.parents_left_out:
-        n = outputs.parents_left_out
-        print(f"({n} parent run{'s' if n > 1 else ''} of seeds or grids left out)")
+    print(table_text(outputs.table))
+    if outputs.left_out:
+        print(f"(no params, so left out: {left_out_text(outputs.left_out)})")
     print(f"\nTable: {outputs.csv_path}")
     if outputs.plot_path is not None:
         print(f"Plot:  {outputs.plot_path}")
@@ -323,8 +410,6 @@ def main(argv: list[str] | None = None) -> int:
 def show_sweep(args: argparse.Namespace) -> int:
     """Print the sweep's trials and write them as sweep.csv (in --out, else the current
     folder's results/compare/sweep-<id>)."""
-    import pandas as pd
-
     try:
         table = sweep_table(tracking.existing_store(args.tracking_uri), args.sweep)
     except UserError as e:
@@ -335,8 +420,7 @@ def show_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else REPO_ROOT / "results" / "compare" / f"sweep-{args.sweep}"
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "sweep.csv", index=False)
-    with pd.option_context("display.width", None, "display.max_columns", None):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(table_text(table))
     print(f"\nTable: {out / 'sweep.csv'}")
     return 0
 
