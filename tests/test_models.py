@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.any_size import TinyConvAnySize
 from models.components import (
     CONV_TYPES,
     MIN_IMAGE_SIZE,
@@ -353,3 +354,22 @@ def test_a_file_without_vgg_weights_is_a_clear_error(empty_torch_home: Path):
     torch.save({"features.0.weight": torch.zeros(1)}, path)
     with pytest.raises(PretrainedWeightsError, match="vgg16-397923af.pth"):
         VGG16Customizable(vgginit="pretrained", image_size=96)
+
+
+@pytest.mark.parametrize("size", [(9, 9), (32, 32), (48, 48), (64, 100), (320, 240)])
+def test_tinyconv_any_size_takes_any_image_size(size):
+    torch.manual_seed(0)
+    out = TinyConvAnySize(n_outputs=4)(torch.randn(2, 3, *size))["out"]
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+
+
+def test_tinyconv_any_size_averages_the_conv_features():
+    """One channel pattern tiled over a bigger image gives the same mean feature, hence the
+    same logits: the pooling is an average over the whole image, by hand."""
+    torch.manual_seed(0)
+    model = TinyConvAnySize(n_outputs=2).eval()
+    tile = torch.randn(1, 3, 9, 9)  # 9 x 9 -> 3 x 3 -> 1 x 1 after the two strided convs
+    big = tile.repeat(1, 1, 3, 3)  # 27 x 27 -> 9 x 9 -> 3 x 3, nine copies of the same value
+    with torch.no_grad():
+        assert torch.allclose(model(tile)["out"], model(big)["out"], atol=1e-6)
+    assert n_parameters(model) == 3 * 8 * 9 + 8 + 8 * 16 * 9 + 16 + 16 * 2 + 2
