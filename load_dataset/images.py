@@ -1,9 +1,10 @@
 """Reading image files: the one reader of every image the repository decodes.
 
-TinyData, PascalVOC2012, torchvision's ImageFolder and DatasetFolder as the training set-up
-builds them (`folder_dataset_args`), `python -m src.serve.predict`, the Demos and the
-benchmarks all read an image file through `open_rgb`, so a model predicts on exactly the
-pixels it was trained on. One decision for every file:
+TinyData, PascalVOC2012, torchvision's ImageFolder, DatasetFolder and its other datasets that
+take a `loader` (given `open_rgb` by `reader_args` where the training set-up builds them),
+`python -m src.serve.predict`, the Demos and the benchmarks all read an image file through
+`open_rgb`, so a model predicts on exactly the pixels it was trained on. One decision for
+every file:
 
 - image files are those whose suffix is in IMAGE_SUFFIXES, hidden files left out
   (`is_image_file`); what they hold must be one of FORMATS, whatever the suffix says;
@@ -162,13 +163,13 @@ def to_rgb(image: Image.Image, source: str | os.PathLike | None = None) -> Image
         ) from None
 
 
-def folder_dataset_args(cls: type, args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments that make a torchvision folder dataset (ImageFolder, DatasetFolder, a
-    class with their `loader`) read its images as every dataset here does: `loader=open_rgb`
-    and, unless `args` give `is_valid_file` or `extensions`, `is_valid_file=is_image_file`
-    (the files `list_images` lists: GIFs too, hidden files not; torchvision's own list leaves
-    GIFs out silently). {} for a class whose `loader` has a default of its own, and when `args`
-    give a loader.
+def reader_args(cls: type, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments that make a torchvision dataset class which reads image files through a
+    `loader` argument (ImageFolder, DatasetFolder, Flowers102, Food101, ...) read them as every
+    dataset here does: `loader=open_rgb` and, where the class takes `is_valid_file` and `args`
+    give neither it nor `extensions`, `is_valid_file=is_image_file` (the files `list_images`
+    lists: GIFs too, hidden files not; torchvision's own list leaves GIFs out silently).
+    {} for a class whose `loader` has a default of its own, and when `args` give a loader.
     """
     try:
         params = inspect.signature(cls).parameters

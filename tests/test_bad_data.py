@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFile
 
 from load_dataset.custom_pascal import PascalVOC2012, read_image
@@ -24,6 +25,8 @@ from load_dataset.errors import DataError
 from load_dataset.generators.pascal_tree import HEIGHT, WIDTH, make_pascal_tree
 from load_dataset.images import open_rgb
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
+from src.config import from_dict, read_toml
+from src.train.build import build_dataset
 from tests.tiny_fixtures import write_labels_csv
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +171,6 @@ def test_missing_files_are_named_and_counted_or_only_warned_of(tmp_path):
 def test_missing_files_warn_is_set_from_the_command_line(tmp_path):
     """The flag as given on the command line reaches the data set (building it only)."""
     from src.cli import load_from_args, make_parser
-    from src.train.build import build_dataset
 
     data = tiny_copy(tmp_path)
     (data / "train" / "train_007.png").unlink()
@@ -379,9 +381,6 @@ def experiment_with_a_bad_val_image(
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("kind", ["TinyData", "PascalVOC2012", "ImageFolder", "DatasetFolder"])
 def test_a_file_that_is_no_image_is_named_by_every_dataset(tmp_path, kind, damage):
-    from src.config import from_dict, read_toml
-    from src.train.build import build_dataset
-
     toml, path = experiment_with_a_bad_val_image(kind, tmp_path, damage)
     ds = build_dataset(from_dict(read_toml(toml)), "val")  # the first sample reads well
     with pytest.raises(DataError) as info:
@@ -407,8 +406,6 @@ def test_a_file_that_is_no_image_stops_training_in_one_line(
     """The command line's one line `error: ...` naming the file, with and without loader
     workers (from a worker the error reaches the main process as a copy holding the worker's
     traceback); the run is marked FAILED and nothing is checkpointed."""
-    from mlflow.tracking import MlflowClient
-
     toml, path = experiment_with_a_bad_val_image(kind, tmp_path / "data", damage, workers)
     code, err = command_line([], toml, tmp_path, capsys)
     line = one_error_line(code, err)

@@ -10,6 +10,7 @@ frames and an image over Pillow's pixel limit are refused by all of them alike, 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import DatasetFolder, Food101, ImageFolder
 
 import src.config as cfg
+from load_dataset.builtin import TorchvisionClassification
+from load_dataset.custom_tiny import TinyData
 from load_dataset.errors import DataError
 from load_dataset.generators.pascal_tree import HEIGHT, WIDTH, make_pascal_tree
-from load_dataset.images import folder_dataset_args, image_size, list_images, open_rgb
+from load_dataset.images import image_size, is_image_file, list_images, open_rgb, reader_args
 from src.serve.model_package import input_transform_of
 from src.serve.predict import read_images
 from src.train.build import build_dataset
@@ -228,10 +232,28 @@ def test_training_sees_what_predict_sees(tmp_path, kind, fmt):
         assert torch.equal(training, served(ds, shown["pixels"]))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_torchvision_dataset_of_image_files_reads_them_as_predict_does(tmp_path, fmt):
+    """TorchvisionClassification over a class that reads files through a `loader` (Food101's
+    layout: food-101/meta/<split>.json, food-101/images/<class>/<name>.jpg)."""
+    food = tmp_path / "food-101"
+    (food / "meta").mkdir(parents=True)
+    (food / "meta" / "test.json").write_text(json.dumps({"cake": ["cake/1"], "pie": ["pie/1"]}))
+    path, _, _ = write_format(food / "images" / "cake", "1", fmt)
+    if path.suffix != ".jpg":  # Food101 lists <name>.jpg: another format's bytes under it
+        path = path.rename(path.with_suffix(".jpg"))
+    write_png(food / "images" / "pie" / "1.png", np.zeros((HEIGHT, WIDTH, 3))).rename(
+        food / "images" / "pie" / "1.jpg"
+    )
+    ds = TorchvisionClassification("test", name="Food101", root=str(tmp_path))
+    ((_, predicted),) = read_images([path])[0]
+    assert ds.label_meanings == ["cake", "pie"]
+    assert torch.equal(ds[0]["data"], served(ds, predicted))
+
+
 def test_imagefolder_without_the_repositorys_reader_sees_other_pixels(tmp_path):
     """The comparison above can fail: torchvision's own loader clips a 16-bit PNG to white
     and leaves GIFs out."""
-    from torchvision.datasets import ImageFolder
 
     def write(folder: Path, name: str) -> Path:
         write_format(folder, "z", "GIF")
@@ -248,23 +270,19 @@ def test_imagefolder_without_the_repositorys_reader_sees_other_pixels(tmp_path):
 
 
 def test_folder_datasets_get_the_reader_unless_the_config_gives_their_own():
-    from torchvision.datasets import DatasetFolder, ImageFolder
-
-    from load_dataset.custom_tiny import TinyData
-    from load_dataset.images import is_image_file
-
     both = {"loader": open_rgb, "is_valid_file": is_image_file}
-    assert folder_dataset_args(ImageFolder, {"root": "r"}) == both
-    assert folder_dataset_args(DatasetFolder, {"root": "r"}) == both
-    assert folder_dataset_args(DatasetFolder, {"extensions": [".npy"]}) == {"loader": open_rgb}
-    assert folder_dataset_args(ImageFolder, {"loader": "x"}) == {}
-    assert folder_dataset_args(TinyData, {}) == {}
+    assert reader_args(Food101, {"split": "train"}) == {"loader": open_rgb}
+    assert reader_args(ImageFolder, {"root": "r"}) == both
+    assert reader_args(DatasetFolder, {"root": "r"}) == both
+    assert reader_args(DatasetFolder, {"extensions": [".npy"]}) == {"loader": open_rgb}
+    assert reader_args(ImageFolder, {"loader": "x"}) == {}
+    assert reader_args(TinyData, {}) == {}
 
     class OwnReader(ImageFolder):
         def __init__(self, root, loader=np.load) -> None:
             super().__init__(root, loader=loader)
 
-    assert folder_dataset_args(OwnReader, {}) == {}  # a class's own loader is its choice
+    assert reader_args(OwnReader, {}) == {}  # a class's own loader is its choice
 
 
 # ---------------------------------------------------------------- refused alike, by name

@@ -4,10 +4,12 @@ failure listed, exit code 1; thresholds and heatmap files."""
 from __future__ import annotations
 
 import shutil
+import weakref
 
 import pandas as pd
 import pytest
 
+import src.serve.predict as predict
 from tests.command_line import run_here
 from tests.trained_runs import LABELS, REPO, save_tiny_model
 
@@ -67,10 +69,6 @@ def test_images_are_decoded_a_batch_at_a_time(model_dir, tmp_path, capsys, monke
     """Memory is bounded by a batch, not by the folder: when a batch is decoded, no image of an
     earlier batch is alive. Rows and heatmap names count across batches, an unreadable file
     in the first batch included."""
-    import weakref
-
-    import src.serve.predict as predict
-
     images = tmp_path / "images"
     images.mkdir()
     names = [f"val_{i:03d}.png" for i in range(1, 11)]

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 import src.distributed as ddp
 import src.train.checkpoint as ckpt_io
 from load_dataset.errors import DataError
-from load_dataset.images import folder_dataset_args
+from load_dataset.images import reader_args
 from src.config import (
     IMPORT_PATH,
     SETNAME_PLACEHOLDER,
@@ -153,7 +153,7 @@ def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
     name = config.data.dataset
     cls = import_class(name, "[data] dataset", "dataset")
     args = {k: _arg_value(v, f"data.args.{k}", setname) for k, v in config.data.args.items()}
-    args = {**folder_dataset_args(cls, args), **args}  # ImageFolder reads images as ours do
+    args = {**reader_args(cls, args), **args}  # ImageFolder reads images as ours do
     by_placeholder = SETNAME_PLACEHOLDER in str(config.data.args)  # in any string, nested too
     try:
         dataset = cls(**args) if by_placeholder else cls(setname, **args)
