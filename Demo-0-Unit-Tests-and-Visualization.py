@@ -89,13 +89,11 @@ def draw_voc_samples(voc_dir: str, n_images: int, image_size: int, out: Path, sh
 
 def tiny_image():
     """The first TinyData training image (PIL, 32 x 32 RGB) and its file name."""
-    from PIL import Image
-
     from load_dataset.custom_tiny import TinyData
+    from load_dataset.images import open_rgb
 
     ds = TinyData("train")
-    with Image.open(ds.image_paths[0]) as im:
-        return im.convert("RGB"), ds.image_ids[0]
+    return open_rgb(ds.image_paths[0]), ds.image_ids[0]
 
 
 def newest_demo2_run(uri: str) -> str | None:
@@ -119,7 +117,7 @@ def draw_explanations(source: str, uri: str, n_images: int, out: Path) -> Path:
     import src.serve.model_package as model_package
     import src.tracking as tracking
     from load_dataset.custom_tiny import TinyData
-    from load_dataset.utils import open_rgb
+    from load_dataset.images import open_rgb
     from src.serve.predict import model_uri
 
     model, store = model_uri(source, uri)

@@ -11,14 +11,16 @@ torch.set_num_threads(1), samples are iterated in-process, every pipeline reads 
 
 | pipeline | per image                                                                        |
 | -------- | -------------------------------------------------------------------------------- |
-| tutorial | PIL open -> ToTensor -> Normalize -> bicubic F.interpolate on float to S x S;     |
+| tutorial | decode -> ToTensor -> Normalize -> bicubic F.interpolate on float to S x S;       |
 |          | labels by set(mask.tolist()) of the full-resolution mask                          |
 | uncached | PascalVOC2012 as the training loop builds it (return_seglabel=False): decode,     |
 |          | uint8 resize; construction (the label table: every mask read once) included      |
 | cached   | PascalVOC2012 with cache_dir, the cache already built (its build time is printed  |
 |          | apart); construction included                                                     |
-| decode   | PIL open + convert("RGB") + np.asarray: the floor of any pipeline that decodes    |
+| decode   | open_rgb + np.asarray: the floor of any pipeline that decodes                     |
 
+Every pipeline reads an image as the datasets read it (`load_dataset.images.open_rgb`: for a
+VOC JPEG, the tutorial's PIL open + convert("RGB")) and a mask with `read_mask`.
 Each pipeline runs --repeats times, interleaved with the others, and its fastest pass counts.
 
 Stage 2: a torch DataLoader (--batch-size, default 64) over the uncached dataset (--cached:
@@ -54,13 +56,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from matplotlib.figure import Figure
-from PIL import Image, features
+from PIL import features
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from benchmarks.common import add_source_flags, check_source_flags, run_in_temporary_folder
 from load_dataset.custom_pascal import PascalVOC2012, read_mask
 from load_dataset.generators.make_synthetic_voc import write_synthetic_voc
+from load_dataset.images import open_rgb
 from load_dataset.pascal.cache import usable_cores
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD
 from src.config import REPO_ROOT
@@ -99,21 +102,17 @@ class Row:
 
 def tutorial_sample(image_path: str, mask_path: str, size: int) -> tuple[torch.Tensor, list[int]]:
     """The tutorial's sample: float32 [3, size, size] ImageNet-normalized, 20 labels of 0/1."""
-    image = Image.open(image_path).convert("RGB")
+    image = open_rgb(image_path)
     x = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(image))
     x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False)[0]
-    if mask_path.endswith(".mat"):  # SBD: the tutorial reads these through scipy as well
-        mask = read_mask(mask_path)
-    else:
-        mask = np.array(Image.open(mask_path))
+    mask = read_mask(mask_path)  # SBD's .mat: the tutorial reads these through scipy as well
     present = set(mask.ravel().tolist())
     return x, [int(k in present) for k in range(1, 21)]
 
 
 def decode_alone(image_path: str) -> np.ndarray:
     """uint8 [H, W, 3]: the JPEG decoded, nothing else."""
-    with Image.open(image_path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(open_rgb(image_path))
 
 
 @contextmanager

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from load_dataset.errors import DataError
+from load_dataset.images import reader_args
 from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD, resize_pixels
 
 SETNAMES = ("train", "val", "test")
@@ -195,6 +196,7 @@ def open_source(name: str, root: str, source_split: str, download: bool) -> Any:
     """
     cls, split_arg = dataset_class(name)
     kwargs = {"train": source_split == "train"} if split_arg == "train" else {"split": source_split}
+    kwargs |= reader_args(cls, kwargs)  # image files (Flowers102, ...) read as the datasets read
     files = BUILTINS[name].where(root) if name in BUILTINS else str(root)
     try:
         return cls(root, download=False, **kwargs)

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from load_dataset.errors import DataError
+from load_dataset.images import image_size, open_image, open_rgb, to_rgb
 from load_dataset.pascal import cache as pascal_cache
 from load_dataset.pascal.augment import AUGMENTATIONS, PascalAugment, check_augment
 from load_dataset.pascal.labels import (
@@ -52,10 +53,6 @@ from load_dataset.pascal.visualize import build_augmentation_gallery, save_visua
 from load_dataset.utils import (
     IMAGENET_MEAN,  # ImageNet's statistics: what the pretrained VGG-16 expects
     IMAGENET_STD,
-    image_size,
-    open_image,
-    open_rgb,
-    to_rgb,
 )
 
 __all__ = [
@@ -261,7 +258,7 @@ def read_image(path: str, padded: bool = False) -> torch.Tensor:
     pixel layout), for `PascalAugment`, which resizes all four and keeps the first three.
     Skipping the RGB packing (Pillow) and unpacking (torch's uint8 resize works on 4-byte
     pixels) saves ~0.07 ms of the ~1.8 ms an image costs; the RGB values are the same.
-    Grey, CMYK and 16-bit images are read as `load_dataset.utils.open_rgb` reads them.
+    Read by `load_dataset.images.open_rgb`, as every image of the repository.
     """
     rgb = open_rgb(path, fix=RESTORE_IMAGE)
     if padded:
@@ -294,7 +291,8 @@ class PascalInput:
 
 
 def read_mask(path: str) -> np.ndarray:
-    """A VOC palette PNG or an SBD cls/*.mat as uint8 [H, W] class indices."""
+    """A VOC palette PNG or an SBD cls/*.mat as uint8 [H, W] class indices (a PNG turned by
+    its EXIF orientation, as images are)."""
     try:
         if path.endswith(".mat"):
             from scipy.io import loadmat
@@ -309,6 +307,7 @@ def read_mask(path: str) -> np.ndarray:
                         f"Mask {path} is a {im.mode!r} image; VOC masks are palette ('P') "
                         f"PNGs of class indices: restore it from the original archive ({README})."
                     )
+                ImageOps.exif_transpose(im, in_place=True)  # as its image is read (open_rgb)
                 mask = np.array(im)
     except DataError:
         raise

@@ -1,7 +1,8 @@
 """TinyData: a folder of small images with one CSV of multi-hot labels (the tutorial's format).
 
 <data_dir>/
-    tiny_labels.csv     Filename,LabelRed,LabelBlue,LabelYellow   (any label columns, 0/1)
+    tiny_labels.csv     Filename,LabelRed,LabelBlue,LabelYellow   (any label columns, 0/1;
+                        another name or place: labels_csv=, --labels-csv)
     train/*.png         file names as in the CSV's first column
     val/*.png
     test/*.png
@@ -22,15 +23,13 @@ import torch
 from torch.utils.data import Dataset
 
 from load_dataset.errors import DataError
+from load_dataset.images import image_size, list_images, open_rgb
 from load_dataset.utils import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MeanStd,
     NormalizedInput,
     compute_mean_std,
-    image_size,
-    list_images,
-    open_rgb,
 )
 
 SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "tiny_data"
@@ -92,10 +91,12 @@ def check_missing_files(
     labels_by_name: dict[str, np.ndarray],
     listed: dict[str, list[Path]],
     csv_path: Path,
+    data_dir: Path,
     missing_files: str = "error",
 ) -> None:
     """DataError, or with missing_files='warn' a MissingFilesWarning, when rows of the label
-    CSV name files that none of the split folders (`listed`: split -> its images) holds.
+    CSV name files that none of the split folders of `data_dir` (`listed`: split -> its
+    images) holds.
 
     Only when train/, val/ and test/ all exist: without one of them, the rows of its images
     cannot be told from rows whose file is missing (a folder may leave out its test split).
@@ -108,7 +109,9 @@ def check_missing_files(
         return
     more = len(absent) - N_NAMED
     named = ", ".join(absent[:N_NAMED]) + (f" and {more} more" if more > 0 else "")
-    what = f"{csv_path} names {len(absent)} file(s) found in none of train/, val/, test/ beside it"
+    what = (
+        f"{csv_path} names {len(absent)} file(s) found in none of train/, val/, test/ of {data_dir}"
+    )
     if missing_files == "error":
         raise DataError(
             f"{what}: {named}; restore them, delete their rows, or set "
@@ -126,8 +129,9 @@ class TinyData(Dataset):
 
     Args:
         setname: 'train', 'val' or 'test'.
-        data_dir: the folder holding `tiny_labels.csv` and `train/`, `val/`, `test/`;
+        data_dir: the folder holding the label CSV and `train/`, `val/`, `test/`;
             None means the shipped data next to this module.
+        labels_csv: the label CSV; a relative path is taken in `data_dir`.
         normalization: 'imagenet' (the tutorial's ImageNet mean/std) or 'train_split'
             (mean/std of this folder's training images, whatever `setname` is, so that
             validation and test images are normalized as the training images are).
@@ -159,13 +163,15 @@ class TinyData(Dataset):
     """
 
     path_flags: dict[str, tuple[str, str]] = {
-        "--data-dir": ("data_dir", "the folder holding tiny_labels.csv and train/, val/, test/"),
+        "--data-dir": ("data_dir", "the folder holding the label CSV and train/, val/, test/"),
+        "--labels-csv": ("labels_csv", f"the label CSV (default: {LABELS_FILE} in the folder)"),
     }
 
     def __init__(
         self,
         setname: str,
         data_dir: str | Path | None = None,
+        labels_csv: str | Path = LABELS_FILE,
         normalization: str = "imagenet",
         missing_files: str = "error",
         keep_decoded: bool = True,
@@ -180,14 +186,17 @@ class TinyData(Dataset):
         self.setname, self.normalization, self.keep_decoded = setname, normalization, keep_decoded
         self.data_dir = SHIPPED_DATA_DIR if data_dir is None else Path(data_dir).expanduser()
         self.split_dir = self.data_dir / setname
-        csv_path = self.data_dir / LABELS_FILE
+        csv_path = self.data_dir / Path(labels_csv).expanduser()  # an absolute one stays
         if not self.data_dir.is_dir():
             raise DataError(
                 f"The TinyData folder {self.data_dir} does not exist; pass data_dir= a folder "
-                f"holding {LABELS_FILE} and train/, val/, test/."
+                f"holding {labels_csv} and train/, val/, test/."
             )
         if not csv_path.is_file():
-            raise DataError(f"{csv_path} is missing; TinyData needs one label CSV per folder.")
+            raise DataError(
+                f"{csv_path} is missing; TinyData needs one label CSV per folder (give another "
+                "with labels_csv=, --labels-csv)."
+            )
         if not self.split_dir.is_dir():
             raise DataError(f"The split folder {self.split_dir} is missing; add it with images.")
 
@@ -205,7 +214,7 @@ class TinyData(Dataset):
                 f"{self.split_dir / missing[0]} has no row in {csv_path} ({len(missing)} "
                 "image(s) without one); add a row per image or remove the image."
             )
-        check_missing_files(labels_by_name, listed, csv_path, missing_files)
+        check_missing_files(labels_by_name, listed, csv_path, self.data_dir, missing_files)
         self.labels = np.stack([labels_by_name[name] for name in self.image_ids])
         self.mean_std = None  # samples leave here normalized, as float32
         self._decoded: dict[int, torch.Tensor] = {}

@@ -1,14 +1,12 @@
-"""Image processing shared by the datasets: reading image files, tensor conversion,
-normalization, split statistics."""
+"""Image processing shared by the datasets: tensor conversion, normalization, split
+statistics, atomic writes. Image files are read by `load_dataset.images`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import secrets
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from load_dataset.errors import DataError
+from load_dataset.images import open_rgb, to_rgb
 
 # Per-channel statistics of ImageNet for images scaled to [0, 1]; what torchvision's
 # pretrained networks expect, and what the tutorial normalizes every data set with.
@@ -27,112 +26,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# What a file that cannot be decoded asks of the user, unless the caller knows better.
-REPLACE_OR_REMOVE = "replace or remove it"
-_REFUSE_BOMB_WARNINGS = ("error", None, Image.DecompressionBombWarning, None, 0)
-
-
-@contextmanager
-def open_image(path: str | os.PathLike, fix: str = REPLACE_OR_REMOVE) -> Iterator[Image.Image]:
-    """`Image.open(path)`, lazily decoded, with every failure (in the block too) as a DataError.
-
-    The error names the file and says `fix`. An image with more pixels than
-    `PIL.Image.MAX_IMAGE_PIXELS` is refused with a sentence saying how to raise the limit.
-    Pillow raises only above twice the limit and warns in between, a warning that scrolls
-    away while training goes on; so every call makes sure that a warnings filter turns Pillow's
-    `DecompressionBombWarning` into an error in this process (a lasting filter: the threads
-    that decode PASCAL masks would race on `warnings.catch_warnings`, which is not thread-safe).
-    """
-    if _REFUSE_BOMB_WARNINGS not in warnings.filters:
-        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-    try:
-        with Image.open(path) as im:
-            yield im
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(_too_many_pixels(path, err)) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"Cannot read image {path} ({err}); {fix}.") from None
-
-
-def _too_many_pixels(path: str | os.PathLike, err: Exception) -> str:
-    found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow's "Image size (N pixels) ..."
-    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-    return (
-        f"Image {path} has {size}, over Pillow's limit PIL.Image.MAX_IMAGE_PIXELS = "
-        f"{Image.MAX_IMAGE_PIXELS:,} (a guard against decompression bombs); downscale it, or, "
-        "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS (None: no limit) in the "
-        "script, before the data is read."
-    )
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files of `folder`, sorted by name; other and hidden files are skipped
-    (hidden files include macOS "._001.png" resource forks, which are not images)."""
-    return sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
-
-
-def image_size(path: str | os.PathLike, fix: str = REPLACE_OR_REMOVE) -> tuple[int, int]:
-    """(width, height) of an image file in pixels, from its header: nothing is decoded."""
-    with open_image(path, fix) as im:
-        return im.size
-
-
-def open_rgb(path: str | os.PathLike, fix: str = REPLACE_OR_REMOVE) -> Image.Image:
-    """The image file at `path`, decoded, as an 8-bit RGB PIL image (see `to_rgb`).
-
-    Every image the datasets read comes through here. DataError naming the file when it
-    cannot be decoded (saying `fix`), holds too many pixels (see `open_image`) or has a
-    pixel format with no 8-bit reading (32-bit float, or integers above 65,535).
-    """
-    with open_image(path, fix) as im:
-        im.load()  # decode now, while the file is open
-        return to_rgb(im, source=path)
-
-
-def to_rgb(image: Image.Image, source: str | os.PathLike | None = None) -> Image.Image:
-    """`image` as 8-bit RGB; an RGB image is returned as it is (no copy).
-
-    Grey, palette, CMYK and alpha images are converted as Pillow converts them (alpha is
-    dropped). 16-bit grey images (modes "I;16*", and "I", the mode of 32-bit integer TIFFs
-    and of 16-bit PNGs in older Pillow versions) are scaled to 8 bits, value >> 8
-    (257 * v -> v, 65,535 -> 255); Pillow's own convert("RGB") would clip every value above
-    255, i.e. turn a 16-bit photo white. 16-bit RGB(A) PNGs need nothing here: Pillow reads
-    them as 8-bit RGB(A) already, with the same scaling. `source` (a file name) only serves
-    the error message.
-    """
-    if image.mode == "RGB":
-        return image
-    what = f"Image {source}" if source else "An image"
-    if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise DataError(
-                f"{what} holds {image.mode!r} values from {values.min()} to "
-                f"{values.max()}, outside the 16-bit range 0..65535; save it with 8 or 16 "
-                "bits per channel."
-            )
-        grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if image.mode == "F":
-        raise DataError(
-            f"{what} holds 32-bit floats (mode 'F'), which have no standard 8-bit "
-            "reading; save it with 8 or 16 bits per channel."
-        )
-    try:
-        return image.convert("RGB")
-    except ValueError as err:  # e.g. LAB or HSV, which Pillow cannot convert to RGB
-        raise DataError(
-            f"{what} has the pixel format {image.mode!r}, which cannot be read as "
-            f"RGB ({err}); save it as an RGB or grey image."
-        ) from None
 
 
 def to_tensor_and_normalize(

@@ -1,5 +1,6 @@
 """Bad data as users met it: 16-bit images, CSV rows without their file, images over Pillow's
-pixel limit, an image of another size, a mask that does not fit its image.
+pixel limit, an image of another size, a mask that does not fit its image, a file that is no
+image (empty, truncated, text) in any dataset, with and without loader workers.
 
 Each case either reads right now, or stops the command line with one line `error: ...` (exit
 code 2) naming the file and what to do; none trains on garbage silently.
@@ -15,13 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image, ImageFile
 
 from load_dataset.custom_pascal import PascalVOC2012, read_image
 from load_dataset.custom_tiny import MissingFilesWarning, TinyData
 from load_dataset.errors import DataError
 from load_dataset.generators.pascal_tree import HEIGHT, WIDTH, make_pascal_tree
-from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std, open_rgb
+from load_dataset.images import open_rgb
+from load_dataset.utils import IMAGENET_MEAN, IMAGENET_STD, compute_mean_std
+from src.config import from_dict, read_toml
+from src.train.build import build_dataset
+from tests.tiny_fixtures import write_labels_csv
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "load_dataset" / "tiny_data"
@@ -165,7 +171,6 @@ def test_missing_files_are_named_and_counted_or_only_warned_of(tmp_path):
 def test_missing_files_warn_is_set_from_the_command_line(tmp_path):
     """The flag as given on the command line reaches the data set (building it only)."""
     from src.cli import load_from_args, make_parser
-    from src.train.build import build_dataset
 
     data = tiny_copy(tmp_path)
     (data / "train" / "train_007.png").unlink()
@@ -298,3 +303,114 @@ def test_a_mask_of_another_size_stops_demo3s_command_line(mlflow_uri, tmp_path, 
     line = one_error_line(code, err)
     assert str(image) in line and str(tree.voc_mask("2008_000003")) in line
     assert "64 x 48" in line and "80 x 60" in line
+
+
+# ------------------------------------------------------------------ 6. a file that is no image
+
+
+def zero_bytes(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def text(path: Path) -> None:
+    path.write_text("Filename,LabelRed\nnotes about the photos, not a photo\n")
+
+
+DAMAGES = {"zero bytes": zero_bytes, "truncated": truncated, "text in an image's name": text}
+
+
+def noisy_images(folder: Path, prefix: str, n: int = 4) -> list[Path]:
+    """n images of 32 x 32 noise, PNGs and JPEGs in turn (a few KB each: half of one is a
+    truncated file, not a header cut short)."""
+    rng = np.random.default_rng(len(prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{prefix}{i:03d}{'.jpg' if i % 2 else '.png'}" for i in range(n)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def experiment_with_a_bad_val_image(
+    kind: str, root: Path, damage: str, workers: int = 0
+) -> tuple[Path, Path]:
+    """(the TOML of a TinyConv experiment on a `kind` dataset whose second val image is
+    damaged, that image).
+
+    A val image: every epoch reads all of val (a training image may be the one the shuffle
+    leaves out of the last, partial batch); not the first one, which the contract check
+    reads before the run starts: found in the middle of an epoch, in a loader worker if any.
+    """
+    if kind == "TinyData":
+        images = noisy_images(root / "train", "train_") + noisy_images(root / "val", "val_")
+        rows = [[p.name, i % 2, 1 - i % 2] for i, p in enumerate(images)]
+        write_labels_csv(root / "tiny_labels.csv", ["Filename", "x", "y"], rows)
+        data = f'dataset = "load_dataset.custom_tiny:TinyData"\n[data.args]\ndata_dir = "{root}"'
+        n_outputs, path = 2, images[5]
+    elif kind == "PascalVOC2012":
+        tree = make_pascal_tree(root)
+        data = (
+            'dataset = "load_dataset.custom_pascal:PascalVOC2012"\n[data.args]\n'
+            f'voc_dataset_dir = "{tree.voc_dir}"\nsbd_dataset_dir = ""\nimage_size = 32'
+        )
+        n_outputs, path = 20, tree.voc_image("2008_000011")
+    else:
+        for split in ("train", "val"):
+            for name in ("a", "b"):
+                noisy_images(root / split / name, name)
+        data = (
+            f'dataset = "torchvision.datasets:{kind}"\nproblem = "multiclass"\n[data.args]\n'
+            f'root = "{root}/{{setname}}"\n'
+            '[data.args.transform]\nclass = "torchvision.transforms:ToTensor"'
+        )
+        n_outputs, path = 2, root / "val" / "a" / "a001.jpg"
+    DAMAGES[damage](path)
+    toml = root / "experiment.toml"
+    toml.write_text(
+        f'[run]\nexperiment_name = "bad-image"\n[train]\nepochs = 1\n'
+        f"[data]\nbatch_size = 2\nnum_workers = {workers}\n{data}\n"
+        '[model]\nmodel = "models.custom_models_base:TinyConv"\n'
+        f"args = {{ n_outputs = {n_outputs} }}\n"
+    )
+    return toml, path
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("kind", ["TinyData", "PascalVOC2012", "ImageFolder", "DatasetFolder"])
+def test_a_file_that_is_no_image_is_named_by_every_dataset(tmp_path, kind, damage):
+    toml, path = experiment_with_a_bad_val_image(kind, tmp_path, damage)
+    ds = build_dataset(from_dict(read_toml(toml)), "val")  # the first sample reads well
+    with pytest.raises(DataError) as info:
+        ds[1]
+    assert str(info.value).startswith(f"Cannot read image {path}")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "kind, damage",
+    [
+        ("TinyData", "zero bytes"),
+        ("ImageFolder", "truncated"),
+        ("DatasetFolder", "text in an image's name"),
+        ("PascalVOC2012", "truncated"),
+    ],
+)
+def test_a_file_that_is_no_image_stops_training_in_one_line(
+    mlflow_uri, tmp_path, capsys, kind, damage, workers
+):
+    """The command line's one line `error: ...` naming the file, with and without loader
+    workers (from a worker the error reaches the main process as a copy holding the worker's
+    traceback); the run is marked FAILED and nothing is checkpointed."""
+    toml, path = experiment_with_a_bad_val_image(kind, tmp_path / "data", damage, workers)
+    code, err = command_line([], toml, tmp_path, capsys)
+    line = one_error_line(code, err)
+    assert line.startswith(f"error: Cannot read image {path}"), line
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("bad-image").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not list((tmp_path / "results").glob("**/*.pt"))

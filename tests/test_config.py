@@ -197,7 +197,8 @@ def test_a_folder_flag_of_another_dataset_is_one_line_naming_the_dataset(capsys)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (
         "error: --voc-dir is not a flag of this command and does not apply to the dataset "
-        "load_dataset.custom_tiny:TinyData (its path flags: --data-dir); see --help.\n"
+        "load_dataset.custom_tiny:TinyData (its path flags: --data-dir, --labels-csv); see "
+        "--help.\n"
     )
 
 

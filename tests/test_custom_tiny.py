@@ -177,6 +177,57 @@ def test_train_split_normalization_refuses_a_constant_channel(tmp_path):
         TinyData("train", data_dir=root, normalization="train_split")
 
 
+LABELS_GIVEN = ["a name in the folder", "a path elsewhere", "--set", "--labels-csv"]
+
+
+@pytest.mark.parametrize("given", LABELS_GIVEN)
+def test_a_label_csv_of_another_name_or_place(tmp_path, monkeypatch, given):
+    """A multi-label folder of one's own, its CSV named as one likes: an argument, a config
+    key or a flag, no code. A relative name is taken in the data folder, a flag's from the
+    current folder, as every path flag's."""
+    from src.cli import load_from_args, make_parser
+    from src.train.build import build_dataset
+
+    root = write_tiny_folder(
+        tmp_path / "beach",
+        {"train": {"a.png": (1, 0, 1), "b.png": (0, 1, 1)}, "val": {"c.png": (1, 1, 0)}},
+        label_names=("sky", "sea", "sand"),
+    )
+    elsewhere = tmp_path / "labels" / "beach.csv"
+    elsewhere.parent.mkdir()
+    (root / "tiny_labels.csv").rename(elsewhere)  # no tiny_labels.csv left to read instead
+    if given == "a name in the folder":
+        elsewhere.rename(root / "beach.csv")
+        ds = TinyData("train", data_dir=root, labels_csv="beach.csv")
+    elif given == "a path elsewhere":
+        ds = TinyData("train", data_dir=root, labels_csv=str(elsewhere))
+    else:
+        flags = ["--data-dir", str(root)]
+        if given == "--set":
+            elsewhere.rename(root / "beach.csv")
+            flags += ["--set", "data.args.labels_csv=beach.csv"]
+        else:
+            monkeypatch.chdir(elsewhere.parent)
+            flags += ["--labels-csv", "beach.csv"]
+        demo2 = (
+            Path(__file__).resolve().parent.parent / "experiments" / "demo2_tinyconv_tinydata.toml"
+        )
+        parsed = make_parser(str(demo2), "").parse_args(flags)
+        config = load_from_args(parsed.config, parsed)
+        wanted = "beach.csv" if given == "--set" else str(elsewhere)
+        assert config.data.args["labels_csv"] == wanted
+        ds = build_dataset(config, "train")
+    assert ds.label_meanings == ["sky", "sea", "sand"]
+    assert ds.image_ids == ["a.png", "b.png"] and ds.labels.tolist() == [[1, 0, 1], [0, 1, 1]]
+
+
+def test_the_label_csv_is_tiny_labels_csv_unless_given(tmp_path):
+    root = small_tiny_folder(tmp_path / "d")
+    assert TinyData("train", data_dir=root).label_meanings == list(TINY_LABELS)
+    with pytest.raises(DataError, match=r"d/beach.csv is missing; .* labels_csv=, --labels-csv"):
+        TinyData("train", data_dir=root, labels_csv="beach.csv")
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -4,10 +4,12 @@ failure listed, exit code 1; thresholds and heatmap files."""
 from __future__ import annotations
 
 import shutil
+import weakref
 
 import pandas as pd
 import pytest
 
+import src.serve.predict as predict
 from tests.command_line import run_here
 from tests.trained_runs import LABELS, REPO, save_tiny_model
 
@@ -61,3 +63,42 @@ def test_threshold_override_and_a_bad_source(model_dir, tmp_path, capsys, monkey
     out = run_here(["-m", "src.serve.predict", "nowhere", image], tmp_path, capsys, monkeypatch)
     assert out.returncode == 2
     assert "SOURCE 'nowhere' is neither a run id" in out.stderr
+
+
+def test_images_are_decoded_a_batch_at_a_time(model_dir, tmp_path, capsys, monkeypatch):
+    """Memory is bounded by a batch, not by the folder: when a batch is decoded, no image of an
+    earlier batch is alive. Rows and heatmap names count across batches, an unreadable file
+    in the first batch included."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"val_{i:03d}.png" for i in range(1, 11)]
+    for name in names:
+        shutil.copy(VAL / name, images / name)
+    (images / "val_000.png").write_bytes(b"")  # sorted first: the first batch reads 3 of 4
+    decoded: list[weakref.ref] = []
+    earlier_alive: list[int] = []
+    batch_sizes: list[int] = []
+    read_images = predict.read_images
+
+    def counting(paths):
+        earlier_alive.append(sum(ref() is not None for ref in decoded))
+        batch_sizes.append(len(paths))
+        read, failed = read_images(paths)
+        decoded.extend(weakref.ref(image) for _, image in read)
+        return read, failed
+
+    monkeypatch.setattr(predict, "read_images", counting)
+    monkeypatch.setattr(predict, "BATCH", 4)
+    monkeypatch.chdir(tmp_path)
+    code = predict.main([str(model_dir), str(images), "--out", "p.csv", "--explain"])
+    assert code == 1 and "val_000.png" in capsys.readouterr().err
+    assert batch_sizes == [4, 4, 3] and earlier_alive == [0, 0, 0] and len(decoded) == 10
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert [p.split("/")[-1] for p in table["path"]] == names
+    pictures = sorted(p.name for p in (tmp_path / "p_explanations").iterdir())
+    expected = [
+        f"{n:04d}_{name[:-4]}_{label}.png"
+        for n, (name, predicted) in enumerate(zip(names, table["predicted"]))
+        for label in predicted.split(";") if label
+    ]  # fmt: skip
+    assert pictures == sorted(expected) and pictures

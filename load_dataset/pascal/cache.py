@@ -58,7 +58,9 @@ from load_dataset.pascal.labels import N_CLASSES
 from load_dataset.pascal.layout import Entry
 from load_dataset.utils import atomic_file
 
-FORMAT_VERSION = 1
+# 2: images and masks turned by their EXIF orientation (load_dataset.images); a cache of 1 is
+# rebuilt, since an oriented photo's pixels changed.
+FORMAT_VERSION = 2
 N_CHECKED_ROWS = 8  # rows whose CRC is checked on every open: cheap (~1 ms), catches junk files
 
 # What the builder gets for image n: image uint8 [3, S, S], mask uint8 [S, S] (both resized)

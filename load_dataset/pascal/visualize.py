@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from load_dataset.images import to_rgb
 from load_dataset.pascal.augment import PascalAugment, check_augment
 from load_dataset.pascal.labels import (
     VOC_CLASSES,
@@ -22,7 +23,6 @@ from load_dataset.pascal.labels import (
     label_vector_from_mask,
     voc_colormap,
 )
-from load_dataset.utils import to_rgb
 
 
 def caption(label_vector: Sequence[float] | np.ndarray | torch.Tensor) -> str:

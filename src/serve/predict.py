@@ -12,7 +12,8 @@ and the predicted labels (`predicted`, joined by ';'), and prints the first rows
 predicted when its probability reaches its threshold: the one chosen on the validation split
 at the end of training (maximum F1), or `--threshold` (one value for every label, or one per
 label in the model's order); a multiclass model predicts its most probable class. Images that
-cannot be read are listed with the reason and skipped; the exit code is then 1.
+cannot be read are listed with the reason and skipped; the exit code is then 1. Images are
+read as the datasets read them (`load_dataset.images`), 16 at a time.
 
 `--explain` writes, for each image and each predicted label, the image with the heatmap of
 that label laid over it (HiResCAM, or `--cam gradcam`) as `<explain-dir>/<n>_<name>_<label>.png`.
@@ -36,12 +37,14 @@ import src.serve.model_package as model_package
 import src.tracking as tracking
 import src.train.checkpoint as ckpt_io
 from load_dataset.errors import DataError
-from load_dataset.utils import list_images, open_rgb
+from load_dataset.images import list_images, open_rgb
 from src.config import from_dict
 from src.errors import ConfigError, UserError, print_user_error
 from src.train.build import pick_device
 
 SHOWN_ROWS = 10
+# Images decoded at a time (`predict_batch`): a 2000 x 2000 photo is 12 MB decoded.
+BATCH = 16
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -105,7 +108,9 @@ def image_paths(patterns: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 
 
 def read_images(paths: list[Path]) -> tuple[list[tuple[Path, Any]], list[tuple[str, str]]]:
-    """([(path, uint8 [H, W, 3])], [(path, reason)]) as the datasets decode (`open_rgb`)."""
+    """([(path, uint8 [H, W, 3])], [(path, reason)]) as the datasets decode (`open_rgb`:
+    EXIF orientation applied, 16-bit scaled to 8 bits, animations and images over Pillow's
+    pixel limit refused)."""
 
     read, failed = [], []
     for path in paths:
@@ -142,14 +147,37 @@ def predictions_table(classifier: Any, read: list[tuple[Path, Any]], thresholds)
     return table
 
 
-def write_explanations(classifier: Any, read, table, args: argparse.Namespace) -> Path:
-    """For each image and each predicted label: the overlay of that label's heatmap."""
+def predict_batch(
+    classifier: Any, paths: list[Path], thresholds, args: argparse.Namespace, first: int
+) -> tuple[Any, list[tuple[str, str]]]:
+    """(the predictions table of the images of `paths` that can be read, or None when none
+    can; [(path, reason)] of the others), and their heatmaps with --explain. The decoded
+    images live only in this call: predict's memory is bounded by a batch, not by a folder."""
 
-    folder = Path(args.explain_dir or Path(args.out).with_suffix("").as_posix() + "_explanations")
+    read, failed = read_images(paths)
+    if not read:
+        return None, failed
+    table = predictions_table(classifier, read, thresholds)
+    if args.explain:
+        write_explanations(classifier, read, table, args, first)
+    return table, failed
+
+
+def explain_folder(args: argparse.Namespace) -> Path:
+    return Path(args.explain_dir or Path(args.out).with_suffix("").as_posix() + "_explanations")
+
+
+def write_explanations(
+    classifier: Any, read, table, args: argparse.Namespace, first: int = 0
+) -> Path:
+    """For each image and each predicted label: the overlay of that label's heatmap, named
+    by the image's row in the whole table (`first`: the row of read[0])."""
+
+    folder = explain_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     layer = classifier.spec.target_layer if args.target_layer is None else args.target_layer
     meanings = classifier.spec.label_meanings
-    for n, ((path, image), predicted) in enumerate(zip(read, table["predicted"])):
+    for n, ((path, image), predicted) in enumerate(zip(read, table["predicted"]), first):
         classes = [meanings.index(m) for m in predicted.split(";") if m]
         x = classifier.model_inputs([image])
         (maps,) = explain.heatmaps(classifier.net, x, [classes], args.cam, layer)
@@ -182,17 +210,22 @@ def main(argv: list[str] | None = None) -> int:
             classifier = model_package.load(uri).to(pick_device(args.device))
         thresholds = chosen_thresholds(classifier, args.threshold)
         paths, failed = image_paths(args.images)
-        read, unreadable = read_images(paths)
-        failed += unreadable
-        if not read:
+        tables = []
+        for start in range(0, len(paths), BATCH):
+            first = sum(map(len, tables))  # the row of the batch's first image
+            batch = paths[start : start + BATCH]
+            table, unreadable = predict_batch(classifier, batch, thresholds, args, first)
+            tables += [] if table is None else [table]
+            failed += unreadable
+        if not tables:
             raise ConfigError(f"No image could be read from {' '.join(args.images)}.")
-        table = predictions_table(classifier, read, thresholds)
+        table = pd.concat(tables, ignore_index=True)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False)
         report(table, out, failed)
         if args.explain:
-            print(f"heatmaps: {write_explanations(classifier, read, table, args)}")
+            print(f"heatmaps: {explain_folder(args)}")
     except UserError as e:
         return print_user_error(e)
     return 1 if failed else 0

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 import src.distributed as ddp
 import src.train.checkpoint as ckpt_io
 from load_dataset.errors import DataError
+from load_dataset.images import reader_args
 from src.config import (
     IMPORT_PATH,
     SETNAME_PLACEHOLDER,
@@ -146,11 +147,13 @@ def build_dataset(config: ExperimentConfig, setname: str) -> Dataset:
 
     Called as `Cls(setname, **args)`; when a string in `[data.args]` holds `{setname}`
     (torchvision's `ImageFolder(root="data/x/{setname}")`), as `Cls(**args)` with it filled
-    in. A table with a `class` key (a transform) is built from it first.
+    in. A table with a `class` key (a transform) is built from it first. A torchvision folder
+    dataset (ImageFolder, DatasetFolder) gets the repository's image reader as its `loader`.
     """
     name = config.data.dataset
     cls = import_class(name, "[data] dataset", "dataset")
     args = {k: _arg_value(v, f"data.args.{k}", setname) for k, v in config.data.args.items()}
+    args = {**reader_args(cls, args), **args}  # ImageFolder reads images as ours do
     by_placeholder = SETNAME_PLACEHOLDER in str(config.data.args)  # in any string, nested too
     try:
         dataset = cls(**args) if by_placeholder else cls(setname, **args)
