@@ -199,10 +199,7 @@ def _check_type(section: str, key: str, value: Any, expected: Any) -> Any:
             f"got {value!r} ({type(value).__name__}); fix it in the TOML or on the command line."
         )
     if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what a TOML file holds
-        raise ConfigError(
-            f"Config key [{section}] {key} = {value} is out of range: integers go from -2**63 "
-            "to 2**63 - 1."
-        )
+        raise ConfigError(f"Config key [{section}] {key} = {value} is beyond 64-bit integers.")
     return float(value) if expected == "float" else value
 
 
@@ -298,14 +295,13 @@ CLASS = "= {!r} must be an import path of the form 'package.module:ClassName'."
 SECONDS = (lambda v: 0 < v < math.inf, "must be a number of seconds above 0, got {}.")
 AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1, got {}.")
 # What a value must be, so that a run never starts on one that cannot work: dotted key ->
-# (test, the end of the error line, where {} is the value). A NaN, infinite or negative
-# learning rate, momentum, weight decay or decay factor would train to NaN (or away from the
-# minimum) silently, epochs later; a momentum of 1 or more never forgets a gradient and
-# diverges. A registered model's URI (models:/<name>/<version>) splits on '/' and ':'; MLflow's
-# database keeps 256 characters of its name and 250 of a run's. NumPy takes seeds below 2**32.
-# The experiment names the folders results/<experiment>/ and mlruns/<experiment>/ (its
-# characters other than letters, digits, '_', '.' and '-' become '-'), and file systems take
-# folder names of at most 255 bytes. ({length}: the value's length as text.)
+# (test, the end of the error line, where {} is the value, {length} its length as text). A NaN,
+# infinite or negative learning rate, momentum, weight decay or decay factor would train to NaN
+# (or away from the minimum) silently, epochs later; a momentum of 1 or more never forgets a
+# gradient and diverges. A registered model's URI (models:/<name>/<version>) splits on '/' and
+# ':'. MLflow's database keeps 256 characters of a model's name and 250 of a run's; NumPy takes
+# seeds below 2**32; a folder name (results_dir's, the experiment's: results/<experiment>/,
+# mlruns/<experiment>/) holds 255 bytes.
 RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "run.seed": (lambda v: 0 <= v < 2**32, "= {} must be from 0 to 2**32 - 1 (4294967295)."),
     "run.experiment_name": (

@@ -438,8 +438,7 @@ OUT_OF_RANGE = {
     "batch size 2**63": (
         DEMO2_SCRIPT,
         ["--batch-size", str(2**63)],
-        "[data] batch_size = 9223372036854775808 is out of range: integers go from -2**63 to "
-        "2**63 - 1.",
+        "[data] batch_size = 9223372036854775808 is beyond 64-bit integers.",
     ),
 }
 
