@@ -1,18 +1,33 @@
 # `make demo` and `make test` both install into .venv first; the install step
-# is skipped when requirements.txt has not changed since the last install.
+# is skipped when neither requirements.txt nor constraints.txt has changed since the last install.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast smoke lint clean-runs
+.PHONY: install constraints demo test test-fast smoke lint clean-runs
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+# requirements.txt: lower bounds; constraints.txt: the exact versions the test suite passed with.
+$(STAMP): requirements.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install -r requirements.txt -c constraints.txt
+	touch $(STAMP)
+
+# constraints.txt from the versions in .venv (pip freeze; editable and direct-URL installs left
+# out), each pinned for the Python of .venv and newer ones: an older Python, which some of those
+# releases do not support, gets what requirements.txt's lower bounds allow. Run it after an
+# upgrade that passed `make test`.
+PY_VERSION = $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+constraints:
+	echo "# Written by make constraints from .venv (Python $(PY_VERSION)); see the README." \
+		> constraints.txt.tmp
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v ' @ ' \
+		| sed 's/$$/ ; python_version >= "$(PY_VERSION)"/' >> constraints.txt.tmp
+	grep -q '^torch==' constraints.txt.tmp  # the freeze worked: never an empty constraints.txt
+	mv constraints.txt.tmp constraints.txt
 	touch $(STAMP)
 
 demo: install

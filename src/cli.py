@@ -350,6 +350,8 @@ def main(
                     "--seeds and --resume cannot be combined; to go on with a stopped set of "
                     "seeds, run the same --seeds command again (without --resume)."
                 )
+            for seed in args.seeds:  # each child's seed, checked before the parent run starts
+                config.replace(**{"run.seed": seed})
             parent_id, children = run_seeds(config, args.seeds)
             if children and children[0].experiment_id:  # rank 0 (or no torchrun)
                 print(f"\nParent run of the {len(children)} seeds: {parent_id}")

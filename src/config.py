@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import importlib
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -197,6 +198,8 @@ def _check_type(section: str, key: str, value: Any, expected: Any) -> Any:
             f"Config key [{section}] {key} must be of type {shown}, "
             f"got {value!r} ({type(value).__name__}); fix it in the TOML or on the command line."
         )
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what a TOML file holds
+        raise ConfigError(f"Config key [{section}] {key} = {value} is beyond 64-bit integers.")
     return float(value) if expected == "float" else value
 
 
@@ -292,11 +295,24 @@ CLASS = "= {!r} must be an import path of the form 'package.module:ClassName'."
 SECONDS = (lambda v: 0 < v < math.inf, "must be a number of seconds above 0, got {}.")
 AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1, got {}.")
 # What a value must be, so that a run never starts on one that cannot work: dotted key ->
-# (test, the end of the error line, where {} is the value). A NaN, infinite or negative
-# learning rate, momentum, weight decay or decay factor would train to NaN (or away from the
-# minimum) silently, epochs later; a momentum of 1 or more never forgets a gradient and
-# diverges. A registered model's URI (models:/<name>/<version>) splits on '/' and ':'.
+# (test, the end of the error line, where {} is the value, {length} its length as text). A NaN,
+# infinite or negative learning rate, momentum, weight decay or decay factor would train to NaN
+# (or away from the minimum) silently, epochs later; a momentum of 1 or more never forgets a
+# gradient and diverges. A registered model's URI (models:/<name>/<version>) splits on '/' and
+# ':'. MLflow's database keeps 256 characters of a model's name and 250 of a run's; NumPy takes
+# seeds below 2**32; a folder name (results_dir's, the experiment's: results/<experiment>/,
+# mlruns/<experiment>/) holds 255 bytes.
 RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "run.seed": (lambda v: 0 <= v < 2**32, "= {} must be from 0 to 2**32 - 1 (4294967295)."),
+    "run.experiment_name": (
+        lambda v: v.strip() and len(v) <= 255,
+        "must have 1 to 255 characters, not only spaces (it names a folder); it has {length}.",
+    ),
+    "run.run_name": (lambda v: len(v) <= 250, "must have at most 250 characters; it has {length}."),
+    "run.results_dir": (
+        lambda v: all(len(os.fsencode(part)) <= 255 for part in Path(v).parts),
+        "= {!r} has a folder name longer than 255 bytes, which file systems refuse.",
+    ),
     "run.device": (
         re.compile(r"auto|cpu|mps|cuda(:\d+)?").fullmatch,
         "= {!r} is not one of auto, cpu, cuda, cuda:N (N = a GPU index), mps.",
@@ -304,9 +320,9 @@ RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "run.server_wait_s": SECONDS,
     "run.progress_every_s": SECONDS,
     "run.register_model": (
-        lambda v: not v or (v.strip() and not re.search("[/:%]", v)),
-        "= {!r} is not a usable model name; use letters, digits, '-', '_', '.' or spaces "
-        "(no '/', ':' or '%').",
+        lambda v: not v or (v.strip() and not re.search("[/:%]", v) and len(v) <= 256),
+        "= {!r} is not a usable model name; use up to 256 letters, digits, '-', '_', '.' or "
+        "spaces (no '/', ':' or '%').",
     ),
     "data.dataset": (IMPORT_PATH.fullmatch, CLASS),
     "data.batch_size": AT_LEAST_1,
@@ -334,7 +350,8 @@ def _check_values(config: ExperimentConfig) -> None:
     for key, (fits, must) in RULES.items():
         if not fits(flat[key]):
             section, name = key.split(".")
-            raise ConfigError(f"Config key [{section}] {name} " + must.format(flat[key]))
+            shown = must.format(flat[key], length=len(str(flat[key])))
+            raise ConfigError(f"Config key [{section}] {name} {shown}")
     if config.run.register_model and not config.run.log_model:
         raise ConfigError(
             "Config key [run] register_model needs log_model = true (the model it registers)."

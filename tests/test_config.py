@@ -311,6 +311,42 @@ def test_other_device_names_are_one_line_naming_the_choices(device):
         cfg.load(REPO / "experiments" / "demo2_tinyconv_tinydata.toml", {"run.device": device})
 
 
+# The ends of the ranges src/config.py checks; one past each: tests/test_hostile_config.py.
+RANGE_ENDS = [
+    ("run.seed", 0),
+    ("run.seed", 2**32 - 1),
+    ("run.experiment_name", "e"),
+    ("run.experiment_name", "e" * 255),
+    ("run.run_name", ""),  # MLflow picks a name
+    ("run.run_name", "r" * 250),
+    ("run.register_model", "m" * 256),
+    ("run.results_dir", "/tmp/" + "é" * 127 + "a"),  # a folder name of 255 bytes
+    ("data.batch_size", 2**63 - 1),
+]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    RANGE_ENDS,
+    ids=[f"{k}={len(v) if isinstance(v, str) else v}" for k, v in RANGE_ENDS],
+)
+def test_the_ends_of_each_range_are_accepted(key, value):
+    assert cfg.load(DEMO2, {key: value}).flat()[key] == value
+
+
+def test_the_seed_range_is_numpys():
+    import numpy as np
+
+    from src.train.build import seed_everything
+
+    seed_everything(2**32 - 1)
+    first = np.random.rand()
+    seed_everything(2**32 - 1)
+    assert np.random.rand() == first
+    with pytest.raises(ValueError):
+        seed_everything(2**32)
+
+
 def test_devices_this_machine_lacks_are_one_clear_error():
     import torch
 

@@ -1,5 +1,6 @@
 """Hostile and broken input: a config or a stored run's config that names a function, numbers
-that train to NaN, checkpoints edited after a run wrote them, and checkpoints a team can read.
+that train to NaN, checkpoints edited after a run wrote them, checkpoints a team can read, and
+seeds, names and sizes out of range.
 
 Each case is a one-line error (exit code 2) that names the key and the value or file, before
 anything is called, trained or written."""
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from src.cli import main as cli_main
 from src.run_experiment import run
 from src.tools.reproduce import main as reproduce_main
-from tests.test_run_experiment import DEMO2, tiny_config
+from tests.command_line import run_here
+from tests.test_run_experiment import DEMO2, REPO, tiny_config
 
 
 def cli(args: list[str], capsys, config: Path = DEMO2) -> tuple[int, str, str]:
@@ -370,3 +373,101 @@ def test_a_loss_that_is_nan_in_the_first_epoch_names_no_checkpoint(mlflow_uri, t
     (line,) = err.strip().splitlines()
     assert "no epoch completed, so there is no checkpoint" in line and "last.pt" not in line
     assert not list(results.glob("**/*.pt"))
+
+
+# ------------------------------------------------------------------ 5. out of range
+
+DEMO2_SCRIPT = [str(REPO / "Demo-2-TinyConv-TinyData.py")]
+RUN_DEMO2 = ["-m", "src.run_experiment", str(DEMO2)]
+SEED_RANGE = "must be from 0 to 2**32 - 1 (4294967295)."
+# 128 two-byte characters: a folder name of 256 bytes (file systems take 255).
+WIDE = "é" * 128
+# (program, flags, the one line) of each case; {tmp}: the test's folder. Each value flows into
+# a seed (NumPy's), a folder or file name, a name MLflow keeps, or a size.
+OUT_OF_RANGE = {
+    "seed -1": (DEMO2_SCRIPT, ["--seed", "-1"], f"[run] seed = -1 {SEED_RANGE}"),
+    "seed 2**40": (
+        DEMO2_SCRIPT,
+        ["--seed", "1099511627776"],
+        f"[run] seed = 1099511627776 {SEED_RANGE}",
+    ),
+    "one of --seeds 2**32": (
+        DEMO2_SCRIPT,
+        ["--seeds", "0", "4294967296"],
+        f"[run] seed = 4294967296 {SEED_RANGE}",
+    ),
+    "seed -1 in the TOML": (
+        ["-m", "src.run_experiment", "{tmp}/seed.toml"],
+        [],
+        f"[run] seed = -1 {SEED_RANGE}",
+    ),
+    "seed 2**32 by --set": (
+        RUN_DEMO2,
+        ["--set", "run.seed=4294967296"],
+        f"[run] seed = 4294967296 {SEED_RANGE}",
+    ),
+    "experiment name of 300 characters": (
+        DEMO2_SCRIPT,
+        ["--experiment-name", "e" * 300],
+        "[run] experiment_name must have 1 to 255 characters, not only spaces (it names a "
+        "folder); it has 300.",
+    ),
+    "experiment name of spaces": (
+        RUN_DEMO2,
+        ["--experiment-name", "  "],
+        "[run] experiment_name must have 1 to 255 characters, not only spaces (it names a "
+        "folder); it has 2.",
+    ),
+    "run name of 251 characters": (
+        DEMO2_SCRIPT,
+        ["--run-name", "r" * 251],
+        "[run] run_name must have at most 250 characters; it has 251.",
+    ),
+    "registered model name of 257 characters": (
+        DEMO2_SCRIPT,
+        ["--register-model", "m" * 257],
+        f"[run] register_model = '{'m' * 257}' is not a usable model name; use up to 256 "
+        "letters, digits, '-', '_', '.' or spaces (no '/', ':' or '%').",
+    ),
+    "results folder name of 256 bytes": (
+        DEMO2_SCRIPT,
+        ["--results-dir", f"{{tmp}}/{WIDE}/results"],
+        f"[run] results_dir = '{{tmp}}/{WIDE}/results' has a folder name longer than 255 "
+        "bytes, which file systems refuse.",
+    ),
+    "batch size 2**63": (
+        DEMO2_SCRIPT,
+        ["--batch-size", str(2**63)],
+        "[data] batch_size = 9223372036854775808 is beyond 64-bit integers.",
+    ),
+}
+
+
+def store_contents(uri: str) -> tuple[list[str], list[str]]:
+    """(experiment names, run ids) of the store, deleted ones included."""
+    client = MlflowClient(uri)
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    ids = [e.experiment_id for e in experiments]
+    runs = client.search_runs(ids, run_view_type=ViewType.ALL)
+    return sorted(e.name for e in experiments), [r.info.run_id for r in runs]
+
+
+@pytest.mark.parametrize("case", OUT_OF_RANGE)
+def test_seeds_names_and_sizes_out_of_range_are_one_line_before_anything_is_made(
+    mlflow_uri, tmp_path, capsys, monkeypatch, case
+):
+    program, flags, expected = OUT_OF_RANGE[case]
+    (tmp_path / "seed.toml").write_text(DEMO2.read_text().replace("seed = 0", "seed = -1"))
+    # A results folder in tmp_path, unless the case names its own (flags: the last wins).
+    argv = [*program, "--results-dir", "{tmp}/results", *flags]
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    before_store, before_files = store_contents(mlflow_uri), sorted(tmp_path.rglob("*"))
+    assert before_store == (["Default"], [])
+
+    out = run_here(argv, tmp_path, capsys, monkeypatch)
+
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = "error: Config key " + expected.replace("{tmp}", str(tmp_path))
+    assert out.stderr.splitlines() == [line]
+    assert store_contents(mlflow_uri) == before_store  # no experiment, no run
+    assert sorted(tmp_path.rglob("*")) == before_files  # no results folder, no artifacts

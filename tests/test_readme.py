@@ -3,7 +3,9 @@ root): the script or module exists and its own parser takes the flags, and the e
 and `--set` keys load (argparse, MLflow's click commands, torchrun's parser); a `make` target
 exists; the Python and TOML blocks parse. Nothing is trained, downloaded or served: that
 needs data and GPUs this machine has not; the commands that do run here are tested elsewhere
-(`make demo`, `make smoke`, the Demo and tool tests)."""
+(`make demo`, `make smoke`, the Demo and tool tests). Also what the README says of the install:
+constraints.txt pins every package of requirements.txt within its bounds, at the release this
+environment runs."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import argparse
 import re
 import shlex
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import src.cli as cli
 from tests.command_line import run_here
@@ -78,6 +83,11 @@ def test_readme_command(where, argv, monkeypatch, capsys):
     if program == "make":
         targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.MULTILINE)
         assert set(argv[1:]) <= set(targets), f"{where}: no make target {argv[1:]}"
+    elif program in ("python3", ".venv/bin/python") and argv[1:3] in (
+        ["-m", "venv"],
+        ["-m", "pip"],
+    ):
+        check_install(where, argv[3:])
     elif program == "source":
         assert (REPO / argv[1]).is_file() or Path(sys.prefix, "bin", "activate").is_file()
     elif program in ("mlflow", ".venv/bin/mlflow"):
@@ -138,6 +148,14 @@ def check_python(where: str, argv: list[str], monkeypatch, capsys) -> None:
     pytest.fail(f"{shown} ran to its end without reading its flags")
 
 
+def check_install(where: str, args: list[str]) -> None:
+    """`python3 -m venv` / `.venv/bin/python -m pip`: the requirement and constraint files the
+    command names are this repository's."""
+    for flag, name in zip(args, args[1:]):
+        if flag in ("-r", "-c", "--requirement", "--constraint"):
+            assert (REPO / name).is_file(), f"{where}: no {name}"
+
+
 def check_mlflow(where: str, args: list[str]) -> None:
     """MLflow's own command line (click): the subcommand exists and takes the options."""
     import click
@@ -170,3 +188,48 @@ def test_the_readme_shows_commands_of_each_kind():
     programs = {argv[0] for _, argv in COMMANDS}
     assert {"make", "python", "torchrun", ".venv/bin/mlflow", "mlflow"} <= programs, programs
     assert len(COMMANDS) >= 25
+
+
+def requirement_lines(name: str) -> list[Requirement]:
+    """The requirements (or pins) of a file of the repository, comments left out."""
+    lines = (line.split("#")[0].strip() for line in (REPO / name).read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def pins() -> dict[str, Requirement]:
+    """constraints.txt: canonical package name -> its pin."""
+    return {canonicalize_name(p.name): p for p in requirement_lines("constraints.txt")}
+
+
+def test_constraints_pin_every_requirement_within_its_bounds():
+    found = pins()
+    # Every pin holds from the Python `make constraints` ran on: `python_version >= "X.Y"`.
+    markers = {str(p.marker) for p in found.values()}
+    (python,) = {re.fullmatch(r'python_version >= "(\d+\.\d+)"', m)[1] for m in markers}
+    needed = [
+        r
+        for r in requirement_lines("requirements.txt")
+        if not r.marker or r.marker.evaluate({"python_version": python})
+    ]
+    assert {"torch", "mlflow", "tomli-w"} <= {canonicalize_name(r.name) for r in needed}
+    for req in needed:
+        pin = found.get(canonicalize_name(req.name))
+        assert pin is not None, f"constraints.txt does not pin {req.name}; run make constraints"
+        (exact,) = pin.specifier
+        assert exact.operator == "==", pin
+        assert req.specifier.contains(exact.version), f"constraints.txt: {pin} is outside {req}"
+
+
+def test_this_environment_runs_the_pinned_releases():
+    """The suite passes with the releases constraints.txt pins, where they hold (this Python);
+    a CPU build of torch, `2.14.1+cpu`, is the pinned `2.14.1`."""
+    found = pins()
+    for req in requirement_lines("requirements.txt"):
+        pin = found.get(canonicalize_name(req.name))
+        if pin is None or not pin.marker.evaluate() or (req.marker and not req.marker.evaluate()):
+            continue  # not pinned (the test above says so), or not for this Python
+        installed = version(req.name)
+        assert pin.specifier.contains(installed), (
+            f"{req.name} {installed} is installed but constraints.txt pins {pin.specifier}: "
+            "make install, or make constraints after make test passes"
+        )
