@@ -12,8 +12,8 @@ AUROC 0.95 and 0.8, and for 200 images at AUROC 0.8 (the case tests/test_stats.p
 
 Cost: a run's intervals at its best epoch (`src.stats.auroc_intervals` and the AP bootstrap
 with `RUN_RESAMPLES` resamples) for 1,449 images x 20 classes (PASCAL VOC 2012 val), best of
-3 on this machine, in CPU seconds; and how far the AP interval's ends move between bootstrap seeds (their
-standard deviation over 10 seeds), the price of a modest number of resamples.
+3 on this machine, in CPU seconds; and how far the AP interval's ends move between bootstrap
+seeds (their standard deviation over 10 seeds), the price of a modest number of resamples.
 """
 
 from __future__ import annotations
@@ -88,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         f"A run's intervals at {PASCAL[0]:,} images x {PASCAL[1]} classes (AP bootstrap of "
         f"{stats.RUN_RESAMPLES} resamples): {min(seconds):.2f} s of CPU"
     )
-    ends = np.array(
-        [
-            [(i.low, i.high) for i in stats.bootstrap_intervals(labels, probs, seed=s)[:1]][0]
-            for s in range(10)
-        ]
-    )  # [seeds, 2, classes]
-    spread = ends.std(axis=0)
+    per_class = [stats.bootstrap_intervals(labels, probs, seed=s)[0] for s in range(10)]
+    spread = np.array([(i.low, i.high) for i in per_class]).std(axis=0)  # [2, classes]
     print(
         f"  AP interval ends between 10 bootstrap seeds: sd {spread.mean():.4f} on average, "
         f"{spread.max():.4f} at most (per class)"
