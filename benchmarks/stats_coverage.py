@@ -61,6 +61,34 @@ def pascal_sized_run(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, 1 / (1 + np.exp(-logits))
 
 
+def coverage_lines(simulations: int, seed: int) -> list[str]:
+    lines = [f"Coverage of the 95% AUROC intervals, {simulations:,} simulated sets each:"]
+    for images, auroc in CASES:
+        wald, logit = coverage(images, auroc, simulations, seed)
+        lines.append(f"  {images:>4} images, AUROC {auroc:.2f}: Wald {wald:.1%}, logit {logit:.1%}")
+    return lines
+
+
+def cost_lines(seed: int, repeats: int = 3, bootstrap_seeds: int = 10) -> list[str]:
+    labels, probs = pascal_sized_run(seed)
+    seconds = []
+    for _ in range(repeats):
+        start = time.process_time()  # one core's time: the same on a busy machine
+        stats.auroc_intervals(labels, probs)
+        stats.bootstrap_intervals(labels, probs, n_resamples=stats.RUN_RESAMPLES)
+        seconds.append(time.process_time() - start)
+    per_class = [
+        stats.bootstrap_intervals(labels, probs, seed=s)[0] for s in range(bootstrap_seeds)
+    ]
+    spread = np.array([(i.low, i.high) for i in per_class]).std(axis=0)  # [2, classes]
+    return [
+        f"A run's intervals at {PASCAL[0]:,} images x {PASCAL[1]} classes (AP bootstrap of "
+        f"{stats.RUN_RESAMPLES} resamples): {min(seconds):.2f} s of CPU",
+        f"  AP interval ends between {bootstrap_seeds} bootstrap seeds: sd {spread.mean():.4f} "
+        f"on average, {spread.max():.4f} at most (per class)",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.stats_coverage",
@@ -71,29 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.simulations < 1:
         parser.error("--simulations must be at least 1")
-
-    print(f"Coverage of the 95% AUROC intervals, {args.simulations:,} simulated sets each:")
-    for images, auroc in CASES:
-        wald, logit = coverage(images, auroc, args.simulations, args.seed)
-        print(f"  {images:>4} images, AUROC {auroc:.2f}: Wald {wald:.1%}, logit {logit:.1%}")
-
-    labels, probs = pascal_sized_run(args.seed)
-    seconds = []
-    for _ in range(3):
-        start = time.process_time()  # one core's time: the same on a busy machine
-        stats.auroc_intervals(labels, probs)
-        stats.bootstrap_intervals(labels, probs, n_resamples=stats.RUN_RESAMPLES)
-        seconds.append(time.process_time() - start)
-    print(
-        f"A run's intervals at {PASCAL[0]:,} images x {PASCAL[1]} classes (AP bootstrap of "
-        f"{stats.RUN_RESAMPLES} resamples): {min(seconds):.2f} s of CPU"
-    )
-    per_class = [stats.bootstrap_intervals(labels, probs, seed=s)[0] for s in range(10)]
-    spread = np.array([(i.low, i.high) for i in per_class]).std(axis=0)  # [2, classes]
-    print(
-        f"  AP interval ends between 10 bootstrap seeds: sd {spread.mean():.4f} on average, "
-        f"{spread.max():.4f} at most (per class)"
-    )
+    print("\n".join(coverage_lines(args.simulations, args.seed)), flush=True)
+    print("\n".join(cost_lines(args.seed)))
     return 0
 
 

@@ -21,6 +21,7 @@ from `np.random.default_rng(seed)`, so the same inputs give the same figures.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,8 +60,8 @@ class Interval:
 
 def _matrices(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if labels.ndim == 1:
-        labels, scores = labels[:, None], scores[:, None]
+    labels = labels[:, None] if labels.ndim == 1 else labels  # one class
+    scores = scores[:, None] if scores.ndim == 1 else scores
     if labels.shape != scores.shape or labels.ndim != 2:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must both be [N, K]")
     if not np.isfinite(scores).all():
@@ -227,15 +228,15 @@ def weighted_accuracy(labels: np.ndarray, scores: np.ndarray, weights: np.ndarra
 
 def _mean_over(values: np.ndarray, defined: np.ndarray) -> np.ndarray:
     """[B]: the mean over the `defined` classes of each row (NaN of a resample skipped)."""
-    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as quiet:
-        quiet.filter(RuntimeWarning)  # a row without any value: NaN is the answer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row without any value: NaN
         return np.nanmean(values[:, defined], axis=1)
 
 
 def _percentiles(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tail = (1 - LEVEL) / 2 * 100
-    with np.testing.suppress_warnings() as quiet:
-        quiet.filter(RuntimeWarning)  # a class without any value: NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class without any value: NaN
         low, high = np.nanpercentile(draws, [tail, 100 - tail], axis=0)
     return low, high
 
