@@ -439,7 +439,7 @@ def show_paired(
     out = _folder(out, "paired", run_a, run_b)
     csv_path = out / "paired.csv"
     found.table.to_csv(csv_path, index=False)
-    title = f"B: {names[1]}  -  A: {names[0]}, {split} predictions"
+    title = f"B = {names[1]}, A = {names[0]}; {split} predictions"
     plot = forest_plot(found.table, title, out / "forest.png")
     print(f"A: {names[0]}\nB: {names[1]}")
     print(f"{split}: the same {found.images} images in both runs\n")
@@ -469,7 +469,7 @@ def show_seed_sets(
     files = [out / "seeds.csv", out / "seeds_per_class.csv"]
     found.table.to_csv(files[0], index=False)
     found.per_class.to_csv(files[1], index=False)
-    title = f"B: {names[1]}  -  A: {names[0]}, means over seeds"
+    title = f"B = {names[1]}, A = {names[0]}; means over seeds"
     files.append(forest_plot(found.per_class, title, out / "forest.png"))
     with pd.option_context("display.width", None, "display.max_columns", None):
         print(found.table.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n")
