@@ -398,7 +398,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="is the set of seeds B better than A? (the parent run ids that --seeds printed)",
     )
     parser.add_argument(
-        "--split", choices=("val", "test"), default="val", help="--paired: the predictions to test"
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="--paired, --seed-sets: the split whose predictions (per-class tables) to compare",
     )
     parser.add_argument(
         "--resamples",
@@ -428,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resamples < 1:
         parser.error("--resamples must be at least 1")
+    chosen = [f for f in ("experiment", "sweep", "paired", "seed_sets") if getattr(args, f)]
+    if len(chosen) > 1 and {"paired", "seed_sets"} & set(chosen):
+        shown = " and ".join(f"--{f.replace('_', '-')}" for f in chosen)
+        parser.error(f"{shown} are different commands: give one of them")
     if args.paired or args.seed_sets:
         try:
             uri = tracking.existing_store(args.tracking_uri)

@@ -345,6 +345,11 @@ def _per_class_over_seeds(uri: str, groups: dict[str, list[Any]], split: str) ->
     path, what = f"tables/{split}_per_class_metrics.csv", "it is written when a run finishes"
     tables = {g: [read_table(uri, r, path, what) for r in runs] for g, runs in groups.items()}
     labels = list(tables["A"][0]["label"])
+    if any(list(t["label"]) != labels for group in tables.values() for t in group):
+        raise TrackingError(
+            f"The child runs of the two sets of seeds have different classes in their {path}; "
+            "compare seeds of one dataset."
+        )
     rows: dict[str, list] = {"label": [*labels, "mean"]}
     for name in ("auroc", "ap"):
         a = np.array([t[name].to_numpy(dtype=np.float64) for t in tables["A"]])  # [seeds, K]
