@@ -412,19 +412,20 @@ def test_runs_on_other_data_or_without_predictions_are_refused_in_one_line(
         assert comparison_runs(uri, comparison_b=refused) == []
 
 
-def logged_seed_set(uri: str, name: str, values: list[float]) -> str:
+def logged_seed_set(
+    uri: str, name: str, values: list[float], classes=("x", "y"), fingerprint="f" * 16
+) -> str:
     """A finished parent run of --seeds with one finished child per value: best_val_auroc_mean
-    = value and a per-class table (class x: AUROC = value, AP = value - 0.2; class y: 0.1
-    lower each); the parent's id."""
-    parent = tracking.start(
-        uri, "seed-sets", name, {"seeds": " ".join(map(str, range(len(values))))}
-    )
+    = value and a per-class table (first class: AUROC = value, AP = value - 0.2; second class:
+    0.1 lower each); the parent's id."""
+    seeds = " ".join(map(str, range(len(values))))
+    parent = tracking.start(uri, "seed-sets", name, {"seeds": seeds})
     for seed, value in enumerate(values):
-        tags = {"mlflow.parentRunId": parent.run_id, "data.val.fingerprint": "f" * 16}
+        tags = {"mlflow.parentRunId": parent.run_id, "data.val.fingerprint": fingerprint}
         child = tracking.start(uri, "seed-sets", f"{name}-seed{seed}", tags, {"run.seed": seed})
         child.log_epoch({"best_val_auroc_mean": value}, 1)
         per_class = pd.DataFrame(
-            {"label": ["x", "y"], "auroc": [value, value - 0.1], "ap": [value - 0.2, value - 0.3]}
+            {"label": classes, "auroc": [value, value - 0.1], "ap": [value - 0.2, value - 0.3]}
         )
         child.log_text(per_class.to_csv(index=False), "tables/val_per_class_metrics.csv")
         child.end()
@@ -483,8 +484,19 @@ def test_two_sets_of_seeds(mlflow_uri, tmp_path, capsys):
         f"error: MLflow run {child} is not the parent run of a set of seeds (it has no seeds "
         "tag); pass the ids printed as 'Parent run of the N seeds: <id>'."
     )
+    # Seeds validated on other data, or with other classes: one line each.
+    other_data = logged_seed_set(mlflow_uri, "other-data", [0.9], fingerprint="0" * 16)
+    other_classes = logged_seed_set(mlflow_uri, "other-classes", [0.9], classes=("x", "z"))
+    for other, message in (
+        (other_data, f"error: The child runs of {a} and {other_data} were validated on "
+         "different data (data.val.fingerprint: 0000000000000000, ffffffffffffffff); "),
+        (other_classes, "error: The child runs of the two sets of seeds have different classes"),
+    ):  # fmt: skip
+        assert main(["--seed-sets", a, other]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err, err
     # Comparisons are runs without params: the table of the experiment names them.
     assert main(["--experiment", "seed-sets", "--out", str(tmp_path / "table")]) == 0
-    assert "(no params, so left out: the parent runs of 2 sets of seeds; a comparison)" in (
+    assert "(no params, so left out: the parent runs of 4 sets of seeds; a comparison)" in (
         capsys.readouterr().out
     )
