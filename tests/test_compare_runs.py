@@ -500,3 +500,27 @@ def test_two_sets_of_seeds(mlflow_uri, tmp_path, capsys):
     assert "(no params, so left out: the parent runs of 4 sets of seeds; a comparison)" in (
         capsys.readouterr().out
     )
+
+
+def test_a_sweep_marks_the_trials_within_the_best_trials_interval(mlflow_uri, tmp_path, capsys):
+    tags = {"sweep.metric": "val_auroc_mean", "sweep.direction": "maximize",
+            "sweep.params": "optimizer.lr", "sweep.study": "s"}  # fmt: skip
+    parent = tracking.start(mlflow_uri, "sweeps", "s-sweep", tags)
+    # (lr, best_val_auroc_mean, its interval): the best is 0.90 [0.85, 0.94].
+    trials = [(0.1, 0.86, 0.80, 0.91), (0.01, 0.90, 0.85, 0.94), (0.001, 0.84, 0.78, 0.89)]
+    for number, (lr, value, low, high) in enumerate(trials):
+        trial_tags = {"mlflow.parentRunId": parent.run_id, "optuna.trial_number": number}
+        child = tracking.start(mlflow_uri, "sweeps", f"t{number}", trial_tags, {"optimizer.lr": lr})
+        metrics = {"best_val_auroc_mean": value}
+        metrics |= {"best_val_auroc_mean_ci_low": low, "best_val_auroc_mean_ci_high": high}
+        child.log_epoch(metrics, 1)
+        child.end()
+    parent.end()
+    assert main(["--sweep", parent.run_id, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[-2:] == ["best_val_auroc_mean", "within_noise"]
+    # 0.86 lies inside [0.85, 0.94], 0.84 below it.
+    assert [line.split()[-2:] for line in out[1:3]] == [["0.9", "yes"], ["0.86", "yes"]]
+    assert out[3].split()[-1] == "0.84"
+    rows = pd.read_csv(tmp_path / "sweep.csv", keep_default_na=False)
+    assert list(rows["trial"]) == [1, 0, 2] and list(rows["within_noise"]) == ["yes", "yes", ""]

@@ -304,7 +304,10 @@ def _and(parts: list[str]) -> str:
 
 def sweep_table(uri: str, parent_run_id: str) -> Any:
     """One row per trial of the sweep whose parent run is `parent_run_id`, best first:
-    trial number, run name and id, how it ended, its sampled values and the objective."""
+    trial number, run name and id, how it ended, its sampled values and the objective; for an
+    objective with 95% intervals (`best_val_auroc_mean`, `best_val_ap_mean`), `within_noise`
+    says whether the trial's value lies inside the best trial's interval: a rough screen of
+    the trials that may be as good (`--paired` tests two of them properly)."""
     import pandas as pd
 
     parent = tracking.get_run(uri, parent_run_id)
@@ -327,13 +330,18 @@ def sweep_table(uri: str, parent_run_id: str) -> Any:
         row.update({k: run.data.params.get(k, "") for k in keys})
         row[metric] = run.data.metrics.get(metric, math.nan)
         row["best_epoch"] = run.data.metrics.get("best_epoch", math.nan)
+        row["ci"] = [run.data.metrics.get(f"{metric}_ci_{end}") for end in ("low", "high")]
         rows.append(row)
     table = pd.DataFrame(rows, columns=["trial", "run_name", "run_id", "status", *keys, metric])
     if rows:
         ascending = tags.get("sweep.direction") == "minimize"
-        table = table.sort_values(
+        order = table.sort_values(
             [metric, "trial"], ascending=[ascending, True], na_position="last"
         )
+        low, high = rows[order.index[0]]["ci"]
+        if low is not None and high is not None:
+            table["within_noise"] = table[metric].between(low, high).map({True: "yes", False: ""})
+        table = table.loc[order.index]
     return table
 
 
