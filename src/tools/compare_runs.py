@@ -20,7 +20,7 @@ objective, best first, with the values each trial drew and how it ended (`comple
 
 Is B really better than A? `--paired RUN_A RUN_B` tests two runs on the same validation images
 (DeLong's paired test of AUROC, a paired bootstrap of AP, per class and for the mean),
-`--seed-sets PARENT_A PARENT_B` two sets of seeds; both are src/tools/significance.py's.
+`--seed-sets PARENT_A PARENT_B` two sets of seeds (src/tools/significance.py, seed_sets.py).
 
 This module also compares two runs metric by metric and epoch by epoch (`compare_metrics`),
 which `src.tools.reproduce` uses to prove a reproduction.
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import src.stats as stats
+import src.tools.seed_sets as seed_sets
 import src.tools.significance as significance
 import src.tracking as tracking
 from src.config import REPO_ROOT
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out) if args.out else None
             if args.paired:
                 return significance.show_paired(uri, *args.paired, args.split, args.resamples, out)
-            return significance.show_seed_sets(uri, *args.seed_sets, args.split, out)
+            return seed_sets.show_seed_sets(uri, *args.seed_sets, args.split, out)
         except UserError as e:
             return print_user_error(e)
     if args.sweep:

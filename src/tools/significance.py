@@ -1,27 +1,21 @@
-"""Is B really better than A? Two runs scored on the same images, or two sets of seeds.
+"""Is B really better than A? Two runs scored on the same images.
 
     python -m src.tools.compare_runs --paired RUN_A RUN_B
-    python -m src.tools.compare_runs --seed-sets PARENT_A PARENT_B
 
-`--paired`: the best-epoch predictions each run logged (`tables/val_predictions.csv`) read
-back; runs whose validation data differ (the tag `data.val.fingerprint`, or the images, labels
-or classes of the two tables) are refused. Per class and for the mean over classes: B - A of
-AUROC with DeLong's paired test, of AP with a paired bootstrap over images (the same resampled
-images for both runs); per-class p-values corrected for testing every class (Holm). One line
-says it all: "B - A: mean AUROC +0.012 [+0.004, +0.020], p = 0.003; better on 3 of 20
-classes, worse on 0 (Holm-corrected p < 0.05)".
+The best-epoch predictions each run logged (`tables/val_predictions.csv`) are read back; runs
+whose validation data differ (the tag `data.val.fingerprint`, or the images, labels or classes
+of the two tables) are refused. Per class and for the mean over classes: B - A of AUROC with
+DeLong's paired test, of AP with a paired bootstrap over images (the same resampled images for
+both runs); per-class p-values corrected for testing every class (Holm). One line says it all:
+"B - A: mean AUROC +0.012 [+0.004, +0.020], p = 0.003; better on 3 of 20 classes, worse on 0
+(Holm-corrected p < 0.05)". Two sets of seeds are src/tools/seed_sets.py's.
 
-`--seed-sets`: two parent runs of `--seeds` (src/sweep/multirun.py), their finished child runs
-one value each: the difference of the means of `best_val_auroc_mean` with a bootstrap interval
-over seeds, the probability that a seed of B beats a seed of A, and a note below 5 seeds a
-side; per class, the same difference of means from each child's per-class table.
-
-Either comparison is logged as an MLflow run of its own in B's experiment, so that the runs
+A comparison is logged as an MLflow run of its own in B's experiment, so that the runs
 compared stay as they were and B can be compared with several runs: tags `comparison`
-(`paired` or `seeds`), `comparison.a`, `comparison.b` (run ids) and the verdict as the run's
+(`paired`, or `seeds`), `comparison.a`, `comparison.b` (run ids) and the verdict as the run's
 description; metrics (`auroc_mean_diff`, `..._ci_low`, `..._ci_high`, `auroc_mean_p`, ...);
-artifacts `comparison/<kind>.csv` (the table) and `comparison/forest.png` (B - A per class with
-95% intervals). The same files go to the folder `--out`.
+artifacts: the table (`comparison/paired.csv`) and `comparison/forest.png` (B - A per class
+with 95% intervals). The same files go to the folder `--out`.
 """
 
 from __future__ import annotations
@@ -42,8 +36,6 @@ from src.errors import TrackingError
 from src.evaluate import pyplot, save_figure
 
 ALPHA = 0.05  # a class is better or worse when its Holm-corrected p is below this
-MIN_SEEDS = 5  # below this many seeds a side, the bootstrap over seeds is rough
-SEEDS_METRIC = "best_val_auroc_mean"
 # The forest plot's colours: B better, B worse (Holm-corrected), neither; the mean.
 BETTER, WORSE, NEITHER, MEAN = "tab:green", "tab:red", "tab:gray", "black"
 
@@ -244,129 +236,6 @@ def compare_pair(
     return compare_predictions(pa.labels, pa.probs, pb.probs, pa.meanings, n_resamples), runs
 
 
-# ------------------------------------------------------------------ two sets of seeds
-
-
-@dataclass
-class SeedsComparison:
-    table: pd.DataFrame  # one row per child run: set (A or B), run name and id, seed, value
-    per_class: pd.DataFrame  # one row per class, then "mean": B - A of the means over seeds
-    result: stats.GroupComparison
-    metric: str
-
-    def lines(self, names: tuple[str, str]) -> list[str]:
-        out = []
-        for group, name in zip("AB", names):
-            values = self.table.loc[self.table["set"] == group, self.metric]
-            sd = f" +- {values.std():.3f} (sd)" if len(values) > 1 else ""
-            out.append(
-                f"{group}: {name}: {len(values)} seeds, {self.metric} {values.mean():.3f}{sd}"
-            )
-        out.append(self.verdict)
-        if min(self.result.n_a, self.result.n_b) < MIN_SEEDS:
-            out.append(
-                f"note: {self.result.n_a} and {self.result.n_b} seeds: with fewer than "
-                f"{MIN_SEEDS} a side, the bootstrap over seeds is rough (its interval is too "
-                "narrow); run more seeds for a firm answer."
-            )
-        return out
-
-    @property
-    def verdict(self) -> str:
-        d, beats = self.result.difference, self.result.prob_b_beats_a
-        return (
-            f"B - A: {self.metric} {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (bootstrap over "
-            f"seeds); a seed of B beats a seed of A with probability {beats:.2f}"
-        )
-
-    def metrics(self) -> dict[str, float]:
-        d = self.result.difference
-        return {
-            "mean_diff": d.value, "mean_diff_ci_low": d.low, "mean_diff_ci_high": d.high,
-            "prob_b_beats_a": self.result.prob_b_beats_a,
-            "seeds_a": self.result.n_a, "seeds_b": self.result.n_b,
-        }  # fmt: skip
-
-
-def seed_children(uri: str, parent_id: str, metric: str) -> list[Any]:
-    """The finished child runs of the `--seeds` parent run `parent_id` that logged `metric`."""
-    parent = tracking.get_run(uri, parent_id)
-    if "seeds" not in parent.data.tags:
-        raise TrackingError(
-            f"MLflow run {parent_id} is not the parent run of a set of seeds (it has no seeds "
-            "tag); pass the ids printed as 'Parent run of the N seeds: <id>'."
-        )
-    children = [
-        r
-        for r in tracking.child_runs(uri, parent_id)
-        if r.info.status == "FINISHED" and metric in r.data.metrics
-    ]
-    if not children:
-        raise TrackingError(
-            f"The set of seeds {parent_id} ({parent.info.run_name}) has no finished child run "
-            f"with {metric}; let it finish (run its --seeds command again) first."
-        )
-    return children
-
-
-def compare_seed_sets(
-    uri: str, parent_a: str, parent_b: str, metric: str = SEEDS_METRIC, split: str = "val"
-) -> SeedsComparison:
-    """B's seeds against A's (see the module docstring); refused when their children were
-    validated on different data."""
-    groups = {"A": seed_children(uri, parent_a, metric), "B": seed_children(uri, parent_b, metric)}
-    key = f"data.{split}.fingerprint"
-    prints = {r.data.tags.get(key) for runs in groups.values() for r in runs} - {None}
-    if len(prints) > 1:
-        raise TrackingError(
-            f"The child runs of {parent_a} and {parent_b} were validated on different data "
-            f"({key}: {', '.join(sorted(prints))}); compare seeds of one dataset."
-        )
-    rows = [
-        {
-            "set": group,
-            "run_name": r.info.run_name,
-            "run_id": r.info.run_id,
-            "seed": r.data.params.get("run.seed", ""),
-            metric: r.data.metrics[metric],
-        }  # fmt: skip
-        for group, runs in groups.items()
-        for r in runs
-    ]
-    table = pd.DataFrame(rows)
-    values = [table.loc[table["set"] == g, metric].to_numpy() for g in "AB"]
-    result = stats.compare_groups(*values)
-    return SeedsComparison(table, _per_class_over_seeds(uri, groups, split), result, metric)
-
-
-def _per_class_over_seeds(uri: str, groups: dict[str, list[Any]], split: str) -> pd.DataFrame:
-    """B - A of each class's AUROC and AP, means over seeds, with bootstrap intervals over
-    seeds, from each child's per-class table; the row "mean" is the summary metric's."""
-    path, what = f"tables/{split}_per_class_metrics.csv", "it is written when a run finishes"
-    tables = {g: [read_table(uri, r, path, what) for r in runs] for g, runs in groups.items()}
-    labels = list(tables["A"][0]["label"])
-    if any(list(t["label"]) != labels for group in tables.values() for t in group):
-        raise TrackingError(
-            f"The child runs of the two sets of seeds have different classes in their {path}; "
-            "compare seeds of one dataset."
-        )
-    rows: dict[str, list] = {"label": [*labels, "mean"]}
-    for name in ("auroc", "ap"):
-        a = np.array([t[name].to_numpy(dtype=np.float64) for t in tables["A"]])  # [seeds, K]
-        b = np.array([t[name].to_numpy(dtype=np.float64) for t in tables["B"]])
-        found = [
-            stats.compare_groups(a[:, k], b[:, k]).difference
-            if not (np.isnan(a[:, k]).any() or np.isnan(b[:, k]).any())
-            else stats.Interval(math.nan, math.nan, math.nan)
-            for k in range(len(labels))
-        ]
-        mean = stats.compare_groups(np.nanmean(a, axis=1), np.nanmean(b, axis=1)).difference
-        rows[f"{name}_diff"] = [*(f.value for f in found), mean.value]
-        rows[f"{name}_diff_ci_low"] = [*(f.low for f in found), mean.low]
-        rows[f"{name}_diff_ci_high"] = [*(f.high for f in found), mean.high]
-    return pd.DataFrame(rows)
-
-
 # ------------------------------------------------------------------ the plot and MLflow
 
 
@@ -427,7 +296,7 @@ def log_comparison(
 # ------------------------------------------------------------------ the commands
 
 
-def _folder(out: Path | None, kind: str, a: str, b: str) -> Path:
+def comparison_folder(out: Path | None, kind: str, a: str, b: str) -> Path:
     out = out or REPO_ROOT / "results" / "compare" / f"{kind}-{a[:8]}-{b[:8]}"
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -441,7 +310,7 @@ def show_paired(
     them as a comparison run; the verdict is the last line."""
     found, runs = compare_pair(uri, run_a, run_b, split, n_resamples)
     names = [f"{r.info.run_name} ({r.info.run_id})" for r in runs]
-    out = _folder(out, "paired", run_a, run_b)
+    out = comparison_folder(out, "paired", run_a, run_b)
     csv_path = out / "paired.csv"
     found.table.to_csv(csv_path, index=False)
     title = f"B = {names[1]}, A = {names[0]}; {split} predictions"
@@ -458,28 +327,4 @@ def show_paired(
     print(f"Logged as MLflow run {tracker.run_id} in B's experiment")
     print(found.ap_line)
     print(found.verdict)
-    return 0
-
-
-def show_seed_sets(
-    uri: str, parent_a: str, parent_b: str, split: str = "val", out: Path | None = None
-) -> int:
-    """`--seed-sets`: print the comparison, write seeds.csv, seeds_per_class.csv and
-    forest.png to `out` and log them as a comparison run; the verdict (and a note below
-    MIN_SEEDS seeds) last."""
-    found = compare_seed_sets(uri, parent_a, parent_b, split=split)
-    parents = tracking.get_run(uri, parent_a), tracking.get_run(uri, parent_b)
-    names = tuple(f"{r.info.run_name} ({r.info.run_id})" for r in parents)
-    out = _folder(out, "seeds", parent_a, parent_b)
-    files = [out / "seeds.csv", out / "seeds_per_class.csv"]
-    found.table.to_csv(files[0], index=False)
-    found.per_class.to_csv(files[1], index=False)
-    title = f"B = {names[1]}, A = {names[0]}; means over seeds"
-    files.append(forest_plot(found.per_class, title, out / "forest.png"))
-    with pd.option_context("display.width", None, "display.max_columns", None):
-        print(found.table.to_string(index=False, float_format=lambda v: f"{v:.4f}") + "\n")
-    tracker = log_comparison(uri, "seeds", parents, found.verdict, found.metrics(), files)
-    print(f"Tables: {files[0]}, {files[1].name}\nPlot:   {files[2]}")
-    print(f"Logged as MLflow run {tracker.run_id} in B's experiment")
-    print("\n".join(found.lines(names)))
     return 0
