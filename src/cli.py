@@ -372,6 +372,15 @@ def group_hint(config: ExperimentConfig, experiment_id: str, run_id: str) -> str
     return tracking.ui_hint(tracking.tracking_uri(config.run.tracking_uri), experiment_id, run_id)
 
 
+def with_interval(metrics: dict[str, float], key: str) -> str:
+    """`0.957 [0.931, 0.983]`: the metric and its 95% interval (`<key>_ci_low`, `_ci_high`);
+    to 4 decimals when it has none."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return f"{metrics[key]:.4f}"
+    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def report(config: ExperimentConfig, result: RunResult) -> None:
     """The closing lines: the best epoch's figures (or the predictions'), where the files are,
     and the link to the run in the MLflow UI."""
@@ -381,7 +390,8 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
             f"\nBest epoch (lowest val_loss): {result.best_epoch} of {result.epochs_run}"
             + (" (stopped early)" if result.stopped_early else "")
             + f": val_loss {m['best_val_loss']:.4f}, val_auroc_mean "
-            f"{m['best_val_auroc_mean']:.4f}, val_ap_mean {m['best_val_ap_mean']:.4f}"
+            f"{with_interval(m, 'best_val_auroc_mean')}, val_ap_mean "
+            f"{with_interval(m, 'best_val_ap_mean')}"
         )
         print(f"Checkpoints: {result.results_dir}")
     else:

@@ -18,10 +18,15 @@ every digit.
 `--sweep PARENT_RUN_ID` shows one sweep (`python -m src.sweep`) instead: its trials sorted by the
 objective, best first, with the values each trial drew and how it ended (`complete`, `pruned`).
 
+Is B really better than A? `--paired RUN_A RUN_B` tests two runs on the same validation images
+(DeLong's paired test of AUROC, a paired bootstrap of AP, per class and for the mean),
+`--seed-sets PARENT_A PARENT_B` two sets of seeds (src/tools/significance.py, seed_sets.py).
+
 This module also compares two runs metric by metric and epoch by epoch (`compare_metrics`),
 which `src.tools.reproduce` uses to prove a reproduction.
 
-Exit codes: 0 done, 1 no run matches, 2 a user error (unknown experiment, bad filter).
+Exit codes: 0 done, 1 no run matches, 2 a user error (unknown experiment or run, bad filter,
+runs validated on different data).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import src.stats as stats
+import src.tools.seed_sets as seed_sets
+import src.tools.significance as significance
 import src.tracking as tracking
 from src.config import REPO_ROOT
 from src.errors import TrackingError, UserError, print_user_error
@@ -263,8 +271,9 @@ def compare_experiment(
 
 def left_out_text(runs: list[Any]) -> str:
     """The runs without params in words: "the parent run of a sweep", "the parent runs of 2
-    grids and a set of seeds; a run that logged no params"."""
+    grids and a set of seeds; 2 comparisons; a run that logged no params"."""
     counts = Counter(_parent_kind(run.data.tags) for run in runs)
+    comparisons = counts.pop("comparison", 0)
     groups = [
         one if counts[one] == 1 else f"{counts[one]} {many}"
         for _, one, many in PARENT_KINDS
@@ -274,6 +283,8 @@ def left_out_text(runs: list[Any]) -> str:
     if groups:
         parents = sum(counts[one] for _, one, _ in PARENT_KINDS)
         phrases.append(f"the parent run{'s' if parents > 1 else ''} of {_and(groups)}")
+    if comparisons:
+        phrases.append(f"{comparisons} comparisons" if comparisons > 1 else "a comparison")
     if counts[None]:
         n = counts[None]
         phrases.append(
@@ -283,6 +294,8 @@ def left_out_text(runs: list[Any]) -> str:
 
 
 def _parent_kind(tags: dict[str, str]) -> str | None:
+    if "comparison" in tags:  # a run of --paired or --seed-sets
+        return "comparison"
     return next((one for tag, one, _ in PARENT_KINDS if tag in tags), None)
 
 
@@ -292,7 +305,10 @@ def _and(parts: list[str]) -> str:
 
 def sweep_table(uri: str, parent_run_id: str) -> Any:
     """One row per trial of the sweep whose parent run is `parent_run_id`, best first:
-    trial number, run name and id, how it ended, its sampled values and the objective."""
+    trial number, run name and id, how it ended, its sampled values and the objective; for an
+    objective with 95% intervals (`best_val_auroc_mean`, `best_val_ap_mean`), `within_noise`
+    says whether the trial's value lies inside the best trial's interval: a rough screen of
+    the trials that may be as good (`--paired` tests two of them properly)."""
     import pandas as pd
 
     parent = tracking.get_run(uri, parent_run_id)
@@ -315,13 +331,18 @@ def sweep_table(uri: str, parent_run_id: str) -> Any:
         row.update({k: run.data.params.get(k, "") for k in keys})
         row[metric] = run.data.metrics.get(metric, math.nan)
         row["best_epoch"] = run.data.metrics.get("best_epoch", math.nan)
+        row["ci"] = [run.data.metrics.get(f"{metric}_ci_{end}") for end in ("low", "high")]
         rows.append(row)
     table = pd.DataFrame(rows, columns=["trial", "run_name", "run_id", "status", *keys, metric])
     if rows:
         ascending = tags.get("sweep.direction") == "minimize"
-        table = table.sort_values(
+        order = table.sort_values(
             [metric, "trial"], ascending=[ascending, True], na_position="last"
         )
+        low, high = rows[order.index[0]]["ci"]
+        if low is not None and high is not None:
+            table["within_noise"] = table[metric].between(low, high).map({True: "yes", False: ""})
+        table = table.loc[order.index]
     return table
 
 
@@ -358,11 +379,44 @@ def _significant(value: Any) -> str:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m src.tools.compare_runs",
-        description="Print, save as CSV and plot the runs of one MLflow experiment.",
+        description="Print, save as CSV and plot the runs of one MLflow experiment; or test "
+        "whether run B is really better than run A (--paired), or one set of seeds than "
+        "another (--seed-sets).",
+        epilog="--paired A B: DeLong's paired test of AUROC and a paired bootstrap of AP per "
+        "class and for the mean, on the validation predictions both runs logged (refused when "
+        "their data fingerprints differ); p-values Holm-corrected across classes; a verdict "
+        "line. --seed-sets A B: two parent runs of --seeds; B - A of the mean "
+        "best_val_auroc_mean with a bootstrap interval over seeds and the probability that a "
+        "seed of B beats a seed of A. Both are logged as an MLflow run of their own in B's "
+        "experiment (tag 'comparison'), with a CSV table and a forest plot.",
     )
     parser.add_argument("--experiment", help="the MLflow experiment name")
     parser.add_argument(
         "--sweep", metavar="PARENT_RUN_ID", help="show one sweep's trials, best first"
+    )
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="is run B better than run A on the same validation images? (B - A, per class)",
+    )
+    parser.add_argument(
+        "--seed-sets",
+        nargs=2,
+        metavar=("PARENT_A", "PARENT_B"),
+        help="is the set of seeds B better than A? (the parent run ids that --seeds printed)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("val", "test"),
+        default="val",
+        help="--paired, --seed-sets: the split whose predictions (per-class tables) to compare",
+    )
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=stats.COMPARE_RESAMPLES,
+        help="--paired: resamples of the AP bootstrap (default %(default)s)",
     )
     parser.add_argument(
         "--filter",
@@ -371,7 +425,9 @@ def make_parser() -> argparse.ArgumentParser:
         '\'models.custom_models_base:TinyConv\'" or "metrics.best_val_auroc_mean > 0.8"',
     )
     parser.add_argument(
-        "--out", help="folder for runs.csv and the plot (default: results/compare/<experiment>)"
+        "--out",
+        help="folder for the table and the plot (default: results/compare/<experiment>, or "
+        "results/compare/<paired|seeds>-<A>-<B>)",
     )
     parser.add_argument("--metric", default="val_auroc_mean", help="the per-epoch metric to plot")
     parser.add_argument("--tracking-uri", help="MLflow store (default: as for training)")
@@ -382,6 +438,21 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table and where the CSV and plot went; 1 if no run matches, 2 user errors."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.resamples < 1:
+        parser.error("--resamples must be at least 1")
+    chosen = [f for f in ("experiment", "sweep", "paired", "seed_sets") if getattr(args, f)]
+    if len(chosen) > 1 and {"paired", "seed_sets"} & set(chosen):
+        shown = " and ".join(f"--{f.replace('_', '-')}" for f in chosen)
+        parser.error(f"{shown} are different commands: give one of them")
+    if args.paired or args.seed_sets:
+        try:
+            uri = tracking.existing_store(args.tracking_uri)
+            out = Path(args.out) if args.out else None
+            if args.paired:
+                return significance.show_paired(uri, *args.paired, args.split, args.resamples, out)
+            return seed_sets.show_seed_sets(uri, *args.seed_sets, args.split, out)
+        except UserError as e:
+            return print_user_error(e)
     if args.sweep:
         return show_sweep(args)
     if not args.experiment:

@@ -1,8 +1,10 @@
 """What a finished run leaves: the best weights evaluated again, ROC/PR plots, a predictions
-CSV, a per-class metrics CSV and the learning curves, written under the results folder and
-logged to MLflow; then the per-label thresholds chosen on the validation split, the gallery of
-explanations (`plots/explanations.png`) and the best weights as the MLflow model `model` of the
-run (src/serve/model_package.py), registered when `run.register_model` names it."""
+CSV, a per-class metrics CSV (each AUROC and AP with its 95% interval, src/stats.py, and the
+intervals of their means as run metrics) and the learning curves, written under the results
+folder and logged to MLflow; then the per-label thresholds chosen on the validation split, the
+gallery of explanations (`plots/explanations.png`) and the best weights as the MLflow model
+`model` of the run (src/serve/model_package.py), registered when `run.register_model` names
+it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import src.distributed as ddp
 import src.evaluate as evaluate
 import src.serve.explain as explain
 import src.serve.model_package as mp
+import src.stats as stats
 import src.train.checkpoint as ckpt_io
 from src.errors import ConfigError
 from src.train.build import build_loader
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
 
 
 Files = list[tuple[Path, str]]  # (a file, the run's artifact folder it goes to)
+# metric -> (per class, mean over classes): the estimates with their 95% intervals.
+Intervals = dict[str, tuple[stats.Interval, stats.Interval]]
 
 
 def log_best_outputs(t: Trainer) -> dict[str, float]:
@@ -49,7 +54,9 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
         pred = preds[split] = predict(t.state.model, loader, t.batches)
         metrics = epoch_metrics(pred, list(ds.label_meanings), t.config.data.problem, split)
         summary.update({f"best_{k}": v for k, v in metrics.items() if "/" not in k})
-        files += write_split_outputs(t.results_dir, split, ds, pred, metrics)
+        intervals = metric_intervals(pred)
+        summary.update(mean_interval_metrics(intervals, f"best_{split}_"))
+        files += write_split_outputs(t.results_dir, split, ds, pred, metrics, intervals)
     # Per label, the threshold that maximizes F1 on the validation split, in
     # `tables/thresholds.csv` with that F1; none for a multiclass run (it predicts the most
     # probable class).
@@ -130,8 +137,34 @@ def log_model_package(
     print(f"MLflow model: runs:/{t.tracker.run_id}/{name}{also}", flush=True)
 
 
-def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Files:
-    """ROC/PR plots, a predictions CSV and a per-class metrics CSV for one split."""
+def metric_intervals(pred: dict[str, Any]) -> Intervals:
+    """The 95% intervals of each class's AUROC (DeLong's, on the logit scale) and AP (a
+    bootstrap over images, `stats.RUN_RESAMPLES` resamples), and of their means over the
+    classes; none for a split without images."""
+    labels, probs = pred["labels"], pred["probs"]
+    if not len(labels):
+        return {}
+    return {
+        "auroc": stats.auroc_intervals(labels, probs),
+        "ap": stats.bootstrap_intervals(labels, probs, n_resamples=stats.RUN_RESAMPLES),
+    }
+
+
+def mean_interval_metrics(intervals: Intervals, prefix: str) -> dict[str, float]:
+    """`<prefix>auroc_mean_ci_low`, `..._ci_high` and the same for AP."""
+    out = {}
+    for name, (_, mean) in intervals.items():
+        out[f"{prefix}{name}_mean_ci_low"] = float(mean.low)
+        out[f"{prefix}{name}_mean_ci_high"] = float(mean.high)
+    return out
+
+
+def write_split_outputs(
+    results_dir: Path, split: str, ds, pred, metrics, intervals: Intervals | None = None
+) -> Files:
+    """ROC/PR plots, a predictions CSV and a per-class metrics CSV for one split; the table
+    gives each AUROC and AP with its 95% interval (`metric_intervals`, computed here unless
+    given)."""
     meanings, labels, probs = list(ds.label_meanings), pred["labels"], pred["probs"]
     plots = evaluate.plot_roc_pr(
         labels, probs, meanings, results_dir / "plots" / split, f"{split} (best epoch)"
@@ -144,7 +177,23 @@ def write_split_outputs(results_dir: Path, split: str, ds, pred, metrics) -> Fil
     prefix = f"{split}_"
     ours = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
     per_class = evaluate.per_class_table(ours, labels, meanings)
+    per_class = with_intervals(
+        per_class, metric_intervals(pred) if intervals is None else intervals
+    )
     tables = results_dir / "tables"
     pred_csv = evaluate.write_csv(tables / f"{split}_predictions.csv", table)
     class_csv = evaluate.write_csv(tables / f"{split}_per_class_metrics.csv", per_class)
     return [(p, f"plots/{split}") for p in plots] + [(pred_csv, "tables"), (class_csv, "tables")]
+
+
+def with_intervals(table: evaluate.Columns, intervals: Intervals) -> evaluate.Columns:
+    """The per-class table with `<metric>_ci_low` and `<metric>_ci_high` after each metric
+    that has intervals (empty cells where a class has none)."""
+    out: evaluate.Columns = {}
+    for column, values in table.items():
+        out[column] = values
+        if column in intervals:
+            per_class, _ = intervals[column]
+            out[f"{column}_ci_low"] = [float(x) for x in per_class.low]
+            out[f"{column}_ci_high"] = [float(x) for x in per_class.high]
+    return out
