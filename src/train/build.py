@@ -225,11 +225,11 @@ def check_input(model: nn.Module, datasets: dict[str, Any], prep: BatchPrep, con
                     out = model(x)
                 except torch.cuda.OutOfMemoryError:
                     raise
-                except RuntimeError as e:  # a layer that does not fit the images' size
-                    size = " x ".join(map(str, sample["data"].shape))
+                except (RuntimeError, ValueError) as e:  # a layer, or the model, refuses
+                    size, why = " x ".join(map(str, sample["data"].shape)), str(e).rstrip(".")
                     raise ConfigError(
                         f"The model {name} fails on the {split} split's images of {size} "
-                        f"([C, H, W]): {' '.join(str(e).split())}; resize the images to the "
+                        f"([C, H, W]): {' '.join(why.split())}; resize the images to the "
                         "size the model takes (in the dataset or its transform), or use a "
                         "model for any size (models.any_size:TinyConvAnySize)."
                     ) from None
