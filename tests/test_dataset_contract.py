@@ -409,7 +409,7 @@ class ReturnsTensor(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """Logits from a 1 x 1 conv, averaged: no nn.Linear for the width check to read."""
+    """Logits from a 1 x 1 conv, averaged over the image: no linear layer."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from src.config import (
     check_choice,
     import_object,
 )
-from src.train.dataset_contract import check_same_labels, checked_dataset, label_gaps
+from src.train.dataset_contract import check_same_labels, checked_dataset, gaps_note
 from src.train.loop import BatchPrep, BatchSettings, make_loss
 from src.train.training_state import TrainingState, check_resumable
 
@@ -196,35 +196,22 @@ def build_model(config: ExperimentConfig) -> nn.Module:
         ) from None
 
 
-def check_outputs(model: nn.Module, label_meanings: list[str], config: ExperimentConfig) -> None:
-    """ConfigError when the model's last linear layer has another width than the labels."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linear and linear[-1].out_features != len(label_meanings):
-        raise ConfigError(
-            f"The model {config.model.model} has {linear[-1].out_features} outputs but the "
-            f"dataset has {len(label_meanings)} labels; set [model.args] n_outputs = "
-            f"{len(label_meanings)}."
-        )
-
-
 def check_input(model: nn.Module, datasets: dict[str, Any], prep: BatchPrep, config) -> None:
     """ConfigError unless the model takes the first image of each split as a batch of one and
     returns {'out': [1, K]}, K the labels: said before a run starts, not as a traceback in
     its first step. In eval mode without gradients; the random states are put back (a sample
     may be drawn at random), so a seeded run trains exactly as it would without the check."""
-    name, k = config.model.model, len(datasets["train"].label_meanings)
+    name = config.model.model
     states, training = (random.getstate(), np.random.get_state()), model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for split, ds in datasets.items():
-                sample = ds[0]
+                sample, k = ds[0], len(ds.label_meanings)
                 batch = {key: torch.stack([sample[key]]) for key in ("data", "label")}
                 x, _ = prep(batch)  # a batch of one, as the loader stacks it
                 try:
                     out = model(x)
-                except torch.cuda.OutOfMemoryError:
-                    raise
                 except (RuntimeError, ValueError) as e:  # a layer, or the model, refuses
                     size, why = " x ".join(map(str, sample["data"].shape)), str(e).rstrip(".")
                     raise ConfigError(
@@ -371,7 +358,6 @@ def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | No
         config.run.progress_every_s,
     )
     model = build_model(config).to(device, memory_format=batches.prep.memory_format)
-    check_outputs(model, list(datasets["train"].label_meanings), config)
     check_input(model, datasets, batches.prep, config)
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if batches.amp == "fp16" else None
@@ -411,13 +397,5 @@ def print_setup(device: torch.device, datasets: dict[str, Any], config, info) ->
             flush=True,
         )
     for split, ds in datasets.items():
-        gaps = label_gaps(ds) if split != "train" else None
-        if gaps and any(gaps.values()):
-            named = " and ".join(f"no {kind} of {', '.join(c)}" for kind, c in gaps.items() if c)
-            k = len(ds.label_meanings)
-            print(
-                f"Note: the {split} split has {named}: AUROC and AP are undefined there, so "
-                f"{split}_auroc_mean and {split}_ap_mean are means over "
-                f"{k - sum(map(len, gaps.values()))} of {k} classes.",
-                flush=True,
-            )
+        if split != "train" and (note := gaps_note(ds, split)):
+            print(note, flush=True)

@@ -155,6 +155,19 @@ def label_gaps(dataset: Any) -> dict[str, list[str]] | None:
     }
 
 
+def gaps_note(dataset: Any, split: str) -> str | None:
+    """The note a run starts with when `label_gaps` finds classes in an evaluated split."""
+    if not (gaps := label_gaps(dataset)) or not any(gaps.values()):
+        return None
+    named = " and ".join(f"no {kind} of {', '.join(c)}" for kind, c in gaps.items() if c)
+    k = len(dataset.label_meanings)
+    return (
+        f"Note: the {split} split has {named}: AUROC and AP are undefined there, so "
+        f"{split}_auroc_mean and {split}_ap_mean are means over "
+        f"{k - sum(map(len, gaps.values()))} of {k} classes."
+    )
+
+
 def _label_meanings(dataset: Any, where: str) -> list[str]:
     meanings = getattr(dataset, "label_meanings", getattr(dataset, "classes", None))
     meanings = [] if meanings is None else list(meanings)
