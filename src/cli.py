@@ -385,13 +385,16 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
     """The closing lines: the best epoch's figures (or the predictions'), where the files are,
     and the link to the run in the MLflow UI."""
     m = collections.defaultdict(lambda: float("nan"), result.best_metrics)
+    n, k = result.classes_in_means
+    over = f" (means over {n} of {k} classes: the rest lack a positive or a negative)"
+    over = over if n < k else ""
     if config.run.task == "train_eval":
         print(
             f"\nBest epoch (lowest val_loss): {result.best_epoch} of {result.epochs_run}"
             + (" (stopped early)" if result.stopped_early else "")
             + f": val_loss {m['best_val_loss']:.4f}, val_auroc_mean "
             f"{with_interval(m, 'best_val_auroc_mean')}, val_ap_mean "
-            f"{with_interval(m, 'best_val_ap_mean')}"
+            f"{with_interval(m, 'best_val_ap_mean')}{over}"
         )
         print(f"Checkpoints: {result.results_dir}")
     else:
@@ -399,7 +402,7 @@ def report(config: ExperimentConfig, result: RunResult) -> None:
         print(
             f"\n{split} predictions of the weights of epoch {result.best_epoch} "
             f"({config.run.checkpoint}): {split}_auroc_mean {m[f'{split}_auroc_mean']:.4f}, "
-            f"{split}_ap_mean {m[f'{split}_ap_mean']:.4f}"
+            f"{split}_ap_mean {m[f'{split}_ap_mean']:.4f}{over}"
         )
         print(f"Predictions and per-class tables: {result.results_dir / 'tables'}")
     print(group_hint(config, result.experiment_id, result.run_id))

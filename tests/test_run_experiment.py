@@ -384,3 +384,71 @@ def test_resuming_an_early_stopped_run_needs_a_larger_patience(mlflow_uri, tmp_p
     assert MlflowClient(mlflow_uri).get_run(first.run_id).info.status == "FINISHED"
     more = run(tiny_config(tmp_path, **{**settings, "train.patience": 0}), resume=first.results_dir)
     assert more.run_id == first.run_id and more.epochs_run == 10
+
+
+def gapped_tiny_folder(root: Path, val: dict[str, tuple[int, int, int]]) -> Path:
+    from tests.tiny_fixtures import write_tiny_folder
+
+    train = {"a.png": (1, 0, 1), "b.png": (0, 1, 0), "c.png": (1, 1, 0), "d.png": (0, 0, 1)}
+    return write_tiny_folder(root, {"train": train, "val": val})
+
+
+def test_classes_without_a_positive_or_a_negative_in_val_are_said_tagged_and_counted(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    """Val: LabelRed in every image (no negative), LabelYellow in none (no positive): their
+    AUROC is undefined, and the means are LabelBlue's alone."""
+    val = {"e.png": (1, 1, 0), "f.png": (1, 0, 0), "g.png": (1, 1, 0)}
+    data = gapped_tiny_folder(tmp_path / "tiny", val)
+    demo = [str(REPO / "Demo-2-TinyConv-TinyData.py"), "--data-dir", str(data), "--epochs", "2"]
+    out = run_here(
+        [*demo, "--results-dir", str(tmp_path / "r"), *QUICK_END], tmp_path, capsys, monkeypatch
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (
+        "Note: the val split has no positive of LabelYellow and no negative of LabelRed: AUROC "
+        "and AP are undefined there, so val_auroc_mean and val_ap_mean are means over 1 of 3 "
+        "classes." in out.stdout.splitlines()
+    )
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("Demo-2-TinyConv-TinyData").experiment_id]
+    )
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags["val_classes_in_means"] == "1 of 3"
+    assert tags["data.val.classes_without_positive"] == "LabelYellow"
+    assert tags["data.val.classes_without_negative"] == "LabelRed"
+    assert metrics["val_auroc_mean"] == metrics["val_auroc/LabelBlue"]
+    (closing,) = [line for line in out.stdout.splitlines() if line.startswith("Best epoch")]
+    assert closing.endswith(
+        f"val_ap_mean {metrics['best_val_ap_mean']:.4f} (means over 1 of 3 classes: the rest "
+        "lack a positive or a negative)"
+    )
+
+
+def test_every_class_in_val_says_nothing_more(mlflow_uri, tmp_path, capsys):
+    config = tiny_config(tmp_path, **{"train.epochs": 1})
+    result = run(config)
+    assert result.classes_in_means == (3, 3)
+    assert "Note: the val split" not in capsys.readouterr().out
+    assert (
+        MlflowClient(mlflow_uri).get_run(result.run_id).data.tags["val_classes_in_means"]
+        == "3 of 3"
+    )
+
+
+def test_a_val_split_without_any_positive_label_is_one_line_before_any_run(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    data = gapped_tiny_folder(tmp_path / "tiny", {"e.png": (0, 0, 0), "f.png": (0, 0, 0)})
+    demo = [str(REPO / "Demo-2-TinyConv-TinyData.py"), "--data-dir", str(data)]
+    out = run_here([*demo, "--results-dir", str(tmp_path / "r")], tmp_path, capsys, monkeypatch)
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: The dataset load_dataset.custom_tiny:TinyData ('val' split) has no positive "
+        "label in any of its 2 samples"
+    ), line
+    client = MlflowClient(mlflow_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not (tmp_path / "r").exists()

@@ -29,7 +29,7 @@ from src.config import (
     check_choice,
     import_object,
 )
-from src.train.dataset_contract import checked_dataset
+from src.train.dataset_contract import check_same_labels, checked_dataset, gaps_note
 from src.train.loop import BatchPrep, BatchSettings, make_loss
 from src.train.training_state import TrainingState, check_resumable
 
@@ -199,15 +199,43 @@ def build_model(config: ExperimentConfig) -> nn.Module:
         ) from None
 
 
-def check_outputs(model: nn.Module, label_meanings: list[str], config: ExperimentConfig) -> None:
-    """ConfigError when the model's last linear layer has another width than the labels."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linear and linear[-1].out_features != len(label_meanings):
-        raise ConfigError(
-            f"The model {config.model.model} has {linear[-1].out_features} outputs but the "
-            f"dataset has {len(label_meanings)} labels; set [model.args] n_outputs = "
-            f"{len(label_meanings)}."
-        )
+def check_input(model: nn.Module, datasets: dict[str, Any], prep: BatchPrep, config) -> None:
+    """ConfigError unless the model takes the first image of each split as a batch of one and
+    returns {'out': [1, K]}, K the labels: said before a run starts, not as a traceback in
+    its first step. In eval mode without gradients; the random states are put back (a sample
+    may be drawn at random), so a seeded run trains exactly as it would without the check."""
+    name = config.model.model
+    states, training = (random.getstate(), np.random.get_state()), model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for split, ds in datasets.items():
+                sample, k = ds[0], len(ds.label_meanings)
+                batch = {key: torch.stack([sample[key]]) for key in ("data", "label")}
+                x, _ = prep(batch)  # a batch of one, as the loader stacks it
+                try:
+                    out = model(x)
+                except (RuntimeError, ValueError) as e:  # a layer, or the model, refuses
+                    size, why = " x ".join(map(str, sample["data"].shape)), str(e).rstrip(".")
+                    raise ConfigError(
+                        f"The model {name} fails on the {split} split's images of {size} "
+                        f"([C, H, W]): {' '.join(why.split())}; resize the images to the "
+                        "size the model takes (in the dataset or its transform), or use a "
+                        "model for any size (models.any_size:TinyConvAnySize)."
+                    ) from None
+                logits = out.get("out") if isinstance(out, dict) else None
+                shape = list(logits.shape) if isinstance(logits, torch.Tensor) else None
+                if shape != [1, k]:
+                    got = f"'out' of shape {shape}" if shape else f"a {type(out).__name__}"
+                    raise ConfigError(
+                        f"The model {name} returns {got} for a batch of one image and the "
+                        f"dataset has {k} labels; forward must return {{'out': logits [B, {k}]}} "
+                        f"(set [model.args] n_outputs = {k})."
+                    )
+    finally:
+        model.train(training)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
 
 
 def build_loader(
@@ -318,6 +346,7 @@ def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | No
         check_resumable(saved, config, resume_path)
     splits = ("train", "val", "test") if config.run.use_test_set else ("train", "val")
     datasets = {split: build_dataset(config, split) for split in splits}
+    check_same_labels(datasets, config.data.dataset)
     train_loader = build_loader(datasets["train"], config, info, device, train=True)
     val_loader = build_loader(datasets["val"], config, info, device, train=False)
     if info.is_main:
@@ -332,7 +361,7 @@ def set_up(config: ExperimentConfig, info: ddp.DistInfo, resume: str | Path | No
         config.run.progress_every_s,
     )
     model = build_model(config).to(device, memory_format=batches.prep.memory_format)
-    check_outputs(model, list(datasets["train"].label_meanings), config)
+    check_input(model, datasets, batches.prep, config)
     optimizer = build_optimizer(config, model)
     scaler = torch.amp.GradScaler("cuda") if batches.amp == "fp16" else None
     scheduler = build_scheduler(config, optimizer)
@@ -355,7 +384,8 @@ def device_name(device: torch.device) -> str:
 
 
 def print_setup(device: torch.device, datasets: dict[str, Any], config, info) -> None:
-    """The device picked and each split's size; a note when a batch holds the whole split."""
+    """The device picked and each split's size; a note when a batch holds the whole split,
+    and one for each evaluated split with classes that its metric means leave out."""
     sizes = ", ".join(f"{split} {len(ds):,}" for split, ds in datasets.items())
     procs = f" x {info.world_size} processes" if info.world_size > 1 else ""
     auto = config.run.device == "auto"
@@ -369,3 +399,6 @@ def print_setup(device: torch.device, datasets: dict[str, Any], config, info) ->
             f"{n_train} images.",
             flush=True,
         )
+    for split, ds in datasets.items():
+        if split != "train" and (note := gaps_note(ds, split)):
+            print(note, flush=True)

@@ -19,7 +19,9 @@ applies it to the images it is given (src/serve/model_package.py). Without it, a
 
 `checked_dataset` looks at the dataset and its first sample and either returns the dataset
 (already in the dict form), wraps it in `StandardSamples` (the other accepted forms), or
-raises a DataError naming the class, the split, what is wrong and what to add.
+raises a DataError naming the class, the split, what is wrong and what to add. A split whose
+label table (`labels` [N, K], or torchvision's `targets`: see `split_labels`) holds no positive
+at all is refused; `label_gaps` names the classes a split has no positive or no negative of.
 """
 
 from __future__ import annotations
@@ -98,9 +100,72 @@ def checked_dataset(dataset: Any, name: str, split: str, problem: str) -> Datase
     _check_image(data, dataset, where)
     class_index = _check_label(label, len(meanings), problem, where)
     as_it_is = isinstance(sample, dict) and "img_idx" in sample and not class_index
-    if as_it_is and hasattr(dataset, "label_meanings"):
-        return dataset
-    return StandardSamples(dataset, meanings)
+    keep = as_it_is and hasattr(dataset, "label_meanings")
+    checked = dataset if keep else StandardSamples(dataset, meanings)
+    labels = split_labels(checked)
+    if labels is not None and not labels.any():
+        raise DataError(
+            f"{where} has no positive label in any of its {len(labels)} samples: nothing to "
+            "learn, and no AUROC or AP to measure; check the labels it reads."
+        )
+    return checked
+
+
+def check_same_labels(datasets: dict[str, Any], name: str) -> None:
+    """DataError unless every split has the train split's label_meanings, in its order: a
+    label vector means the same classes in every split (ImageFolder takes its classes from
+    the folders of each split)."""
+    train = list(datasets["train"].label_meanings)
+    for split, ds in datasets.items():
+        if (theirs := list(ds.label_meanings)) != train:
+            raise DataError(
+                f"The dataset {name} ('{split}' split) has the labels {theirs} but the train "
+                f"split has {train}; every split needs the same labels in the same order "
+                "(ImageFolder: a folder for every class, empty ones with [data.args] "
+                "allow_empty = true)."
+            )
+
+
+def split_labels(dataset: Any) -> np.ndarray | None:
+    """A checked split's labels, float [N, K] 0/1, from the table the dataset keeps, without
+    reading a sample: `labels` (this repository's datasets) or torchvision's `targets` (N
+    integer classes: ImageFolder, the built-in datasets); None without one that fits."""
+    k, table = len(dataset.label_meanings), getattr(dataset, "labels", None)
+    try:
+        if table is None and (targets := getattr(dataset, "targets", None)) is not None:
+            classes = np.asarray(targets, dtype=np.int64)
+            table = np.eye(k)[classes] if classes.min(initial=0) >= 0 else None  # one-hot
+        labels = np.asarray(table, dtype=np.float64)
+    except (TypeError, ValueError, IndexError):  # not a label table
+        return None
+    return labels if labels.shape == (len(dataset), k) else None
+
+
+def label_gaps(dataset: Any) -> dict[str, list[str]] | None:
+    """{'positive': the classes of a checked split with no positive, 'negative': those with no
+    negative}: their AUROC and AP are undefined (NaN) and the metric means leave them out.
+    None without a label table (`split_labels`)."""
+    if (labels := split_labels(dataset)) is None:
+        return None
+    positives = (labels > 0.5).sum(axis=0)
+    pairs = list(zip(dataset.label_meanings, positives))
+    return {
+        "positive": [m for m, n in pairs if n == 0],
+        "negative": [m for m, n in pairs if n == len(labels)],
+    }
+
+
+def gaps_note(dataset: Any, split: str) -> str | None:
+    """The note a run starts with when `label_gaps` finds classes in an evaluated split."""
+    if not (gaps := label_gaps(dataset)) or not any(gaps.values()):
+        return None
+    named = " and ".join(f"no {kind} of {', '.join(c)}" for kind, c in gaps.items() if c)
+    k = len(dataset.label_meanings)
+    return (
+        f"Note: the {split} split has {named}: AUROC and AP are undefined there, so "
+        f"{split}_auroc_mean and {split}_ap_mean are means over "
+        f"{k - sum(map(len, gaps.values()))} of {k} classes."
+    )
 
 
 def _label_meanings(dataset: Any, where: str) -> list[str]:

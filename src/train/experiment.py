@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import platform
 import sys
 import time
@@ -39,6 +40,7 @@ from src.config import RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_
 from src.errors import ConfigError, NonFiniteLossError, TrackingError
 from src.train.build import Trainer, set_up
 from src.train.checkpoint import run_lock
+from src.train.dataset_contract import label_gaps
 from src.train.outputs import log_best_outputs, write_split_outputs
 from src.train.training_state import TrainingState, load_weights
 
@@ -52,6 +54,7 @@ class RunResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     epochs_run: int = 0
     stopped_early: bool = False
+    classes_in_means: tuple[int, int] = (0, 0)  # (n, K): the means are over n of K classes
 
 
 def run(
@@ -210,7 +213,9 @@ def _nothing_left(config: ExperimentConfig, state: TrainingState) -> str | None:
 
 
 def _data_tags(t: Trainer) -> dict[str, Any]:
-    """World size, device, and each split's size, data fingerprint and how it was made."""
+    """World size, device, and each split's size, data fingerprint and how it was made; for
+    val (and test) the classes its means are over (`val_classes_in_means = "2 of 3"`) and
+    those without a positive or a negative, when its label table says."""
     tags: dict[str, Any] = {
         "world_size": t.info.world_size,
         "device": build.device_name(t.batches.device),
@@ -221,6 +226,11 @@ def _data_tags(t: Trainer) -> dict[str, Any]:
             tags[f"data.{split}.fingerprint"] = data_fingerprint(ds)["fingerprint"]
         made = {**getattr(ds, "split_info", {}), **getattr(ds, "source_counts", {})}
         tags.update({f"data.{split}.{key}": value for key, value in made.items()})
+        if split != "train" and (gaps := label_gaps(ds)) is not None:
+            k = len(ds.label_meanings)
+            tags[f"{split}_classes_in_means"] = f"{k - sum(map(len, gaps.values()))} of {k}"
+            without = {f"data.{split}.classes_without_{kind}": c for kind, c in gaps.items()}
+            tags.update({key: ", ".join(c) for key, c in without.items() if c})
     return tags
 
 
@@ -303,7 +313,7 @@ def fit(t: Trainer, on_epoch: Callable[[int, dict[str, float]], bool] | None = N
                 # logging it twice.
                 if epoch not in t.logged_epochs:
                     t.tracker.log_epoch({**metrics, "checkpoint_seconds": seconds}, epoch)
-                _print_epoch(epoch, epochs, metrics, stats["seconds"] / t.info.world_size)
+                _print_epoch(epoch, epochs, metrics, stats["seconds"])
             if on_epoch is not None and on_epoch(epoch, metrics):
                 break
 
@@ -346,6 +356,7 @@ def finish(t: Trainer) -> RunResult:
     return RunResult(
         t.tracker.run_id, t.tracker.experiment_id, t.results_dir if main else None,
         early.best_epoch, best_metrics, len(t.state.history), early.stopped,
+        classes_in_means(t.state.history[-1] if t.state.history else {}, "val"),
     )  # fmt: skip
 
 
@@ -365,8 +376,8 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
     ds = build.build_dataset(config, split)
     model = build.build_model(config).to(device)
     load_weights(model, weights, config, path)
-    build.check_outputs(model, list(ds.label_meanings), config)
     prep = loop.BatchPrep(ds, device, channels_last=False)
+    build.check_input(model, {split: ds}, prep, config)
     batches = loop.BatchSettings(prep, loop.make_loss(problem), problem=problem)
     tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
     folder, epoch = results_dir(config, tracker.run_id), int(weights["epoch"])
@@ -378,4 +389,14 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
         for file, artifact_folder in write_split_outputs(folder, split, ds, pred, metrics):
             tracker.log_artifact(file, artifact_folder)
         tracker.end("FINISHED")
-    return RunResult(tracker.run_id, tracker.experiment_id, folder, epoch, metrics)
+    in_means = classes_in_means(metrics, split)
+    return RunResult(
+        tracker.run_id, tracker.experiment_id, folder, epoch, metrics, classes_in_means=in_means
+    )
+
+
+def classes_in_means(metrics: dict[str, float], split: str) -> tuple[int, int]:
+    """(n, K): n of the K classes have an AUROC on `split` (a positive and a negative), and
+    the `<split>_auroc_mean` and `_ap_mean` of `metrics` are means over them."""
+    aurocs = [v for key, v in metrics.items() if key.startswith(f"{split}_auroc/")]
+    return sum(not math.isnan(v) for v in aurocs), len(aurocs)
