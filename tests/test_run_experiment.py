@@ -421,7 +421,8 @@ def test_classes_without_a_positive_or_a_negative_in_val_are_said_tagged_and_cou
     assert metrics["val_auroc_mean"] == metrics["val_auroc/LabelBlue"]
     (closing,) = [line for line in out.stdout.splitlines() if line.startswith("Best epoch")]
     assert closing.endswith(
-        f"val_ap_mean {metrics['best_val_ap_mean']:.4f} (means over 1 of 3 classes: the rest "
+        f"val_ap_mean {metrics['best_val_ap_mean']:.3f} [{metrics['best_val_ap_mean_ci_low']:.3f}, "
+        f"{metrics['best_val_ap_mean_ci_high']:.3f}] (means over 1 of 3 classes: the rest "
         "lack a positive or a negative)"
     )
 
