@@ -98,13 +98,14 @@ class PostgresServer:
     def start(self) -> None:
         if self.account is not None:
             os.chown(self.folder, self.account.pw_uid, self.account.pw_gid)
-        subprocess.run(
+        initdb = subprocess.run(
             [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres"]
             + ["--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
-            check=True,
             capture_output=True,
+            text=True,
             **self._run_as_account(),
         )
+        assert initdb.returncode == 0, initdb.stdout + initdb.stderr
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
