@@ -2,9 +2,9 @@
 CSV, a per-class metrics CSV (each AUROC and AP with its 95% interval, src/stats.py, and the
 intervals of their means as run metrics) and the learning curves, written under the results
 folder and logged to MLflow; then the per-label thresholds chosen on the validation split, the
-gallery of explanations (`plots/explanations.png`) and the best weights as the MLflow model
-`model` of the run (src/serve/model_package.py), registered when `run.register_model` names
-it."""
+gallery of explanations (`plots/explanations.png`), the error gallery (`plots/errors/`) and
+the best weights as the MLflow model `model` of the run (src/serve/model_package.py),
+registered when `run.register_model` names it."""
 
 from __future__ import annotations
 
