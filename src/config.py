@@ -113,7 +113,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExplainConfig:
     # The end-of-run picture plots/explanations.png: `gallery_images` validation images with
-    # the heatmap of each true class (src/serve/explain.py); gallery = false leaves it out.
+    # the heatmap of each true class, and plots/errors/<label>.png: each class's most confident
+    # false positives and negatives (src/serve/explain.py); gallery = false leaves both out.
     gallery: bool = True
     gallery_images: int = 4
     cam: str = "hirescam"  # "hirescam" or "gradcam"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import src.serve.explain as explain
 from load_dataset.utils import open_rgb
@@ -57,3 +58,28 @@ def test_overlay_has_the_size_of_the_original_image(trained):
     picture = explain.overlay(big, maps[0])
     assert picture.shape == (45, 70, 3) and picture.dtype == np.uint8
     assert explain.resized(maps[0], 45, 70).shape == (45, 70)
+
+
+def test_heatmaps_in_chunks_are_the_maps_of_one_pass(trained, monkeypatch):
+    net, val = trained
+    x = torch.stack([val[i]["data"] for i in range(5)])
+    classes = [[0, 1], [2], [0, 1, 2], [1], [2, 0]]  # 9 (image, class) pairs
+    whole = explain.heatmaps(net, x, classes)
+    monkeypatch.setattr(explain, "CAM_BATCH", 2)  # 5 passes, the last one of 1 pair
+    chunked = explain.heatmaps(net, x, classes)
+    assert [len(row) for row in chunked] == [2, 1, 3, 1, 2]
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(np.stack(a), np.stack(b), atol=1e-5)
+
+
+def test_gallery_has_a_row_per_image_and_a_tile_per_map(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    labels = np.array([[1, 0, 1], [0, 0, 0]])
+    probs = np.array([[0.9, 0.1, 0.6], [0.2, 0.7, 0.1]])
+    # The first image: its two true classes; the second (no label): its most probable one.
+    maps = [[rng.random((32, 32), dtype=np.float32)] * 2, [rng.random((32, 32), np.float32)]]
+    path = explain.save_gallery(images, labels, probs, maps, ["a", "b", "c"], tmp_path / "g.png")
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (3 * explain.TILE, 2 * (explain.TILE + 14 * 4 + 4))

@@ -131,12 +131,20 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return np.concatenate(out)
 
     def predicted(self, probs: np.ndarray, thresholds: Sequence[float] | None) -> np.ndarray:
-        """bool [N, K]: the most probable class (multiclass), else probability >= threshold
-        (the stored ones unless `thresholds` is given; 0.5 for a model without any)."""
-        if self.spec.problem == "multiclass":
-            return np.eye(probs.shape[1], dtype=bool)[probs.argmax(1)]
+        """bool [N, K]: `called_positive` with the stored thresholds unless `thresholds` is
+        given."""
         chosen = thresholds if thresholds is not None else self.spec.thresholds
-        return probs >= np.asarray(chosen if chosen is not None else 0.5, dtype=np.float32)
+        return called_positive(probs, self.spec.problem, chosen)
+
+
+def called_positive(
+    probs: np.ndarray, problem: str, thresholds: Sequence[float] | None
+) -> np.ndarray:
+    """bool [N, K]: the most probable class (multiclass), else probability >= threshold (0.5
+    without thresholds)."""
+    if problem == "multiclass":
+        return np.eye(probs.shape[1], dtype=bool)[probs.argmax(1)]
+    return probs >= np.asarray(thresholds if thresholds is not None else 0.5, dtype=np.float32)
 
 
 class InputError(MlflowException):

@@ -2,9 +2,9 @@
 CSV, a per-class metrics CSV (each AUROC and AP with its 95% interval, src/stats.py, and the
 intervals of their means as run metrics) and the learning curves, written under the results
 folder and logged to MLflow; then the per-label thresholds chosen on the validation split, the
-gallery of explanations (`plots/explanations.png`) and the best weights as the MLflow model
-`model` of the run (src/serve/model_package.py), registered when `run.register_model` names
-it."""
+gallery of explanations (`plots/explanations.png`), the error gallery (`plots/errors/`) and
+the best weights as the MLflow model `model` of the run (src/serve/model_package.py),
+registered when `run.register_model` names it."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
         files.append((csv, "tables"))
         thresholds = [threshold for threshold, _ in chosen]
     if t.config.explain.gallery:
-        files += draw_explanations(t, val)
+        files += draw_explanations(t, val, thresholds)
     curves = t.results_dir / "plots" / "learning_curves.png"
     files.append((evaluate.plot_learning_curves(t.state.history, curves), "plots"))
     # A run resumed to train longer whose best epoch did not change has logged this already.
@@ -81,27 +81,48 @@ def log_best_outputs(t: Trainer) -> dict[str, float]:
     return summary
 
 
-def draw_explanations(t: Trainer, pred: dict[str, Any]) -> Files:
+def draw_explanations(t: Trainer, pred: dict[str, Any], thresholds: list[float] | None) -> Files:
     """`plots/explanations.png`: the first validation images (with a true label), their true
-    labels, probabilities and the heatmap of each true class (src/serve/explain.py)."""
+    labels, probabilities and the heatmap of each true class; `plots/errors/<label>.png`: per
+    class, the validation images most confidently called wrong (by `thresholds`, the most
+    probable class in a multiclass run) under that class's heatmap (src/serve/explain.py)."""
     ds, cfg = t.datasets["val"], t.config.explain
     try:
         explain.find_target_layer(t.state.model, cfg.target_layer)
     except ConfigError as e:
-        print(f"note: no plots/explanations.png: {e}", file=sys.stderr, flush=True)
+        print(f"note: no plots/explanations.png nor plots/errors/: {e}", file=sys.stderr)
         return []
-    rows = explain.gallery_rows(pred["labels"], pred["probs"], cfg.gallery_images)
+    labels, probs, meanings = pred["labels"], pred["probs"], list(ds.label_meanings)
+    rows = explain.gallery_rows(labels, probs, cfg.gallery_images)
+    classes = [explain.classes_to_show(labels[r], probs[r]) for r in rows]
+    images, maps = images_and_maps(t, pred, rows, classes)
+    gallery = t.results_dir / "plots" / "explanations.png"
+    explain.save_gallery(images, labels[rows], probs[rows], maps, meanings, gallery)
+    positive = mp.called_positive(probs, t.config.data.problem, thresholds)
+    errors = explain.error_rows(labels, probs, positive)
+    wrong, classes = explain.error_pairs(errors)
+    images, maps = images_and_maps(t, pred, wrong, classes)
+    ids = getattr(ds, "image_ids", None)
+    names = [ids[i] if ids is not None else f"val #{i}" for i in pred["idx"][wrong].astype(int)]
+    folder = t.results_dir / "plots" / "errors"
+    drawn = explain.save_errors(errors, images, maps, names, labels, probs, meanings, folder)
+    return [(gallery, "plots")] + [(p, "plots/errors") for p in drawn]
+
+
+def images_and_maps(
+    t: Trainer, pred: dict[str, Any], rows: list[int], classes: list[list[int]]
+) -> tuple[list[Any], list[list[Any]]]:
+    """The pictures (uint8 [H, W, 3]) of validation `rows` (rows of `pred`) and their
+    heatmaps of `classes` (a list per row)."""
+    ds, cfg = t.datasets["val"], t.config.explain
+    if not rows:
+        return [], []
     samples = [ds[int(pred["idx"][r])] for r in rows]
     data = torch.stack([s["data"] for s in samples])
     x, _ = t.batches.prep({"data": data, "label": torch.stack([s["label"] for s in samples])})
-    labels, probs = pred["labels"][rows], pred["probs"][rows]
-    classes = [explain.classes_to_show(y, p) for y, p in zip(labels, probs)]
     maps = explain.heatmaps(t.state.model, x, classes, cfg.cam, cfg.target_layer)
     transform = mp.input_transform_of(ds)
-    images = [explain.display_image(s["data"].cpu(), transform) for s in samples]
-    path = t.results_dir / "plots" / "explanations.png"
-    explain.save_gallery(images, labels, probs, maps, list(ds.label_meanings), path)
-    return [(path, "plots")]
+    return [explain.display_image(s["data"].cpu(), transform) for s in samples], maps
 
 
 def log_model_package(
