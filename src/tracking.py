@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import mlflow.store.db.utils as mlflow_db
 import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import Model
@@ -170,8 +171,11 @@ class Store:
             with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
                 with suppress(OSError):  # a file system without locks (some NFS): go unguarded
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                self.client = MlflowClient(tracking_uri=uri)
-                self.client.search_experiments(max_results=1)
+                # MLflow tries 10 times in ~100 s to open a database; a file that cannot be one
+                # (a folder, not a database, out of reach) will not become one meanwhile.
+                with mock.patch.object(mlflow_db, "MAX_RETRY_COUNT", 1):
+                    self.client = MlflowClient(tracking_uri=uri)
+                    self.client.search_experiments(max_results=1)
         _READY_STORES.add(uri)
 
     @contextmanager
