@@ -267,8 +267,6 @@ def find_runs(
             f"There is no MLflow experiment named {experiment!r} in {uri}; the experiments "
             f"there are: {', '.join(names) or 'none'}."
         )
-    with suppress(TrackingError):  # a store this user may only read is still read
-        end_orphans(store, found.experiment_id)
     return _search(store, found.experiment_id, filter_string, newest_first, limit)
 
 
@@ -283,6 +281,8 @@ def child_runs(
 
 
 def _search(store: Store, experiment_id, filter_string, newest_first, limit) -> list[Any]:
+    with suppress(TrackingError):  # first the runs a gone process left RUNNING (unless read-only)
+        end_orphans(store, experiment_id)
     order = [f"attributes.start_time {'DESC' if newest_first else 'ASC'}"]
 
     def page(max_results: int, token: str | None) -> Any:
