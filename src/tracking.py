@@ -519,6 +519,9 @@ class Tracker(NullTracker):
                 self.sent = []
             with self._synced().errors(interruptible=finished):
                 self.store.client.set_terminated(self.run_id, status=status)
+                if status == "RUNNING":  # left to another process (a sweep's parent): not ours
+                    for key in holder():
+                        self.store.client.delete_tag(self.run_id, key)
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show

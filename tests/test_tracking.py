@@ -228,8 +228,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_a_run_whose_process_is_gone_is_marked_failed_by_the_next_command(mlflow_uri, capsys):
     """A run left RUNNING by a process of this host that has gone (SIGKILL, or a store that
     could not take the status then) is marked FAILED by the next command on the store, which
-    says so; one whose pid now belongs to a later process too; a run of a live process is left
-    alone, and one of another host only named (once)."""
+    says so; one whose pid now belongs to a later process too; a run of a live process, or one
+    left to another process, is left alone, and one of another host only named (once)."""
+    # A run this process leaves RUNNING to another (a sweep's parent): no process of its own.
+    tracking.start(mlflow_uri, "orphans", "handed on", {}).end("RUNNING")
     killed = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_START, mlflow_uri], cwd=REPO)
     assert killed.wait(timeout=300) == -signal.SIGKILL
     client = MlflowClient(mlflow_uri)
@@ -248,7 +250,11 @@ def test_a_run_whose_process_is_gone_is_marked_failed_by_the_next_command(mlflow
     runs = tracking.find_runs(mlflow_uri, "orphans")  # a command that reads the runs (compare)
     ids = {r.info.run_name: r.info.run_id for r in runs}
     status = {r.info.run_name: r.info.status for r in runs}
-    assert status == dict(killed="FAILED", alive="RUNNING", reused="FAILED", elsewhere="RUNNING")
+    assert status == {
+        **dict(killed="FAILED", alive="RUNNING", reused="FAILED", elsewhere="RUNNING"),
+        "handed on": "RUNNING",
+    }
+    assert not [k for k in client.get_run(ids["handed on"]).data.tags if k.startswith("process.")]
     host, gone = socket.gethostname(), {"killed": killed.pid, "reused": os.getpid()}
     why = {
         name: f"its process {pid} on {host} ended without ending it" for name, pid in gone.items()

@@ -109,8 +109,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) 
 @contextmanager
 def _ended(tracker: Any, results_dir: Path | None = None, hint: bool = False) -> Iterator[None]:
     """The run's status when it does not finish: FAILED on an error, KILLED on Ctrl-C or
-    SIGTERM, raised as that interrupt (`hint`: with the command that resumes `results_dir`, as
-    is a user's error once last.pt holds an epoch)."""
+    SIGTERM, raised as that interrupt; a user's error, or a file that could not be written (a
+    full disk), as one line (`hint`: with the command that resumes `results_dir`)."""
     try:
         with tracking.ended_on_error(tracker):
             yield
