@@ -6,6 +6,9 @@ in the repository root shows every run. This module takes plain values (URIs, na
 texts) and knows nothing of training, models or datasets. A `Tracker` is one run; it holds
 Ctrl-C and SIGTERM until the run ends (src/interrupts.py): a signal is never lost and never
 cuts an MLflow write in half. An MLflow error a user meets is one line naming the store.
+A run's tags name the process that holds it (`holder`): the next run started on the store, or
+a search of its runs, marks FAILED a run left RUNNING by a process of this host that has gone
+(SIGKILL; a store that could not take the status then), and says so (`end_orphans`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import mlflow.store.db.utils as mlflow_db
+import psutil
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
@@ -142,8 +148,12 @@ class Store:
     HTTP retries are short; a SQLite store's folder and tables are made once, one process at
     a time."""
 
+    run_id = ""  # the run (`Tracker`) whose records go through it: its errors name that run
+
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        # MLflow logs each failed database session with its traceback; the error is one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         if _remote(uri):
             # MLflow retries a request 7 times with a doubling back-off (minutes in all) before
             # it fails: a few seconds, then the run's own handling (`Tracker`) takes over.
@@ -161,8 +171,11 @@ class Store:
             with open(sqlite_dir / f"{Path(uri).name}.lock", "a") as lock:
                 with suppress(OSError):  # a file system without locks (some NFS): go unguarded
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                self.client = MlflowClient(tracking_uri=uri)
-                self.client.search_experiments(max_results=1)
+                # MLflow tries 10 times in ~100 s to open a database; a file that cannot be one
+                # (a folder, not a database, out of reach) will not become one meanwhile.
+                with mock.patch.object(mlflow_db, "MAX_RETRY_COUNT", 1):
+                    self.client = MlflowClient(tracking_uri=uri)
+                    self.client.search_experiments(max_results=1)
         _READY_STORES.add(uri)
 
     @contextmanager
@@ -174,7 +187,8 @@ class Store:
                 yield
             except Exception as e:
                 line = explain(e) if explain else None
-                raise (TrackingError(line) if line else _store_error(self.uri, e)) from None
+                error = TrackingError(line) if line else _store_error(self.uri, e, self.run_id)
+                raise error from None
 
     def __getattr__(self, name: str) -> Callable:
         if name.startswith("_") or name == "client":  # not an MLflow call (copy, pickle)
@@ -191,15 +205,22 @@ class Store:
 _READY_STORES: set[str] = set()
 
 
-def _store_error(uri: str, e: BaseException) -> TrackingError:
+def _store_error(uri: str, e: BaseException, run_id: str = "") -> TrackingError:
+    """`e` of the store `uri` as one line; `run_id`: it stopped that run (which resumes)."""
+    # MLflow's error wraps SQLAlchemy's, which wraps the database driver's: that one, no SQL.
+    reason = one_line(getattr(e.__cause__, "orig", None) or getattr(e, "orig", None) or e)
     if _remote(uri):
         return TrackingError(
-            f"The MLflow server {uri} failed: {one_line(e)}; resume with --resume once it "
-            "answers again."
+            f"The MLflow server {uri} failed: {reason}; resume with --resume once it answers again."
+        )
+    if run_id:
+        return TrackingError(
+            f"The MLflow store {uri} cannot be used: {reason}; run {run_id} stopped (the store "
+            "needs room on its disk and write access)."
         )
     return TrackingError(
-        f"The MLflow store {uri} cannot be used: {one_line(e)}; it needs a folder you can "
-        "write to and a file that is an MLflow database (or none yet): pass another "
+        f"The MLflow store {uri} cannot be used: {reason}; it needs a folder and a file you "
+        "can write to, the file an MLflow database (or none yet): pass another "
         "--tracking-uri (or MLFLOW_TRACKING_URI)."
     )
 
@@ -260,6 +281,8 @@ def child_runs(
 
 
 def _search(store: Store, experiment_id, filter_string, newest_first, limit) -> list[Any]:
+    with suppress(TrackingError):  # first the runs a gone process left RUNNING (unless read-only)
+        end_orphans(store, experiment_id)
     order = [f"attributes.start_time {'DESC' if newest_first else 'ASC'}"]
 
     def page(max_results: int, token: str | None) -> Any:
@@ -342,6 +365,7 @@ class Tracker(NullTracker):
 
     def __init__(self, store: Store, experiment_id: str, run_id: str) -> None:
         self.store, self.uri = store, store.uri
+        store.run_id = run_id
         self.experiment_id, self.run_id = experiment_id, run_id
         # MLflow's async queue logs each refused batch as an error; the run says so itself, once.
         logging.getLogger("mlflow.utils.async_logging.async_logging_queue").setLevel(
@@ -389,7 +413,7 @@ class Tracker(NullTracker):
             if error is None:
                 self.failing_since = None
             elif not _remote(self.uri):
-                raise _store_error(self.uri, error)
+                raise _store_error(self.uri, error, self.run_id)
             else:
                 self.last_error = one_line(error).split("[")[-1].rstrip("]")
                 self.failing_since = min(self.failing_since or at, at)
@@ -495,6 +519,9 @@ class Tracker(NullTracker):
                 self.sent = []
             with self._synced().errors(interruptible=finished):
                 self.store.client.set_terminated(self.run_id, status=status)
+                if status == "RUNNING":  # left to another process (a sweep's parent): not ours
+                    for key in holder():
+                        self.store.client.delete_tag(self.run_id, key)
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show
@@ -547,8 +574,9 @@ def start(
     check_server(uri)
     store = Store(uri)
     experiment_id = _experiment_id(store, experiment_name)
+    end_orphans(store, experiment_id)
     git = git_state()
-    tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **tags}
+    tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **holder(), **tags}
     tags_str = {k: str(v) for k, v in tags.items()}
     run = store.create_run(experiment_id, run_name=run_name or None, tags=tags_str)
     tracker = Tracker(store, experiment_id, run.info.run_id)
@@ -568,7 +596,58 @@ def reopen(uri: str, run_id: str) -> Tracker:
     run = get_run(uri, run_id)
     store = Store(uri)
     store.update_run(run_id, status="RUNNING")
+    store.log_batch(run_id, tags=[RunTag(k, v) for k, v in holder().items()])
+    if "status.reason" in run.data.tags:  # why it was marked FAILED: no longer its status
+        store.delete_tag(run_id, "status.reason")
+    end_orphans(store, run.info.experiment_id)
     return Tracker(store, run.info.experiment_id, run_id)
+
+
+def holder() -> dict[str, str]:
+    """This process as the tags of the runs it holds: host, pid and start time (a pid that the
+    system gives again later is another process's, started later)."""
+    process = psutil.Process()
+    host, pid, started = socket.gethostname(), str(process.pid), str(process.create_time())
+    return {"process.host": host, "process.pid": pid, "process.started": started}
+
+
+def _gone(tags: dict[str, str]) -> bool:
+    """Whether the process of this host that `tags` (`holder()`) name has ended."""
+    try:
+        process = psutil.Process(int(tags["process.pid"]))
+        reused = abs(process.create_time() - float(tags["process.started"])) > 1.0
+        return reused or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except (KeyError, ValueError):  # not tags of `holder()`: leave the run alone
+        return False
+
+
+_NAMED: set[str] = set()  # the runs of other hosts this process has named
+
+
+def end_orphans(store: Store, experiment_id: str) -> None:
+    """Mark FAILED, and say so, the store's RUNNING runs whose process on this host ended
+    without ending them (SIGKILL; a store that could not take the status then); name those of
+    the experiment `experiment_id` held by another host, which only that host can check."""
+    host = socket.gethostname()
+    ids = [e.experiment_id for e in store.search_experiments()]
+    for run in store.search_runs(ids, "attributes.status = 'RUNNING'"):
+        tags, run_id = run.data.tags, run.info.run_id
+        what = f"run {run_id} ({run.info.run_name!r})"
+        if tags.get("process.host") == host and _gone(tags):
+            why = f"its process {tags['process.pid']} on {host} ended without ending it"
+            store.set_tag(run_id, "status.reason", f"{why}; marked FAILED by a later command")
+            store.set_terminated(run_id, "FAILED")
+            print(f"warning: {what} was RUNNING but {why}; marked FAILED.", file=sys.stderr)
+        elif tags.get("process.host", host) != host and run.info.experiment_id == experiment_id:
+            if run_id not in _NAMED:
+                _NAMED.add(run_id)
+                print(
+                    f"note: {what} is RUNNING on host {tags['process.host']}; only that host "
+                    "can tell whether its process still runs.",
+                    file=sys.stderr,
+                )
 
 
 def find_group(uri: str, experiment_name: str, key: str) -> tuple[str | None, dict[str, Any]]:

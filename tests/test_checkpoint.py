@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import resource
 
 import numpy as np
 import pytest
@@ -63,3 +64,31 @@ def test_temporary_files_of_a_killed_write_are_swept(tmp_path):
     other.write_bytes(b"x")
     ck.save_atomic({"model": {}}, tmp_path / "last.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".best.pt.xyz.tmp", "last.pt"]
+
+
+def test_a_disk_that_fills_up_keeps_the_old_file_and_says_so_in_one_line(tmp_path):
+    """No space left while writing: torch.save's RuntimeError becomes one line naming the file,
+    in the caller's thread too (`BackgroundWriter`); the old file and no temporary one stay."""
+    path = tmp_path / "last.pt"
+    ck.save_atomic({"model": {"w": torch.zeros(10)}}, path)
+    before = path.read_bytes()
+    big = {"model": {"w": torch.zeros(100_000)}}  # 400 kB
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # No write past 100 kB of a file: EFBIG (Python ignores SIGXFSZ), what ENOSPC is on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(ck.CheckpointError) as direct:
+            ck.save_atomic(big, path)
+        writer = ck.BackgroundWriter()
+        writer.submit([(big, path)])
+        with pytest.raises(ck.CheckpointError) as background:
+            writer.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    expected = (
+        f"The checkpoint {path} could not be written (File too large); its folder needs room "
+        "on its disk and must be writable."
+    )
+    assert str(direct.value) == str(background.value) == expected
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

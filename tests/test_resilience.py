@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from models.custom_models_base import TinyConv
+from src.errors import UserError
 from src.run_experiment import run
 from src.train.checkpoint import CheckpointError
 from tests.command_line import run_here
@@ -437,3 +441,141 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(mlflow_uri, tmp_path, cap
     (last,) = (tmp_path / "results").glob("*/*/last.pt")
     assert torch.load(last, weights_only=True)["epoch"] == 1
     assert os.path.exists(last.parent / "best.pt")
+
+
+def _read_only(tmp_path: Path) -> tuple[Path, str]:
+    if os.geteuid() == 0:  # root writes to any folder of mode 555: /proc takes no file of anyone
+        return Path("/proc/self/results").resolve(), "No such file or directory"
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder, "Permission denied"
+
+
+def _a_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "notes").write_text("my notes")
+    return tmp_path / "notes", f"{tmp_path / 'notes'} is a file, not a folder"
+
+
+def _under_a_file(tmp_path: Path) -> tuple[Path, str]:
+    (tmp_path / "notes").write_text("my notes")
+    return tmp_path / "notes" / "results", f"{tmp_path / 'notes'} is a file, not a folder"
+
+
+# A results folder that cannot be written -> (the folder, why).
+RESULTS_FOLDER_FAULTS = {"read-only": _read_only, "a file": _a_file, "under a file": _under_a_file}
+
+
+@pytest.mark.parametrize("fault", sorted(RESULTS_FOLDER_FAULTS))
+def test_a_results_folder_that_cannot_be_written_is_one_line_before_the_run(
+    mlflow_uri, tmp_path, fault, capsys
+):
+    folder, why = RESULTS_FOLDER_FAULTS[fault](tmp_path)
+    args = ["--epochs", "1", "--experiment-name", "bad", "--results-dir", str(folder)]
+    code, out, err = demo_in_process(args, tmp_path, capsys)
+    assert code == 2, out + err
+    assert err == (
+        f"error: The results folder {folder} cannot be written ({why}); pass another "
+        "--results-dir, or make that one a folder you can write to.\n"
+    )
+    assert runs_of(mlflow_uri, "bad") == []  # said before an MLflow run started
+
+
+class HeavyTinyConv(TinyConv):
+    """TinyConv with 4 MB more weights: its checkpoints outgrow the MLflow store's 1 MB file."""
+
+    def __init__(self, n_outputs: int = 3) -> None:
+        super().__init__(n_outputs)
+        self.register_buffer("ballast", torch.zeros(1_000_000))
+
+
+# Once epoch 1 is saved, no write past this many bytes of any file of the run's process
+# (RLIMIT_FSIZE: EFBIG, what ENOSPC is on a full disk) -> the flags of the run: its 4 MB
+# checkpoints fail while the store takes its writes, or the reverse with 33 kB checkpoints.
+DISK_FULL = {
+    "checkpoint": (2_000_000, ["--set", 'model.model="tests.test_resilience:HeavyTinyConv"']),
+    "store": (64_000, []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full", sorted(DISK_FULL))
+def test_a_disk_that_fills_up_mid_run_is_one_line_and_the_run_resumes(
+    mlflow_uri, tmp_path, full, capsys
+):
+    """One line naming the checkpoint or the store, with the command that resumes; last.pt
+    stays the last complete epoch. A store that cannot take the status leaves the run RUNNING
+    until the next run started on it marks it FAILED; the run then resumes to its end."""
+    limit, model = DISK_FULL[full]
+    slow = [
+        "--set",
+        'data.dataset="tests.faulty_data:SlowTinyData"',
+        "--set",
+        "data.args.delay_s=0.004",
+    ]
+    args = ["--epochs", "5", "--experiment-name", "full", *model, *slow]
+    proc = start_demo(args, tmp_path)
+    folder = wait_for_epoch(tmp_path / "results", 1, proc)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    out, err = proc.communicate(timeout=300)
+    (r,) = runs_of(mlflow_uri, "full")
+    what = {
+        "checkpoint": f"The checkpoint {folder}/",
+        "store": f"The MLflow store {mlflow_uri} cannot be used: ",
+    }[full]
+    why = {
+        "checkpoint": " could not be written (File too large); its folder needs room on its disk "
+        "and must be writable.",
+        "store": f"; run {r.info.run_id} stopped (the store needs room on its disk and write "
+        "access).",
+    }[full]
+    resume = (
+        f"{why} Once that is fixed, resume from the last complete epoch with the same command "
+        f"and flags plus: --resume {folder}"
+    )
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, out + err
+    assert err.startswith(f"error: {what}") and err.endswith(f"{resume}\n"), err
+    assert torch.load(folder / "last.pt", weights_only=True)["epoch"] >= 1
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    if full == "store":
+        assert r.info.status == "RUNNING"  # the store took no status
+        quick = ["--epochs", "1", "--max-batches", "1", "--experiment-name", "next", *QUICK_END]
+        code, out, err = demo_in_process(quick, tmp_path, capsys)
+        assert code == 0, err
+        assert err.splitlines() == [
+            f"warning: run {r.info.run_id} ('tinyconv') was RUNNING but its process {proc.pid} on "
+            f"{socket.gethostname()} ended without ending it; marked FAILED."
+        ]
+    (r,) = runs_of(mlflow_uri, "full")
+    assert r.info.status == "FAILED"
+    code, out, err = demo_in_process([*QUICK_END, *args, "--resume", str(folder)], tmp_path, capsys)
+    assert code == 0, out + err
+    (r,) = runs_of(mlflow_uri, "full")
+    assert r.info.status == "FINISHED" and "status.reason" not in r.data.tags
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(r.info.run_id, "val_loss")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_file_in_the_way_of_the_outputs_is_one_line_and_the_run_resumes(mlflow_uri, tmp_path):
+    """A write into the run's folder that fails at its end (here a file where the plots go; a
+    full disk alike) is one line naming the path and the command that resumes the run."""
+
+    def block_the_plots(epoch: int, metrics: dict) -> bool:
+        (folder,) = (tmp_path / "results").glob("*/*/")
+        (folder / "plots").write_text("not a folder")
+        return False
+
+    config = tiny_config(tmp_path, **{"train.epochs": 1})
+    with pytest.raises(UserError) as e:
+        run(config, on_epoch=block_the_plots)
+    (folder,) = (tmp_path / "results").glob("*/*/")
+    assert str(e.value).startswith(f"Not a directory: {folder / 'plots'}")
+    assert str(e.value).endswith(
+        ". Once that is fixed, resume from the last complete epoch with the same command and "
+        f"flags plus: --resume {folder}"
+    )
+    assert MlflowClient(mlflow_uri).get_run(folder.name).info.status == "FAILED"
+    (folder / "plots").unlink()
+    result = run(config, resume=folder)
+    assert MlflowClient(mlflow_uri).get_run(result.run_id).info.status == "FINISHED"
+    assert (folder / "plots").is_dir()

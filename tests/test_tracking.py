@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -13,6 +17,7 @@ from mlflow.tracking import MlflowClient
 import src.tracking as tracking
 from src.config import ExperimentConfig, RunConfig
 from src.train.experiment import data_fingerprint, package_versions, resume_run, start_run
+from tests.test_run_experiment import REPO
 
 
 def _config(**run) -> ExperimentConfig:
@@ -210,3 +215,61 @@ def test_a_search_with_a_bad_filter_is_one_line(mlflow_uri):
     assert "\n" not in str(e.value)
     with pytest.raises(tracking.TrackingError, match=r"'0+' is not in the store .*; look again\.$"):
         tracking.get_run(mlflow_uri, "0" * 32, "look again")
+
+
+KILLED_AFTER_START = """
+import os, signal, sys
+import src.tracking as tracking
+tracking.start(sys.argv[1], "orphans", "killed", {})
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_whose_process_is_gone_is_marked_failed_by_the_next_command(mlflow_uri, capsys):
+    """A run left RUNNING by a process of this host that has gone (SIGKILL, or a store that
+    could not take the status then) is marked FAILED by the next command on the store, which
+    says so; one whose pid now belongs to a later process too; a run of a live process, or one
+    left to another process, is left alone, and one of another host only named (once)."""
+    # A run this process leaves RUNNING to another (a sweep's parent): no process of its own.
+    tracking.start(mlflow_uri, "orphans", "handed on", {}).end("RUNNING")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_START, mlflow_uri], cwd=REPO)
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    client = MlflowClient(mlflow_uri)
+    experiment_id = client.get_experiment_by_name("orphans").experiment_id
+    mine = tracking.holder()
+    assert mine["process.pid"] == str(os.getpid()) and mine["process.host"] == socket.gethostname()
+    # Runs of this process; of a process started later with the same pid; of another host.
+    others = {
+        "alive": {},
+        "reused": {"process.started": "1.0"},
+        "elsewhere": {"process.host": "n7"},
+    }
+    for name, tags in others.items():
+        client.create_run(experiment_id, run_name=name, tags={**mine, **tags})
+    capsys.readouterr()
+    runs = tracking.find_runs(mlflow_uri, "orphans")  # a command that reads the runs (compare)
+    ids = {r.info.run_name: r.info.run_id for r in runs}
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {
+        **dict(killed="FAILED", alive="RUNNING", reused="FAILED", elsewhere="RUNNING"),
+        "handed on": "RUNNING",
+    }
+    assert not [k for k in client.get_run(ids["handed on"]).data.tags if k.startswith("process.")]
+    host, gone = socket.gethostname(), {"killed": killed.pid, "reused": os.getpid()}
+    why = {
+        name: f"its process {pid} on {host} ended without ending it" for name, pid in gone.items()
+    }
+    marked = [
+        f"warning: run {ids[n]} ('{n}') was RUNNING but {why[n]}; marked FAILED." for n in gone
+    ]
+    named = (
+        f"note: run {ids['elsewhere']} ('elsewhere') is RUNNING on host n7; only that host can "
+        "tell whether its process still runs."
+    )
+    assert sorted(capsys.readouterr().err.splitlines()) == sorted([*marked, named])
+    reason = client.get_run(ids["killed"]).data.tags["status.reason"]
+    assert reason == f"{why['killed']}; marked FAILED by a later command"
+    # The next run's start: nothing left to mark, the other host's run not named again.
+    tracking.start(mlflow_uri, "orphans", "next", {}).end()
+    assert capsys.readouterr().err == ""
+    assert client.get_run(ids["alive"]).info.status == "RUNNING"

@@ -3,7 +3,9 @@ everything, an MLflow error is one line naming the store, a run always ends with
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +91,52 @@ def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
     store = f"sqlite:///{read_only / 'mlflow.db'}"
     _one_error_line(_demo2(store, tmp_path / "results"), store)
     assert not (read_only / "mlflow.db").exists()
+
+
+def _as_a_user() -> None:
+    """In the child, before it runs: root loses its power to write any file whatever its mode
+    (CAP_DAC_OVERRIDE, dropped from the capabilities a program it starts can have)."""
+    if os.geteuid() == 0:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        assert prctl(24, 1, 0, 0, 0) == 0  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+
+
+def _read_only_file(tmp_path: Path, template: Path) -> Path:
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template, db)
+    db.chmod(0o444)
+    return db
+
+
+def _folder_named_like_a_store(tmp_path: Path, template: Path) -> Path:
+    (tmp_path / "mlflow.db").mkdir()
+    return tmp_path / "mlflow.db"
+
+
+def _under_a_file(tmp_path: Path, template: Path) -> Path:
+    (tmp_path / "notes").write_text("my notes")
+    return tmp_path / "notes" / "mlflow.db"
+
+
+# A store that cannot be used -> its path, made in a folder that can be written to.
+STORE_FAULTS = {
+    "read-only file": _read_only_file,
+    "a folder named mlflow.db": _folder_named_like_a_store,
+    "under a file": _under_a_file,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", sorted(STORE_FAULTS))
+def test_other_stores_that_cannot_be_used_are_one_line(tmp_path, _store_template, fault):
+    """One `error:` line naming the store, exit 2; what is at the store's path left as it was."""
+    (tmp_path / "store").mkdir()
+    db = STORE_FAULTS[fault](tmp_path / "store", _store_template)
+
+    def what_is_there() -> object:
+        return sorted(os.listdir(db)) if db.is_dir() else db.is_file() and db.read_bytes()
+
+    before = what_is_there()
+    store = f"sqlite:///{db}"
+    _one_error_line(_demo2(store, tmp_path / "results", preexec_fn=_as_a_user), store)
+    assert what_is_there() == before

@@ -21,6 +21,7 @@ import fcntl
 import os
 import random
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,14 +39,40 @@ LOCK_NAME = ".lock"
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """Write `obj` with `torch.save` through `atomic_file`: a crash at any moment leaves
-    either the old file or the new one, never half of one; the mode follows the umask."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A process killed while writing leaves its temporary file; only one process (rank 0)
-    # writes a run's checkpoints, so any such file here is stale.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    with atomic_file(path) as f:
-        torch.save(obj, f)
+    either the old file or the new one, never half of one; the mode follows the umask. A write
+    that fails (disk full, folder gone) is one line naming the file, the old file kept."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A process killed while writing leaves its temporary file; only one process (rank 0)
+        # writes a run's checkpoints, so any such file here is stale.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        with atomic_file(path) as f:
+            torch.save(obj, f)
+    except Exception as e:
+        # torch.save reports a write that failed as a RuntimeError raised while handling it.
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
+        raise CheckpointError(
+            f"The checkpoint {path} could not be written ({error.strerror}); its folder needs "
+            "room on its disk and must be writable."
+        ) from None
+
+
+def writable_folder(folder: Path) -> Path:
+    """`folder`, made if missing, once a file could be made in it; else one line naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        problem = f"{file} is a file, not a folder" if file else e.strerror
+        raise CheckpointError(
+            f"The results folder {folder} cannot be written ({problem}); pass another "
+            "--results-dir, or make that one a folder you can write to."
+        ) from None
+    return folder
 
 
 def cpu_copy(obj: Any) -> Any:
@@ -183,8 +210,7 @@ def checked_rng_state(state: Any) -> tuple[tuple, tuple, torch.Tensor, list[torc
 
 @contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a+") as f:
+    with open(writable_folder(folder) / LOCK_NAME, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

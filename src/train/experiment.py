@@ -37,7 +37,7 @@ import src.train.build as build
 import src.train.checkpoint as ckpt_io
 import src.train.loop as loop
 from src.config import RESUME_MAY_CHANGE, ExperimentConfig, config_mismatch, to_toml
-from src.errors import ConfigError, NonFiniteLossError, TrackingError
+from src.errors import ConfigError, NonFiniteLossError, TrackingError, UserError, one_line
 from src.train.build import Trainer, set_up
 from src.train.checkpoint import run_lock
 from src.train.dataset_contract import label_gaps
@@ -93,6 +93,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) 
             nothing_left = _nothing_left(config, t.state)
             t.tracker = resume_run(config, t.state.run_id, info.is_main, nothing_left)
         else:
+            if info.is_main:  # a results folder that cannot be written: before the run starts
+                ckpt_io.writable_folder(Path(config.run.results_dir))
             tags = {**(extra_tags or {}), **_data_tags(t)}
             t.tracker = start_run(config, info.is_main, parent_run_id, tags)
             t.state.run_id = t.tracker.run_id
@@ -110,7 +112,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) 
 @contextmanager
 def _ended(tracker: Any, results_dir: Path | None = None, hint: bool = False) -> Iterator[None]:
     """The run's status when it does not finish: FAILED on an error, KILLED on Ctrl-C or
-    SIGTERM, raised as that interrupt (`hint`: with the command that resumes `results_dir`)."""
+    SIGTERM, raised as that interrupt; a user's error, or a file that could not be written (a
+    full disk), as one line (`hint`: with the command that resumes `results_dir`)."""
     try:
         with tracking.ended_on_error(tracker):
             yield
@@ -124,6 +127,16 @@ def _ended(tracker: Any, results_dir: Path | None = None, hint: bool = False) ->
         raise NonFiniteLossError(
             f"Training stopped: {e}; {kept} (try a lower learning rate, or amp = 'off')."
         ) from None
+    except (UserError, OSError) as e:  # a disk that filled up, say: once fixed, it resumes
+        if isinstance(e, OSError) and e.filename is None:
+            raise  # not a file's
+        line = one_line(e) if isinstance(e, UserError) else f"{e.strerror}: {e.filename}."
+        if hint and (results_dir / "last.pt").is_file():
+            line += (
+                " Once that is fixed, resume from the last complete epoch with the same command "
+                f"and flags plus: --resume {results_dir}"
+            )
+        raise (type(e) if isinstance(e, UserError) else UserError)(line) from None
     except BaseException as e:
         stop = interrupts.stop_of(e)
         if stop is None:
@@ -379,6 +392,7 @@ def _predict_only(config: ExperimentConfig, info: ddp.DistInfo, parent_run_id) -
     prep = loop.BatchPrep(ds, device, channels_last=False)
     build.check_input(model, {split: ds}, prep, config)
     batches = loop.BatchSettings(prep, loop.make_loss(problem), problem=problem)
+    ckpt_io.writable_folder(Path(config.run.results_dir))
     tracker = start_run(config, info.is_main, parent_run_id, {"task": config.run.task})
     folder, epoch = results_dir(config, tracker.run_id), int(weights["epoch"])
     with _ended(tracker):
