@@ -556,7 +556,14 @@ def _experiment_id(store: Store, name: str) -> str:
     location = (sqlite_dir / "mlruns" / slug(name)).as_uri() if sqlite_dir else None
     # The UI opens on its GenAI views unless the experiment says it is for model training.
     kind = {"mlflow.experimentKind": "custom_model_development"}
-    return store.create_experiment(name, artifact_location=location, tags=kind)
+    try:
+        return store.create_experiment(name, artifact_location=location, tags=kind)
+    except TrackingError:
+        # Two processes (machines on a team server) creating it at once: one of them made it.
+        exp = store.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def start(

@@ -178,10 +178,6 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     b.mkdir()
     args = [*QUICK_END, "--experiment-name", "team", *gated(tmp_path / "gate", delay_s=0.004)]
     client = MlflowClient(team.uri)
-    # The experiment exists before the machines start: two processes that both find no
-    # experiment "team" and create it at once end with one of them refused by the store
-    # (RESOURCE_ALREADY_EXISTS), which src/tracking.py does not take as "it exists now".
-    client.create_experiment("team", tags={"mlflow.experimentKind": "custom_model_development"})
     b_args = [DEMO, *args, "--run-name", "b", "--epochs", "3", "--results-dir", str(b / "results")]
     proc_b = subprocess.Popen(
         [sys.executable, *b_args],
