@@ -210,8 +210,11 @@ def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
 ):
     """Two sweep processes on one study at once: a process of its own, and then the same
     command in this one. The first is killed (SIGKILL) in the middle of a trial while this
-    one runs its own; this one finishes the study: the killed trial is retried with its
-    values, and the retry resumes the killed trial's MLflow run."""
+    one runs its own; this one finishes the study: the killed trial's heartbeat goes silent,
+    Optuna fails it after the grace period (a few seconds here), and it is retried with its
+    values; the retry resumes the killed trial's MLflow run."""
+    monkeypatch.setenv("SWEEP_HEARTBEAT_S", "1")  # both processes: a silent trial fails in 3 s
+    monkeypatch.setenv("SWEEP_GRACE_S", "3")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = [*sweep_args(tmp_path, mlflow_uri), "--trials", "4", "--study-name", "s"]
     args[args.index("--epochs") + 1] = "5"
@@ -255,6 +258,8 @@ def test_sigkill_mid_trial_then_two_processes_finish_the_same_study(
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") is not None)
     assert retry.system_attrs["failed_trial"] == killed[0].number
     assert retry.state.name == "COMPLETE"
+    assert retry.user_attrs["sweep.worker"] == ours  # this process took the retry
+    assert study.user_attrs["sweep.finished"] is True
     (parent,), children = split_runs(mlflow_uri)
     assert parent.info.status == "FINISHED"
     # Four runs: the killed trial's run was resumed by its retry, not started again.
@@ -294,6 +299,27 @@ def wait_for_a_trial_mid_run(
                 except Exception:  # being replaced right now
                     pass
     raise AssertionError("no trial of the first process was caught mid-run in time")
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("SWEEP_GRACE_S", "soon", "SWEEP_GRACE_S must be a whole number of seconds above 0, "
+         "got 'soon'."),
+        ("SWEEP_HEARTBEAT_S", "0", "SWEEP_HEARTBEAT_S must be a whole number of seconds above 0"),
+        ("SWEEP_HEARTBEAT_S", "200", "SWEEP_GRACE_S (120) must be longer than SWEEP_HEARTBEAT_S "
+         "(200)"),
+    ],
+)  # fmt: skip
+def test_a_bad_heartbeat_setting_is_one_line_before_any_run(
+    mlflow_uri, tmp_path, capsys, monkeypatch, name, value, message
+):
+    monkeypatch.setenv(name, value)
+    assert main(sweep_args(tmp_path, mlflow_uri, LR_WD, "--trials", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert all_runs(mlflow_uri) == []
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_a_pruner_stops_trials_after_an_epoch_and_tags_their_runs(mlflow_uri, tmp_path):

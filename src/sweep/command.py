@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ def run_sweep(
         else:
             parent = reopened_parent(config, study, options.parent_name, tags, trials)
     plan = SweepPlan(config, space, url, name, parent.run_id, trials, options.child_names)
+    plan.process = uuid.uuid4().hex
     outcome = SweepOutcome(parent.run_id, parent.experiment_id, study, plan, False)
     return _run(parent, outcome, workers, options, on_finish or log_sweep_summary)
 
@@ -125,13 +127,15 @@ def _run(parent, outcome: SweepOutcome, workers: int, options: SweepOptions, on_
             run_workers(plan, workers, options.devices, progress)
         progress.update()
         outcome.finished = sweep_study.counted(study) >= plan.trials and not _running(study)
+        outcome.finished = outcome.finished and _ours_to_finish(study, plan)
         if outcome.finished:
             on_finish(parent, outcome)
             study.set_user_attr(sweep_study.FINISHED_ATTR, True)
             parent.end("FINISHED")
         else:
             print(
-                f"Trials of another process still run; the last to end finishes {plan.study_name}."
+                "Trials of another process still run or ended last; that process finishes "
+                f"{plan.study_name}."
             )
             parent.end("RUNNING")  # theirs to finish
     except BaseException as e:
@@ -152,6 +156,17 @@ def _running(study: Any) -> bool:
     from optuna.trial import TrialState
 
     return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def _ours_to_finish(study: Any, plan: SweepPlan) -> bool:
+    """Whether this process finishes the study that has all its trials: the one whose trial
+    ended last does (another process may wait for it to end), or this one when it ran none
+    (the same command again after the one that should have finished it died)."""
+    trials = study.get_trials(deepcopy=False)
+    ended = sweep_study.ended(study)
+    if not any(t.user_attrs.get(sweep_study.PROCESS_ATTR) == plan.process for t in trials):
+        return True
+    return not ended or ended[-1].user_attrs.get(sweep_study.PROCESS_ATTR) == plan.process
 
 
 def check_options(

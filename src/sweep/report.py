@@ -13,22 +13,14 @@ from typing import Any
 
 import src.tracking as tracking
 from src.config import to_toml
-from src.sweep.study import STOPPED_ATTR
+from src.sweep.study import ended
 from src.sweep.trial import RUN_ID_ATTR, SweepPlan, child_name
 
 
 def finished_trials(study: Any) -> list[Any]:
     """Complete, pruned and failed trials, in the order they ended; a trial stopped by a
-    signal is left out (its retry takes its place)."""
-    from optuna.trial import TrialState
-
-    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=done)
-        if not (t.state == TrialState.FAIL and t.user_attrs.get(STOPPED_ATTR))
-    ]
-    return sorted(trials, key=lambda t: (t.datetime_complete, t.number))
+    signal or by a silent heartbeat is left out (its retry takes its place)."""
+    return ended(study)
 
 
 def _better(a: float, b: float | None, direction: str) -> bool:

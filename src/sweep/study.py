@@ -8,9 +8,17 @@ run; a second process or machine with the same `--study-name` joins both.
 A trial counts towards `--trials` when it is complete, pruned, running, or failed by its own
 error; a trial stopped by Ctrl-C, SIGTERM or SIGKILL does not: it is marked failed and retried
 with the same values (Optuna's `RetryFailedTrialCallback`), and the retry resumes its MLflow
-run from its last.pt. Trials of a process that died on this machine are found at once (their
-process id is gone); those of another machine, when its heartbeat has stopped for
-`GRACE_S` seconds (Optuna's heartbeat).
+run from its last.pt. A trial stopped by a signal enqueues its retry as it stops. A trial
+whose process died (SIGKILL, a machine gone) is found by Optuna's heartbeat alone, whatever
+machine it ran on: a running trial whose heartbeat has been silent for the grace period
+(`SWEEP_GRACE_S`, default 120 s; the heartbeat beats every `SWEEP_HEARTBEAT_S`, default 30 s)
+is failed and retried by the next worker that looks (`fail_stale_trials`), once.
+
+Counting and starting a trial are two steps, and the storage has no lock over both: the
+processes of one machine take turns (`MachineLock`, a file lock that also keeps two workers
+from drawing with the same seed), but machines do not, so a study run from several machines
+can end with more than --trials trials: at most one more per other machine that counted at
+the same moment (tests/test_postgres.py, two machines and --trials 3: 3 or 4 trials).
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ import src.tracking as tracking
 from src.config import REPO_ROOT, ExperimentConfig
 from src.errors import ConfigError, TrackingError, one_line
 
-HEARTBEAT_S = 30
-GRACE_S = 120
+HEARTBEAT_S = 30  # default of SWEEP_HEARTBEAT_S
+GRACE_S = 120  # default of SWEEP_GRACE_S
 MAX_RETRY = 3
 PARENT_ATTR = "mlflow.parent_run_id"
 SPACE_ATTR = "sweep.space"
-WORKER_ATTR = "sweep.worker"  # "host:pid" of the process running the trial
+WORKER_ATTR = "sweep.worker"  # "host:pid" of the process running the trial, to read
+PROCESS_ATTR = "sweep.process"  # the sweep process (a random id) whose worker ran the trial
 STOPPED_ATTR = "sweep.stopped"  # True: ended by a signal, to be retried
 FINISHED_ATTR = "sweep.finished"  # True once every trial ended and the summary is logged
 
@@ -56,10 +65,34 @@ def shown_url(url: str) -> str:
         return url
 
 
+def heartbeat() -> tuple[int, int]:
+    """(beat, grace) in seconds: `SWEEP_HEARTBEAT_S` and `SWEEP_GRACE_S` when set, else
+    HEARTBEAT_S and GRACE_S. A trial whose heartbeat has been silent for `grace` seconds is
+    failed and retried; short values let a test see a killed worker's trial retried soon."""
+    values = []
+    for name, default in (("SWEEP_HEARTBEAT_S", HEARTBEAT_S), ("SWEEP_GRACE_S", GRACE_S)):
+        text = os.environ.get(name, "").strip()
+        try:
+            value = int(text) if text else default
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{name} must be a whole number of seconds above 0, got {text!r}.")
+        values.append(value)
+    beat, grace = values
+    if grace <= beat:
+        raise ConfigError(
+            f"SWEEP_GRACE_S ({grace}) must be longer than SWEEP_HEARTBEAT_S ({beat}): a live "
+            "trial's heartbeat would look silent."
+        )
+    return beat, grace
+
+
 class MachineLock:
     """One process of this machine at a time: creating the study, counting and starting a
     trial (`release` once the trial is in the storage). Processes of other machines are not
-    held: a study run from several machines may end a few trials past --trials."""
+    held, and nothing relies on it: without it, a study ends at most a few trials past
+    --trials, and two workers may draw with the same seed (src/sweep/trial.py)."""
 
     def __init__(self, storage_url: str, study_name: str) -> None:
         digest = hashlib.sha256(f"{storage_url}\n{study_name}".encode()).hexdigest()[:16]
@@ -96,14 +129,15 @@ def open_storage(url: str) -> Any:
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     name = "heartbeat_stale_trial_callback"
     retry = {name if name in params else "failed_trial_callback": retry_callback()}
+    beat, grace = heartbeat()
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=kwargs,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
+                heartbeat_interval=beat,
+                grace_period=grace,
                 **retry,
             )
     except Exception as e:  # SQLAlchemy's and the drivers' errors, ImportError for a driver
@@ -208,46 +242,32 @@ def counted(study: Any) -> int:
     return sum(1 for t in trials if counts(t))
 
 
-def retry_stopped(study: Any, storage: Any) -> list[int]:
-    """Mark the trials that processes of this machine left running (their process is gone)
-    failed, and retry every stopped trial not yet retried; returns their numbers."""
+def fail_stale(study: Any) -> None:
+    """Fail the trials whose heartbeat has been silent for the grace period, and retry them
+    (Optuna's `fail_stale_trials`, which the storage's row update makes happen once)."""
+    import optuna
+
+    with warnings.catch_warnings():  # marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def ended(study: Any) -> list[Any]:
+    """Complete, pruned and failed trials, in the order they ended; a trial stopped by a
+    signal or failed by a silent heartbeat is left out (its retry takes its place)."""
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
     trials = study.get_trials(deepcopy=False)
     retried = _retried(trials)
-    again = []
-    for t in trials:
-        owner = str(t.user_attrs.get(WORKER_ATTR, ""))
-        if t.state == TrialState.RUNNING and owner.rpartition(":")[0] == host:
-            if _alive(int(owner.rpartition(":")[2])):
-                continue
-            trial_id = storage.get_trial_id_from_study_id_trial_number(
-                storage.get_study_id_from_name(study.study_name), t.number
-            )
-            storage.set_trial_user_attr(trial_id, STOPPED_ATTR, True)
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
-            t = storage.get_trial(trial_id)
-        if (
-            t.state == TrialState.FAIL
-            and t.user_attrs.get(STOPPED_ATTR)
-            and t.number not in retried
-        ):
-            retry_callback()(study, t)
-            again.append(t.number)
-    return again
+
+    def shown(t: Any) -> bool:
+        if t.state == TrialState.FAIL:
+            return t.number not in retried and not t.user_attrs.get(STOPPED_ATTR)
+        return t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+    return sorted(filter(shown, trials), key=lambda t: (t.datetime_complete, t.number))
 
 
 def _retried(trials: list[Any]) -> set[int]:
     """The numbers of the trials that a retry has taken the place of."""
     return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True

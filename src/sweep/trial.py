@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from src.errors import NonFiniteLossError, UserError, print_user_error
 from src.sweep.space import SweepSpace, make_pruner, make_sampler, space_from_dict, suggest
 
 RUN_ID_ATTR = "mlflow.run_id"
+WAIT_POLL_S = 1.0  # how often a worker with no trial to take looks at the running ones
 STATUS_TAG = "sweep.status"
 
 
@@ -43,6 +45,7 @@ class SweepPlan:
     parent_run_id: str
     trials: int
     child_names: str = "trial"  # "trial": <run name>-trial<N>; "values": the values, '-'-joined
+    process: str = ""  # the sweep process's random id, stamped on its trials (PROCESS_ATTR)
 
     def to_json(self) -> str:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -100,15 +103,28 @@ def work(
     after_trial: Any = None,
     output: TextIO | None = None,
 ) -> None:
-    """Run trials until the study has --trials that count; `after_trial()` after each one.
+    """Run trials until the study has --trials that count, then wait while trials of other
+    workers run, for at most the heartbeat's grace period and two beats: one whose worker
+    died is failed and retried meanwhile (its retry taken here), one still running after that
+    has a live worker, which ends it. `after_trial()` after each trial.
     A worker whose sweep process died (`parent_pid` no longer its parent) takes no more.
     `output`: where the trials' runs print their lines (device, every epoch); default stdout."""
-    study, storage = load_study(plan)
+    study, _ = load_study(plan)
+    beat, grace = sweep_study.heartbeat()
+    waited_since = None
     while parent_pid is None or os.getppid() == parent_pid:
         with sweep_study.MachineLock(plan.storage_url, plan.study_name) as lock:
-            sweep_study.retry_stopped(study, storage)
+            sweep_study.fail_stale(study)
             if sweep_study.counted(study) >= plan.trials:
-                return
+                if not _running(study):
+                    return
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > grace + 2 * beat:
+                    return
+                lock.release()
+                time.sleep(WAIT_POLL_S)
+                continue
+            waited_since = None
             study.sampler = next_sampler(plan, study)
             with redirect_stdout(output) if output is not None else nullcontext():
                 study.optimize(
@@ -120,11 +136,18 @@ def work(
             after_trial()
 
 
+def _running(study: Any) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 def objective(trial: Any, plan: SweepPlan, lock: sweep_study.MachineLock) -> float:
     """One trial: its values drawn, its run trained; the metric at the best epoch."""
     import optuna
 
     trial.set_user_attr(sweep_study.WORKER_ATTR, sweep_study.worker_id())
+    trial.set_user_attr(sweep_study.PROCESS_ATTR, plan.process)
     trial.set_user_attr(sweep_study.STOPPED_ATTR, False)
     values = suggest(trial, plan.space)
     lock.release()  # the trial is in the storage: other workers may count it and go on
@@ -135,7 +158,10 @@ def objective(trial: Any, plan: SweepPlan, lock: sweep_study.MachineLock) -> flo
     try:
         result = run_trial(child, trial, plan, report)
     except KeyboardInterrupt:
-        trial.set_user_attr(sweep_study.STOPPED_ATTR, True)  # retried when the sweep goes on
+        # Retried when the sweep goes on: the retry is enqueued now, by the one process that
+        # knows the trial stopped (Optuna then marks the trial failed).
+        sweep_study.retry_callback()(trial.study, _frozen(trial))
+        trial.set_user_attr(sweep_study.STOPPED_ATTR, True)
         raise
     trial.set_user_attr(RUN_ID_ATTR, result.run_id)
     status = "pruned" if report.pruned else "complete"
