@@ -5,6 +5,11 @@ An experiment is one TOML file in `experiments/` with the sections `[run]`, `[da
 Every key has a default below, so a TOML names only what differs. Unknown keys and values of
 the wrong type are errors that name the key. Relative paths in a TOML file are resolved against
 the repository root. Command-line flags become dotted-key overrides in `src/cli.py`.
+
+A config as a run stores it (`to_dict`: its params, config.toml, last.pt, a sweep's best config)
+holds a path inside the repository relative to it, so that a clone moved or copied elsewhere
+reads it as a path of its own: as it is where a relative path is read against the repository
+(`_repo_relative`), else after REPO_PLACEHOLDER (`labels_csv`, read against the data folder).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 # In a string of [data.args], replaced by the split's name ("train", "val", "test"); a dataset
 # whose arguments hold it is called without the split as first argument (ImageFolder).
 SETNAME_PLACEHOLDER = "{setname}"
+# At the start of a string of the config, the repository's folder ("{repo}/data/labels.csv").
+REPO_PLACEHOLDER = "{repo}"
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,9 @@ class ExperimentConfig:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """The config as nested plain dicts (the TOML structure)."""
-        return dataclasses.asdict(self)
+        """The config as nested plain dicts (the TOML structure), as a run stores it: a path
+        inside the repository relative to it."""
+        return _map_strings(dataclasses.asdict(self), _stored_path)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, e.g. {'run.seed': 0, 'data.args.data_dir': '/x'}."""
@@ -168,6 +176,37 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"Config key '{key}' does not exist: '{part}' is not a section.")
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def _repo_relative(key: str) -> bool:
+    """Whether `from_dict` reads a relative path at the dotted `key` against the repository."""
+    _, *rest = key.split(".")
+    if len(rest) == 2 and rest[0] == "args":
+        return rest[1] == "root" or rest[1].endswith(("_dir", "_path"))
+    return key in ("run.results_dir", "run.checkpoint")
+
+
+def _map_strings(value: Any, change: Callable[[str, str], str], key: str = "") -> Any:
+    """`value` (a config tree, or a value at the dotted `key`) with each string s at a key k
+    replaced by change(k, s)."""
+    if isinstance(value, dict):
+        return {k: _map_strings(v, change, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_strings(v, change, key + "[]") for v in value]
+    return change(key, value) if isinstance(value, str) else value
+
+
+def _stored_path(key: str, value: str) -> str:
+    path = Path(value)
+    if not (path.is_absolute() and path.is_relative_to(REPO_ROOT)):
+        return value
+    inside = path.relative_to(REPO_ROOT).as_posix()
+    return inside if _repo_relative(key) else f"{REPO_PLACEHOLDER}/{inside}"
+
+
+def _expanded_path(key: str, value: str) -> str:
+    head, _, rest = value.partition("/")
+    return str(REPO_ROOT / rest) if head == REPO_PLACEHOLDER else value
 
 
 def _resolve_path(value: Any, base_dir: Path) -> Any:
@@ -211,11 +250,12 @@ def from_dict(
     (`{"train.epochs": 5}`) into an ExperimentConfig.
 
     Relative paths (`run.results_dir`, dataset args named `root`, `*_dir`, `*_path`) are
-    resolved against `base_dir`.
+    resolved against `base_dir`; REPO_PLACEHOLDER is the repository's folder.
     """
     tree = copy.deepcopy(tree)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
+    tree = _map_strings(tree, _expanded_path)
     _rename_keys(tree)
     unknown = set(tree) - set(SECTIONS)
     if unknown:
@@ -235,7 +275,7 @@ def from_dict(
                 )
             values[key] = _check_type(section, key, value, fields[key].type)
         for k, v in values.get("args", {}).items():
-            if k == "root" or k.endswith(("_dir", "_path")):
+            if _repo_relative(f"{section}.args.{k}"):
                 values["args"][k] = _resolve_path(v, base_dir)
         if section == "run":
             for key in ("results_dir", "checkpoint"):
@@ -367,6 +407,10 @@ def _check_values(config: ExperimentConfig) -> None:
 # Config keys a resumed run may change (MLflow params are immutable, so the new value of one
 # of these becomes a tag `resumed.<key>`); every other key that shapes training must match.
 RESUME_MAY_CHANGE = (
+    # Where the run's folder and MLflow store are now (a moved clone): --resume and the run id
+    # name them.
+    "run.results_dir",
+    "run.tracking_uri",
     "train.epochs",
     "train.patience",
     "run.server_unreachable",
@@ -396,7 +440,8 @@ def config_mismatch(
 
     The one compatibility check: resume (a checkpoint's config), predict (the model section
     of the weights' config) and a resumed MLflow run (`as_params`: `saved` holds MLflow params,
-    strings, and only the keys logged there are compared).
+    strings, and only the keys logged there are compared). A path of `saved` is compared as a
+    run stores it now (an older run's may be absolute inside the repository).
     """
     now = config.flat()
     # MLflow params: only the keys logged there; else every key of either side.
@@ -404,7 +449,7 @@ def config_mismatch(
     for key in sorted(keys):
         if key.split(".")[0] not in sections or key in may_differ:
             continue
-        theirs = saved.get(key)
+        theirs = _map_strings(saved.get(key), _stored_path, key)
         ours = str(now.get(key)) if as_params else now.get(key)
         if theirs != ours:
             return key, theirs, now.get(key)

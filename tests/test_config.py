@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,61 @@ def test_flat_and_toml_round_trip(tmp_path):
     again = cfg.load(_write(tmp_path, cfg.to_toml(c)))
     assert again == c
     assert c.replace(**{"run.seed": 5}).run.seed == 5
+
+
+def test_a_stored_config_holds_paths_inside_the_repository_relative_to_it(tmp_path):
+    """What a run stores (params, config.toml, last.pt) reads the same in a moved clone: a path
+    inside the repository relative to it, after `{repo}/` where a relative path means another
+    folder (TinyData's labels_csv: the data folder's file); a path outside stays absolute."""
+    tiny = REPO / "load_dataset" / "tiny_data"
+    weights = {"class": "torchvision.transforms:Resize", "weights": str(REPO / "w.pt")}
+    c = cfg.load(
+        DEMO2,
+        {
+            "data.args.data_dir": "load_dataset/tiny_data",
+            "data.args.labels_csv": str(tiny / "tiny_labels.csv"),
+            "data.args.cache_dir": str(tmp_path / "cache"),
+            "data.args.transform": {"class": "torchvision.transforms:Compose", "t": [weights]},
+            "run.checkpoint": str(REPO / "results" / "x" / "best.pt"),
+        },
+    )
+    assert c.run.results_dir == str(REPO / "results")  # the run itself uses absolute paths
+    assert c.data.args["data_dir"] == str(tiny)
+    stored = c.to_dict()
+    assert (stored["run"]["results_dir"], stored["run"]["checkpoint"]) == (
+        "results",
+        "results/x/best.pt",
+    )
+    assert stored["data"]["args"] == {
+        "data_dir": "load_dataset/tiny_data",
+        "labels_csv": "{repo}/load_dataset/tiny_data/tiny_labels.csv",
+        "cache_dir": str(tmp_path / "cache"),
+        "transform": {
+            "class": "torchvision.transforms:Compose",
+            "t": [{**weights, "weights": "{repo}/w.pt"}],
+        },
+    }
+    assert c.flat()["data.args.labels_csv"] == "{repo}/load_dataset/tiny_data/tiny_labels.csv"
+    text = cfg.to_toml(c)
+    assert str(REPO) not in text
+    assert cfg.load(_write(tmp_path, text)) == c
+
+
+def test_a_config_stored_with_absolute_paths_inside_the_repository_still_fits(tmp_path):
+    """A run stored by an older version (absolute paths inside the repository) still resumes:
+    its checkpoint's config and its MLflow params are compared as a run stores them now. A
+    path that is not the config's is still a mismatch."""
+    c = cfg.load(DEMO2, {"data.args.data_dir": "load_dataset/tiny_data"})
+    old = cfg.flatten(dataclasses.asdict(c))
+    assert old["data.args.data_dir"] == str(REPO / "load_dataset" / "tiny_data")
+    assert cfg.config_mismatch(old, c) is None
+    assert cfg.config_mismatch({k: str(v) for k, v in old.items()}, c, as_params=True) is None
+    other = str(tmp_path / "tiny_data")
+    assert cfg.config_mismatch({**old, "data.args.data_dir": other}, c) == (
+        "data.args.data_dir",
+        other,
+        "load_dataset/tiny_data",
+    )
 
 
 def test_pascal_flags_set_dataset_and_model_arguments():
