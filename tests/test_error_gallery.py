@@ -98,7 +98,8 @@ def test_save_errors_draws_a_row_per_kind(tmp_path):
     maps = [[rng.random((32, 32), dtype=np.float32) for _ in ks] for ks in classes]
     names = [f"img_{i}.jpg" for i in rows]
     meanings = ["cat", "dog", "a/b"]
-    paths = explain.save_errors(errors, images, maps, names, LABELS_6, PROBS_6, meanings, tmp_path)
+    drawn = list(zip(images, maps, names))
+    paths = explain.save_errors(errors, drawn, LABELS_6, PROBS_6, meanings, tmp_path)
     assert paths == [tmp_path / "cat.png", tmp_path / "a_b.png"]  # dog: no error, no file
     tile, text = explain.TILE, 14 * 3 + 4
     # cat: 3 false positives and 1 false negative; a/b: 2 and 3; each an image over its map.

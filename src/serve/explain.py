@@ -239,9 +239,7 @@ def error_pairs(
 
 def save_errors(
     errors: dict[int, tuple[list[int], list[int]]],
-    images: Sequence[np.ndarray],
-    maps: Sequence[Sequence[np.ndarray]],
-    names: Sequence[str],
+    drawn: Sequence[tuple[np.ndarray, Sequence[np.ndarray], str]],
     labels: np.ndarray,
     probs: np.ndarray,
     label_meanings: Sequence[str],
@@ -251,12 +249,12 @@ def save_errors(
     of its false positives, titled FP with the probability of the class, the image's name and
     its true labels, over a row of the same images under the class's map; then the same for
     its false negatives (FN).
-    `images`, `maps`, `names`: for the rows of `error_pairs(errors)`, the picture, the maps of
-    its classes and its name. `labels`, `probs`: [N, K], all rows."""
+    `drawn`: for each row of `error_pairs(errors)`, (its picture, the maps of its classes, its
+    name). `labels`, `probs`: [N, K], all rows."""
     rows, classes = error_pairs(errors)
-    picture = {i: image for i, image in zip(rows, images)}
-    name = {i: n for i, n in zip(rows, names)}
-    heatmap = {(i, k): m for i, ks, ms in zip(rows, classes, maps) for k, m in zip(ks, ms)}
+    picture = {i: image for i, (image, _, _) in zip(rows, drawn)}
+    name = {i: n for i, (_, _, n) in zip(rows, drawn)}
+    heatmap = {(i, k): m for i, ks, (_, ms, _) in zip(rows, classes, drawn) for k, m in zip(ks, ms)}
     files, paths = error_file_names(label_meanings), []
     for k, found in errors.items():
         sheet, caption = [], shortened(f"heatmap of {label_meanings[k]}")

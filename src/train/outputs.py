@@ -105,7 +105,8 @@ def draw_explanations(t: Trainer, pred: dict[str, Any], thresholds: list[float] 
     ids = getattr(ds, "image_ids", None)
     names = [ids[i] if ids is not None else f"val #{i}" for i in pred["idx"][wrong].astype(int)]
     folder = t.results_dir / "plots" / "errors"
-    drawn = explain.save_errors(errors, images, maps, names, labels, probs, meanings, folder)
+    tiles = list(zip(images, maps, names))
+    drawn = explain.save_errors(errors, tiles, labels, probs, meanings, folder)
     return [(gallery, "plots")] + [(p, "plots/errors") for p in drawn]
 
 
