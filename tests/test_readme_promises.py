@@ -190,7 +190,7 @@ def test_each_torchrun_process_reads_its_own_equal_shard_of_the_shuffled_split()
 
 def val_loss_of(weights: dict, config) -> float:
     """The mean BCE of `weights` (a TinyConv state dict) over the 50 validation images of the
-    shipped TinyData, computed here in one batch."""
+    shipped TinyData (no noise in any dataset's val split), computed here in one batch."""
     import torch
 
     from load_dataset.custom_tiny import TinyData
@@ -285,7 +285,9 @@ def test_last_pt_holds_every_part_of_the_state_at_the_end_of_its_epoch(mlflow_ur
         return False
 
     step = {"optimizer.scheduler": "step", "optimizer.step_size": 1, "optimizer.gamma": 0.5}
-    config = tiny_config(tmp_path, **{**step, "train.epochs": 2})
+    # Noise drawn from torch's generator per training sample: its state moves every epoch.
+    noisy = {"data.dataset": "tests.random_data:NoisyTinyData", "data.num_workers": 0}
+    config = tiny_config(tmp_path, **{**step, **noisy, "train.epochs": 2})
     result = run(config, on_epoch=remember_the_generators)
     last = load_checkpoint(result.results_dir)
     assert {"model", "optimizer", "scheduler", "rng", "epoch", "history", "run_id"} <= set(last)
@@ -299,8 +301,9 @@ def test_last_pt_holds_every_part_of_the_state_at_the_end_of_its_epoch(mlflow_ur
     assert len(momentum) == len(last["model"]) and all(m.abs().sum() > 0 for m in momentum)
     assert last["scheduler"]["last_epoch"] == 2
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5**2)
-    # The random generators as the epoch left them.
+    # The random generators as the epoch left them (not as an earlier epoch did).
     cpu, numpy, python = at_epoch_end[2]
+    assert not torch.equal(at_epoch_end[1][0], cpu)
     assert torch.equal(last["rng"]["torch"], cpu)
     assert np.array_equal(last["rng"]["numpy"][1].numpy(), numpy[1])
     assert last["rng"]["python"] == python
