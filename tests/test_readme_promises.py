@@ -227,6 +227,13 @@ def test_the_best_epoch_is_the_lowest_val_loss_and_patience_counts_from_it(
     assert any(b > a for a, b in zip(losses[: best - 1], losses[1:best]))  # a bad epoch before
     assert result.best_epoch == best
     assert result.stopped_early and result.epochs_run == len(losses) == best + 2
+    # README "Looking at runs": per epoch, data_wait_fraction is "the share of the epoch spent
+    # waiting for the data loader" and train_images_per_s the epoch's speed (144 images).
+    epochs_logged = list(range(1, len(losses) + 1))
+    for key in ("data_wait_fraction", "train_images_per_s", "checkpoint_seconds", "lr"):
+        assert [s for s, _ in metric_series(client, result.run_id, key)] == epochs_logged, key
+    assert all(0 <= v <= 1 for _, v in metric_series(client, result.run_id, "data_wait_fraction"))
+    assert all(v > 0 for _, v in metric_series(client, result.run_id, "train_images_per_s"))
     # best_* are the best epoch's figures, logged at its step.
     assert metric_series(client, result.run_id, "best_epoch") == [(best, float(best))]
     for key in ("val_loss", "val_auroc_mean", "val_ap_mean"):
