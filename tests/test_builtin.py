@@ -338,7 +338,7 @@ def test_offline_download_is_one_clear_error(tmp_path, monkeypatch, name):
     start = time.monotonic()
     with pytest.raises(DataError) as e:
         TorchvisionClassification("train", name=name, root=str(root), download=True)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # refused at once, not retried for minutes
     text = str(e.value)
     assert text.startswith(f"Could not download {name} into the root folder {root} (")
     assert "data_README.md" in text and "download = false" in text and "\n" not in text
@@ -355,7 +355,7 @@ def test_a_server_that_never_answers_times_out(tmp_path, monkeypatch):
         start = time.monotonic()
         with pytest.raises(DataError, match="Could not download CIFAR10"):
             TorchvisionClassification("train", name="CIFAR10", root=str(tmp_path), download=True)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 20  # the 0.5 s timeout, not the 30 s one or none
     assert socket.getdefaulttimeout() is None  # restored for the rest of the process
 
 

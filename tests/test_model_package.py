@@ -149,7 +149,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, server: subprocess.Popen, timeout_s: float = 120.0) -> None:
+def wait_for(url: str, server: subprocess.Popen, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -191,7 +191,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         headers={"Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:  # 4xx / 5xx: the answer is in the error
         return e.code, json.loads(e.read())

@@ -3,6 +3,7 @@ at once, several runs starting together on a new SQLite store."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -13,14 +14,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_resilience import DEMO, runs_of
+from tests.pausing import PAUSE_AT, wait_until_paused
+from tests.test_resilience import DEMO, PAUSING, runs_of
 from tests.test_run_experiment import DEMO2, QUICK_END, REPO
 
 pytestmark = pytest.mark.slow  # real processes and real signals
 
 SLOW_TINY = ["--set", 'data.dataset="tests.faulty_data:SlowTinyData"']
 SLOW_TINY += ["--set", "data.args.delay_s=0.004"]  # an epoch takes ~0.8 s
-SLOW_TINY += QUICK_END
+SLOW_TINY += [*QUICK_END, *PAUSING]  # a model that holds still where the test says (PAUSE_AT)
 
 
 def in_process(args: list[str], capsys) -> tuple[int, str, str]:
@@ -33,7 +35,7 @@ def in_process(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def wait_for(condition, proc: subprocess.Popen, what: str, limit_s: float = 120) -> None:
+def wait_for(condition, proc: subprocess.Popen, what: str, limit_s: float = 300) -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -56,10 +58,13 @@ def test_seeds_stopped_by_sigterm_go_on_with_the_same_command(mlflow_uri, tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # Step 4 of the second seed's epoch 2: 4 epochs of 9 steps for seed 0, then 9 + 4.
+        env={**os.environ, PAUSE_AT: "49"},
     )
+    wait_until_paused(proc)
     wait_for(lambda: len(list(results.glob("*/*/last.pt"))) == 2, proc, "second seed's epoch 1")
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err
     command = f"python {shlex.join([DEMO, *args])}"
     assert f"(finished runs are skipped, the stopped one resumes): {command}\n" in err, err
@@ -99,10 +104,12 @@ def test_the_same_run_resumed_twice_at_once_is_refused_the_second_time(
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        env={**os.environ, PAUSE_AT: "1"},  # it holds the run's folder until it is killed
     )
     try:
         lock = folder / ".lock"
         holds = f"process {proc.pid} "
+        wait_until_paused(proc)
         wait_for(lambda: lock.is_file() and holds in lock.read_text(), proc, "the first resume")
         code, out, err = in_process([*base, "--epochs", "60", "--resume", str(folder)], capsys)
         assert proc.poll() is None  # the first one still trains

@@ -23,10 +23,14 @@ from src.run_experiment import run
 from src.train.checkpoint import CheckpointError
 from tests.command_line import run_here
 from tests.faulty_data import CTRL_C_IN_FINALIZER_AT
+from tests.pausing import PAUSE_AT, wait_until_paused
 from tests.test_run_experiment import DEMO2, QUICK_END, REPO, all_series, tiny_config
 
 DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
 TINY = REPO / "load_dataset" / "tiny_data"
+# TinyConv that holds still at the training step PAUSE_AT names (tests/pausing.py): a signal
+# lands where the test means it to, however busy the machine.
+PAUSING = ["--set", 'model.model="tests.pausing:PausingTinyConv"']
 
 
 def demo(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
@@ -40,13 +44,14 @@ def demo(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
     )
 
 
-def start_demo(args: list[str], tmp_path: Path) -> subprocess.Popen:
+def start_demo(args: list[str], tmp_path: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, DEMO, *QUICK_END, "--results-dir", str(tmp_path / "results"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        **kw,
     )
 
 
@@ -56,7 +61,7 @@ def runs_of(uri: str, experiment: str) -> list:
     return [] if exp is None else client.search_runs([exp.experiment_id])
 
 
-def wait_for_epoch(results: Path, epoch: int, proc: subprocess.Popen, limit_s: float = 120):
+def wait_for_epoch(results: Path, epoch: int, proc: subprocess.Popen, limit_s: float = 300):
     """Wait until some run's last.pt has reached `epoch`; return that run's folder."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
@@ -139,19 +144,11 @@ def test_learning_rate_schedule_resumes_where_it_stopped(mlflow_uri, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path, capsys):
-    args = [
-        "--epochs",
-        "4",
-        "--experiment-name",
-        "kill",
-        "--set",
-        'data.dataset="tests.faulty_data:SlowTinyData"',
-        "--set",
-        "data.args.delay_s=0.004",
-    ]
-    proc = start_demo(args, tmp_path)
+    args = ["--epochs", "4", "--experiment-name", "kill", *PAUSING]
+    # Killed at step 4 of epoch 3 (9 steps an epoch), once epoch 2's last.pt is written.
+    proc = start_demo(args, tmp_path, env={**os.environ, PAUSE_AT: "22"})
+    wait_until_paused(proc)
     folder = wait_for_epoch(tmp_path / "results", 2, proc)
-    time.sleep(0.3)  # into epoch 3 (an epoch takes ~0.8 s here)
     proc.kill()
     proc.wait()
     (run_before,) = runs_of(mlflow_uri, "kill")
@@ -167,7 +164,7 @@ def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path, capsys):
     assert steps == [1, 2, 3, 4]
 
 
-def _first_checkpoint(results: Path, proc: subprocess.Popen, limit_s: float = 120) -> None:
+def _first_checkpoint(results: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
     """Wait until the run has written its first last.pt, whatever its epoch number."""
     deadline = time.monotonic() + limit_s
     while not any(results.glob("*/*/last.pt")):
@@ -199,12 +196,15 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where,
         'data.dataset="tests.faulty_data:SlowTinyData"',
         "--set",
         "data.args.delay_s=0.004",
+        *PAUSING,
     ]
     if where == "SIGTERM":
         args += ["--num-workers", "2"]
     env = dict(os.environ)
     if where == "inside a finalizer":
         env[CTRL_C_IN_FINALIZER_AT] = "160"  # a read of the second epoch (150 images)
+    else:  # the signal comes at step 4 of epoch 2 (9 steps an epoch)
+        env[PAUSE_AT] = "13"
     proc = subprocess.Popen(
         [sys.executable, DEMO, *QUICK_END, "--results-dir", str(tmp_path / "results"), *args],
         stdout=subprocess.PIPE,
@@ -217,18 +217,19 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where,
         # Python then has no KeyboardInterrupt to raise and the run ends FINISHED, exit code 0.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    workers = []
+    workers, before = [], ""
     if where == "from outside":
-        _first_checkpoint(tmp_path / "results", proc)
+        before = wait_until_paused(proc)
         proc.send_signal(signal.SIGINT)  # to the run's process only, as the tests can
     elif where == "SIGTERM":
-        _first_checkpoint(tmp_path / "results", proc)
+        before = wait_until_paused(proc)
         workers = _loader_workers(proc)
         proc.send_signal(signal.SIGTERM)
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
+    out = before + out
     shown = f"exit code {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
     assert proc.returncode == (143 if where == "SIGTERM" else 130), shown
     (last,) = (tmp_path / "results").glob("*/*/last.pt")
@@ -247,7 +248,7 @@ def test_ctrl_c_marks_killed_and_says_how_to_resume(mlflow_uri, tmp_path, where,
     assert steps == [1, 2, 3]
 
 
-def _loader_workers(proc: subprocess.Popen, limit_s: float = 60) -> list:
+def _loader_workers(proc: subprocess.Popen, limit_s: float = 300) -> list:
     """The run's DataLoader worker processes, once an epoch has started them."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:

@@ -276,7 +276,7 @@ def wait_for_a_trial_mid_run(
     """A trial of `proc` whose last.pt holds epoch 1 to 4 of 5 (at a moment when a trial of
     the worker `also_by` runs too, when given)."""
     owner = f"{socket.gethostname()}:{proc.pid}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.05)
