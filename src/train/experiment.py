@@ -109,7 +109,8 @@ def _ended(tracker: Any, results_dir: Path | None = None, hint: bool = False) ->
     """The run's status when it does not finish: FAILED on an error, KILLED on Ctrl-C or
     SIGTERM, raised as that interrupt (`hint`: with the command that resumes `results_dir`)."""
     try:
-        with tracking.ended_on_error(tracker):
+        # A rank whose peer was stopped (only one machine's launcher signalled) stops too.
+        with tracking.ended_on_error(tracker), ddp.stopping_together():
             yield
     except NonFiniteLossError as e:
         last = results_dir / "last.pt"
