@@ -15,8 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
+import src.distributed as ddp
+import src.interrupts as interrupts
 from tests.command_line import run_here
 from tests.test_resilience import _first_checkpoint, runs_of
 from tests.test_run_experiment import QUICK_END, REPO, all_series
@@ -72,7 +75,8 @@ def _free_port() -> int:
 def launch_two_nodes(tmp_path: Path, args: list[str], name: str) -> list[Node]:
     """`torchrun --nnodes 2 --nproc-per-node 1` with a c10d rendezvous, started twice, as on
     two machines. The machine whose address is the endpoint hosts the rendezvous; here both
-    match 127.0.0.1, so each is told (is_host) as its hostname would tell it."""
+    match 127.0.0.1, so each is told (is_host) as its hostname would tell it. Each node gets
+    one thread, as torchrun gives each of several processes on one machine."""
     port, nodes = _free_port(), []
     for node in (0, 1):
         home = tmp_path / f"node{node}"
@@ -87,7 +91,7 @@ def launch_two_nodes(tmp_path: Path, args: list[str], name: str) -> list[Node]:
                 stdout=out,
                 stderr=err,
                 cwd=home,
-                env={**os.environ, "TMPDIR": str(home / "tmp")},
+                env={**os.environ, "TMPDIR": str(home / "tmp"), "OMP_NUM_THREADS": "1"},
             )
         nodes.append(Node(proc, home, name))
     return nodes
@@ -197,46 +201,21 @@ def test_sigterm_to_torchrun_ends_every_rank_and_marks_the_run_killed(mlflow_uri
     assert not alive
 
 
-def test_two_launchers_as_on_two_machines_equal_one_process_of_the_same_global_batch(
-    mlflow_uri, tmp_path, capsys, monkeypatch
-):
-    """The README's two-machine command, rehearsed on one: each launcher in its own working
-    folder with the same relative --results-dir, as the same command on two machines."""
-    common = ["--epochs", "2", "--device", "cpu", *QUICK_END]
-    two = ["--results-dir", "r", "--batch-size", "8", "--experiment-name", "ddp", *common]
-    nodes = launch_two_nodes(tmp_path, two, "train")
-    assert wait_for_exit(nodes, 300) == [0, 0], [n.output("err")[-3000:] for n in nodes]
-    one = [*common, "--results-dir", str(tmp_path / "single"), "--batch-size", "16"]
-    one = run_here([DEMO, *one, "--experiment-name", "single"], tmp_path, capsys, monkeypatch)
-    assert one.returncode == 0, one.stderr[-3000:]
-    client = MlflowClient(mlflow_uri)
-    (ddp_run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
-    (single,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
-    assert ddp_run.data.tags["world_size"] == "2"
-    assert_same_series(client, ddp_run.info.run_id, single.info.run_id)
-    # Only rank 0 tracked and saved checkpoints, on its node; the other node wrote nothing.
-    (main,) = [n for n in nodes if f"Run {ddp_run.info.run_id} in MLflow" in n.output("out")]
-    lasts = [last for n in nodes for last in (n.home / "r").glob("*/*/last.pt")]
-    assert lasts == [main.home / "r" / "ddp" / ddp_run.info.run_id / "last.pt"]
-
-
-@pytest.mark.parametrize("signalled", [0, 1], ids=["launcher of rank 0", "launcher of rank 1"])
-def test_sigterm_to_one_of_two_launchers_stops_both_and_the_run_resumes(
-    mlflow_uri, tmp_path, signalled
-):
-    """A scheduler that pre-empts one machine of two signals one launcher: its rank stops,
-    and the other machine's rank, whose next collective call fails, stops the same way. The
-    run ends KILLED (not FAILED) with the resume line; both launchers again with `--resume`
-    finish it. The results folder is one both nodes see, as on a shared file system."""
+def sigterm_to_one_of_two_launchers(mlflow_uri: str, tmp_path: Path, rank: int) -> list[str]:
+    """SIGTERM to the launcher of `rank`, as a scheduler that pre-empts one machine of two
+    does: its rank stops, and the other machine's rank, whose next collective call fails,
+    stops the same way. Checks that both nodes end and the run is KILLED (not FAILED), with
+    the resume line; returns the command's flags. The results folder is one both nodes see,
+    as on a shared file system."""
     shared = tmp_path / "shared"
     args = ["--epochs", "30", "--device", "cpu", "--results-dir", str(shared), *SLOW, *QUICK_END]
-    args += ["--experiment-name", "two-term"]
+    args += ["--batch-size", "8", "--experiment-name", "two-term"]
     nodes = launch_two_nodes(tmp_path, args, "stopped")
     wait_for_first_checkpoint(shared, nodes)
     ranks = {node.rank(): node for node in nodes}
     workers = [w for node in nodes for w in node.workers()]
     assert sorted(ranks) == [0, 1]
-    ranks[signalled].proc.send_signal(signal.SIGTERM)
+    ranks[rank].proc.send_signal(signal.SIGTERM)
     codes = wait_for_exit(nodes, 120)
     err = ranks[0].output("err")
     assert all(code != 0 for code in codes), err[-3000:]
@@ -247,14 +226,57 @@ def test_sigterm_to_one_of_two_launchers_stops_both_and_the_run_resumes(
     (last,) = shared.glob("*/*/last.pt")
     assert "Stopped by SIGTERM; last.pt holds the last complete epoch." in err, err[-3000:]
     assert f"--resume {last.parent}" in err
+    return args
+
+
+def test_sigterm_to_the_launcher_of_rank_0_of_two_stops_both_nodes(mlflow_uri, tmp_path):
+    sigterm_to_one_of_two_launchers(mlflow_uri, tmp_path, 0)
+
+
+def test_sigterm_to_the_launcher_of_rank_1_of_two_stops_both_nodes_and_the_run_resumes(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    """Rank 0 was not signalled: it learns of the stop from its peer, ends the run KILLED and
+    prints the resume line. Both launchers again with `--resume` finish the run, which then
+    equals one process with the same global batch (8 x 2 = 16), and only rank 0 tracked it
+    and wrote checkpoints."""
+    args = sigterm_to_one_of_two_launchers(mlflow_uri, tmp_path, 1)
+    (last,) = (tmp_path / "shared").glob("*/*/last.pt")
     # The same command on both machines plus --resume, to one epoch more than was saved.
-    epoch = torch.load(last, weights_only=True)["epoch"]
-    resume = [*args, "--resume", str(last.parent), "--epochs", str(epoch + 1)]
+    epochs = ["--epochs", str(torch.load(last, weights_only=True)["epoch"] + 1)]
+    resume = [*args, "--resume", str(last.parent), *epochs]
     resumed = launch_two_nodes(tmp_path, resume, "resumed")
     assert wait_for_exit(resumed, 300) == [0, 0], [n.output("err")[-3000:] for n in resumed]
+    one = [*args, *epochs, "--batch-size", "16", "--results-dir", str(tmp_path / "single")]
+    one = run_here([DEMO, *one, "--experiment-name", "single"], tmp_path, capsys, monkeypatch)
+    assert one.returncode == 0, one.stderr[-3000:]
     (run,) = runs_of(mlflow_uri, "two-term")
-    assert run.info.status == "FINISHED"
-    steps = [
-        m.step for m in MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_loss")
-    ]
-    assert sorted(steps) == list(range(1, epoch + 2))
+    (single,) = runs_of(mlflow_uri, "single")
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert_same_series(MlflowClient(mlflow_uri), run.info.run_id, single.info.run_id)
+    # The shared folder and each node's working folder hold the run's checkpoints, once.
+    written = sorted(p for d in ("shared", "node0", "node1") for p in (tmp_path / d).rglob("*.pt"))
+    assert written == [last.parent / "best.pt", last]
+
+
+def test_a_rank_stops_as_its_peer_was_stopped_and_fails_as_it_failed():
+    """`stopping_together` in a real process group of one rank (gloo, an in-memory store): the
+    error of a rank whose peer was stopped by a signal becomes that signal's interrupt; an error
+    with no stopped peer stays the error (the run ends FAILED)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="closed by peer"):
+            with ddp.stopping_together():  # nothing stopped: a peer that crashed
+                raise RuntimeError("Connection closed by peer")
+        with pytest.raises(KeyboardInterrupt) as ctrl_c, ddp.stopping_together():
+            raise KeyboardInterrupt  # this rank's Ctrl-C: told to the others
+        assert type(ctrl_c.value) is KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt) as stopped, ddp.stopping_together():
+            raise RuntimeError("Connection closed by peer")
+        assert type(stopped.value) is KeyboardInterrupt  # a peer's Ctrl-C: exit code 130
+        with pytest.raises(interrupts.Preempted), ddp.stopping_together():
+            raise interrupts.Preempted
+        with pytest.raises(interrupts.Preempted), ddp.stopping_together():
+            raise RuntimeError("Connection closed by peer")  # a peer's SIGTERM: 143
+    finally:
+        dist.destroy_process_group()
