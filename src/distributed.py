@@ -1,4 +1,5 @@
-"""torch.distributed in two helpers' worth of code: set-up under torchrun, and gathering.
+"""torch.distributed in a few helpers: set-up under torchrun, gathering, and stopping all
+ranks when a signal reached only some.
 
 Launched by `torchrun`, each process finds RANK, WORLD_SIZE and LOCAL_RANK in its
 environment; launched plainly, the run is a single process and nothing here does anything.
@@ -7,11 +8,18 @@ environment; launched plainly, the run is a single process and nothing here does
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+import src.interrupts as interrupts
+
+# The key that a rank stopped by Ctrl-C or SIGTERM sets in the process group's store: the signal.
+STOPPED_BY = "stopped_by_signal"
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,36 @@ def init_distributed(use_cuda: bool) -> DistInfo:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def stopping_together() -> Iterator[None]:
+    """Ctrl-C or SIGTERM that reaches only some ranks stops the others the same way.
+
+    On several machines a scheduler may signal one launcher only: its ranks stop, and the
+    others fail in their next collective call when the stopped ranks' connections close
+    (gloo: "Connection closed by peer"). A rank stopped by a signal leaves the signal in the
+    process group's store before it goes, and a rank whose call then fails raises that
+    interrupt instead of its error: the run ends KILLED with the resume hint, not FAILED.
+    A rank that failed on its own (an error, not a signal) leaves nothing: its peers fail.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        stop, peer = interrupts.stop_of(e), None
+        try:
+            store = dist.distributed_c10d._get_default_store()  # torch has no public getter
+            if stop is not None:
+                store.set(STOPPED_BY, str(int(interrupts.signal_of(stop))))
+            elif store.check([STOPPED_BY]):
+                peer = int(store.get(STOPPED_BY))
+        except RuntimeError:  # a DistError: the store went with its host; nothing to tell
+            pass
+        if peer is None:
+            raise
+        raise interrupts.interrupt_of(peer) from None
 
 
 def barrier(info: DistInfo) -> None:

@@ -32,11 +32,17 @@ class Preempted(KeyboardInterrupt):
     """SIGTERM: a scheduler, a spot instance's shutdown or `kill` ended the run."""
 
 
+def signal_of(e: KeyboardInterrupt) -> int:
+    """The signal an interrupt stands for: SIGTERM for `Preempted`, else SIGINT."""
+    return signal.SIGTERM if isinstance(e, Preempted) else signal.SIGINT
+
+
 def exit_code(e: KeyboardInterrupt) -> int:
-    return 128 + (signal.SIGTERM if isinstance(e, Preempted) else signal.SIGINT)
+    return 128 + signal_of(e)
 
 
-def _interrupt(signum: int) -> KeyboardInterrupt:
+def interrupt_of(signum: int) -> KeyboardInterrupt:
+    """The exception signal `signum` raises: `Preempted` for SIGTERM, else KeyboardInterrupt."""
     return Preempted() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -52,7 +58,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     if first:
         _State.pending = signum
     if not (first and _State.in_mlflow_call):
-        raise _interrupt(signum)
+        raise interrupt_of(signum)
 
 
 @contextmanager
@@ -86,7 +92,7 @@ def stop_of(e: BaseException | None = None) -> KeyboardInterrupt | None:
     stopped first fails in its collective call instead)."""
     if isinstance(e, KeyboardInterrupt):
         return e
-    return _interrupt(_State.pending) if _State.holders and _State.pending is not None else None
+    return interrupt_of(_State.pending) if _State.holders and _State.pending is not None else None
 
 
 @contextmanager

@@ -115,7 +115,8 @@ def _ended(tracker: Any, results_dir: Path | None = None, hint: bool = False) ->
     SIGTERM, raised as that interrupt; a user's error, or a file that could not be written (a
     full disk), as one line (`hint`: with the command that resumes `results_dir`)."""
     try:
-        with tracking.ended_on_error(tracker):
+        # A rank whose peer was stopped (only one machine's launcher signalled) stops too.
+        with tracking.ended_on_error(tracker), ddp.stopping_together():
             yield
     except NonFiniteLossError as e:
         last = results_dir / "last.pt"
