@@ -18,6 +18,7 @@ from torch import nn
 
 import src.train.checkpoint as ckpt_io
 import src.train.experiment as experiment
+from src.errors import CheckpointError
 from src.run_experiment import run
 from src.train.training_state import TrainingState
 from tests.test_run_experiment import REPO, all_series, metric_series, tiny_config
@@ -125,7 +126,8 @@ def test_a_failed_background_write_fails_the_run(mlflow_uri, tmp_path, monkeypat
     the epochs raises it; the run is FAILED and last.pt is still epoch 1's, whole."""
     disk_full = DiskFull(epoch=2)
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
+    # One line naming the file and the resume command (a CheckpointError, a user's error).
+    with pytest.raises(CheckpointError, match=r"last\.pt could not be written \(No space left"):
         run(tiny_config(tmp_path, **{"train.epochs": epochs}))
     assert disk_full.threads == ["checkpoint-writer"]  # written in the background
     client = MlflowClient(mlflow_uri)
