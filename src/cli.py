@@ -75,6 +75,7 @@ CONFIG_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--experiment-name": ("run.experiment_name", str, "MLflow experiment name"),
     "--run-name": ("run.run_name", str, "MLflow run name"),
     "--register-model": ("run.register_model", str, "a name to register the model under"),
+    "--alias": ("run.model_alias", str, "with --register-model: an alias of the new version"),
     "--results-dir": ("run.results_dir", from_cwd, "checkpoints (default: <repo>/results)"),
     "--download": ("data.args.download", bool, "let torchvision download the dataset"),
     "--max-batches": ("train.max_batches", int, "at most N batches per epoch (smoke runs)"),

@@ -71,9 +71,15 @@ class RunConfig:
     # A name: the run's MLflow model (runs:/<run id>/model) is also registered under it in
     # the model registry, as a new version (models:/<name>/<version>). "" = not registered.
     register_model: str = ""
+    # With register_model: an alias of the registered version (models:/<name>@<alias>), moved
+    # to each new version registered with it, e.g. "candidate". "" = none.
+    model_alias: str = ""
     # false: no MLflow model at the end (a sweep's many trials, a quick check); best.pt is
     # then logged as the run's artifact checkpoint/best.pt.
     log_model: bool = True
+    # The machine's CPU, memory and GPU use as the run's system metrics (system/...; every
+    # 10 s, MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), shown in its System metrics tab.
+    system_metrics: bool = True
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,13 @@ RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
         "= {!r} is not a usable model name; use up to 256 letters, digits, '-', '_', '.' or "
         "spaces (no '/', ':' or '%').",
     ),
+    "run.model_alias": (
+        lambda v: (
+            not v or (re.fullmatch(r"[\w-]{1,255}", v) and not re.fullmatch(r"(?i)latest|v\d+", v))
+        ),
+        "= {!r} is not a usable alias; use up to 255 letters, digits, '_' or '-', and not "
+        "'latest' or v<number> (MLflow keeps those for its own).",
+    ),
     "data.dataset": (IMPORT_PATH.fullmatch, CLASS),
     "data.batch_size": AT_LEAST_1,
     "data.num_workers": (lambda v: v == "auto" or v >= 0, 'must be 0 or more, or "auto".'),
@@ -393,6 +406,11 @@ def _check_values(config: ExperimentConfig) -> None:
             section, name = key.split(".")
             shown = must.format(flat[key], length=len(str(flat[key])))
             raise ConfigError(f"Config key [{section}] {name} {shown}")
+    if config.run.model_alias and not config.run.register_model:
+        raise ConfigError(
+            "Config key [run] model_alias needs register_model (the model the alias is of): "
+            "pass --register-model NAME with --alias."
+        )
     if config.run.register_model and not config.run.log_model:
         raise ConfigError(
             "Config key [run] register_model needs log_model = true (the model it registers)."
@@ -419,6 +437,8 @@ RESUME_MAY_CHANGE = (
     "run.keep_last_pt",
     "run.register_model",
     "run.log_model",
+    "run.model_alias",
+    "run.system_metrics",
     "explain.gallery",
     "explain.gallery_images",
     "explain.cam",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -34,11 +36,13 @@ from unittest import mock
 
 import mlflow.store.db.utils as mlflow_db
 import psutil
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import Model
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.utils import get_results_from_paginated_fn
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import src.interrupts as interrupts
 from src.errors import TrackingError, one_line
@@ -49,6 +53,10 @@ DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 ML_VIEWS = "workflowType=machine_learning"
 END_WAIT_S = 60.0  # how long a run at its end waits for a tracking server to come back
 RETRY_S = 2.0  # between two tries of metrics a tracking server refused
+# Seconds between two samples of the machine's system metrics (CPU, memory, GPU); MLflow's
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, takes precedence.
+SYSTEM_METRICS_S = 10.0
+SYSTEM_METRICS_STOP_S = 5.0  # how long a run's end waits for the last sample to be logged
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -340,11 +348,15 @@ class NullTracker:
     uri = ""
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None: ...
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None: ...
+    def watch_system(self, resumed: bool = False) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
-    def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any: ...
+    def log_model(
+        self, name: str, step: int, register_as: str = "", alias: str = "", **model: Any
+    ) -> Any: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
     def logged_steps(self, key: str) -> list[int]:
@@ -378,6 +390,7 @@ class Tracker(NullTracker):
         self.failing_since: float | None = None  # time.monotonic() of the first refused send
         self.last_error = ""
         self._said_unreachable = False
+        self.monitor: SystemMetricsMonitor | None = None  # `watch_system`
 
     def configure(self, server_wait_s: float, server_unreachable: str) -> Tracker:
         self.server_wait_s, self.server_unreachable = server_wait_s, server_unreachable
@@ -394,6 +407,63 @@ class Tracker(NullTracker):
         if batch:
             self._send(batch)
         self._check_server()
+
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Each of `datasets` ({"name", "digest", "source": a folder, "context": e.g. "train",
+        "rows"}) as an input of the run (the runs table's Dataset column, the run's Datasets
+        section), unless the run has it already (a resumed run)."""
+        store = self._synced()
+        had = {
+            (
+                i.dataset.name,
+                i.dataset.digest,
+                {t.key: t.value for t in i.tags}.get(MLFLOW_DATASET_CONTEXT),
+            )
+            for i in store.get_run(self.run_id).inputs.dataset_inputs
+        }
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    d["name"], d["digest"], "local", json.dumps({"uri": str(d["source"])}),
+                    profile=json.dumps({"num_rows": d["rows"]}),
+                ),
+                [InputTag(MLFLOW_DATASET_CONTEXT, d["context"])],
+            )
+            for d in datasets
+            if (d["name"], d["digest"], d["context"]) not in had
+        ]  # fmt: skip
+        if inputs:
+            store.log_inputs(self.run_id, datasets=inputs)
+
+    def watch_system(self, resumed: bool = False) -> None:
+        """This machine's CPU, memory, disk, network and GPU figures (NVIDIA's through
+        nvidia-ml-py) as the run's `system/...` metrics (its System metrics tab), sampled every
+        SYSTEM_METRICS_S by MLflow's SystemMetricsMonitor, a thread of its own, until `end`
+        (`resumed`: their steps go on from the run's last). Best effort: its errors are not
+        shown, and a server that does not answer stops the sampling, never training."""
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+        with suppress(Exception):
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=resumed,
+                tracking_uri=self.uri,
+            )  # fmt: skip
+            monitor.start()
+            self.monitor = monitor
+
+    def _stop_watching(self) -> None:
+        """Stop the system metrics' thread; wait at most SYSTEM_METRICS_STOP_S for its last
+        figures (a server that does not answer would hold it longer)."""
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+
+        def finish() -> None:
+            with suppress(Exception):
+                monitor.finish()
+
+        stopper = threading.Thread(target=finish, name="stop-system-metrics", daemon=True)
+        stopper.start()
+        stopper.join(SYSTEM_METRICS_STOP_S)
 
     def _send(self, batch: list[Metric]) -> None:
         operations = self.store.client.log_batch(self.run_id, metrics=batch, synchronous=False)
@@ -483,10 +553,13 @@ class Tracker(NullTracker):
     def logged_steps(self, key: str) -> list[int]:
         return sorted(m.step for m in self._synced().get_metric_history(self.run_id, key))
 
-    def log_model(self, name: str, step: int, register_as: str = "", **model: Any) -> Any:
+    def log_model(
+        self, name: str, step: int, register_as: str = "", alias: str = "", **model: Any
+    ) -> Any:
         """Log the model `name` of the run with MLflow's `Model.log(**model)` (its flavor,
         python_model, artifacts, code_paths, signature, ...), its metrics at `step`, registered
-        as `register_as` when given; its registered version, else None. No fluent run is
+        as `register_as` when given, that version given the registry alias `alias` when given
+        (models:/<register_as>@<alias>); its registered version, else None. No fluent run is
         started or left active and the run's status is not touched."""
         store = self._synced()
         # Loading the model to check its input example prepends code/ to sys.path.
@@ -502,7 +575,10 @@ class Tracker(NullTracker):
                 artifact_path=None, name=name, model_id=logged.model_id, run_id=self.run_id,
                 step=step, registered_model_name=register_as or None, **model,
             )  # fmt: skip
-        return getattr(info, "registered_model_version", None)
+            version = getattr(info, "registered_model_version", None)
+            if alias and version is not None:
+                store.client.set_registered_model_alias(register_as, alias, str(version))
+        return version
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run `status` and let the signals go.
@@ -512,6 +588,7 @@ class Tracker(NullTracker):
         A run that did not finish waits only a few seconds for its metrics (last.pt has them).
         """
         finished = status == "FINISHED"
+        self._stop_watching()  # before the status: its last figures still go to a running run
         try:
             if not finished:
                 with suppress(TrackingError):

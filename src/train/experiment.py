@@ -104,6 +104,8 @@ def _train_eval(config, info, resume, parent_run_id, extra_tags, on_epoch=None) 
                     lock.enter_context(run_lock(t.results_dir))
         # A group of runs says itself how to go on.
         with _ended(t.tracker, t.results_dir, hint=info.is_main and parent_run_id is None):
+            if info.is_main:
+                t.tracker.log_datasets(_data_inputs(t))
             _catch_up(t)
             fit(t, on_epoch)
             return finish(t)
@@ -176,6 +178,8 @@ def start_run(
     }
     uri = tracking.tracking_uri(run.tracking_uri)
     tracker = tracking.start(uri, run.experiment_name, run.run_name, tags, config.flat(), texts)
+    if run.system_metrics:
+        tracker.watch_system()
     return tracker.configure(run.server_wait_s, run.server_unreachable)
 
 
@@ -207,6 +211,8 @@ def resume_run(
     tracker.configure(config.run.server_wait_s, config.run.server_unreachable)
     with tracking.ended_on_error(tracker):
         tracker.set_tags(changed)
+    if config.run.system_metrics:
+        tracker.watch_system(resumed=True)
     return tracker
 
 
@@ -246,6 +252,25 @@ def _data_tags(t: Trainer) -> dict[str, Any]:
             without = {f"data.{split}.classes_without_{kind}": c for kind, c in gaps.items()}
             tags.update({key: ", ".join(c) for key, c in without.items() if c})
     return tags
+
+
+def _data_inputs(t: Trainer) -> list[dict[str, Any]]:
+    """Each split with a fingerprint (`data_fingerprint`) as an MLflow dataset input: named
+    `<dataset class>-<split>`, the fingerprint as its digest, its folder as its source."""
+    args = t.config.data.args
+    folders = [str(v) for k, v in sorted(args.items()) if k.endswith(("dir", "root")) and v]
+    inputs = []
+    for split, ds in t.datasets.items():
+        if not (hasattr(ds, "image_ids") and hasattr(ds, "labels")):
+            continue
+        found = getattr(ds, "data_dir", None) or getattr(ds, "root", None)
+        source = str(found) if found else (folders[0] if folders else "")
+        fingerprint = data_fingerprint(ds)
+        inputs.append({
+            "name": f"{type(ds).__name__}-{split}", "digest": fingerprint["fingerprint"],
+            "source": source, "context": split, "rows": fingerprint["count"],
+        })  # fmt: skip
+    return inputs
 
 
 def data_fingerprint(dataset: Any) -> dict[str, Any]:

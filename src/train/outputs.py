@@ -154,8 +154,10 @@ def log_model_package(
     with tempfile.TemporaryDirectory() as tmp:
         model = mp.pyfunc_model(mp.ImageClassifier(spec), best_path, code_from, Path(tmp))
         name, register_as = mp.MODEL_NAME, config.run.register_model
-        registered = t.tracker.log_model(name, best_epoch, register_as, **model)
+        alias = config.run.model_alias
+        registered = t.tracker.log_model(name, best_epoch, register_as, alias, **model)
     also = f", registered as models:/{register_as}/{registered}" if registered else ""
+    also += f" and models:/{register_as}@{alias}" if registered and alias else ""
     print(f"MLflow model: runs:/{t.tracker.run_id}/{name}{also}", flush=True)
 
 
