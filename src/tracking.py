@@ -595,10 +595,12 @@ class Tracker(NullTracker):
                     self._synced(5.0)
                 self.sent = []
             with self._synced().errors(interruptible=finished):
-                self.store.client.set_terminated(self.run_id, status=status)
                 if status == "RUNNING":  # left to another process (a sweep's parent): not ours
+                    # No status written: that process may have marked it FINISHED meanwhile.
                     for key in holder():
                         self.store.client.delete_tag(self.run_id, key)
+                else:
+                    self.store.client.set_terminated(self.run_id, status=status)
         except TrackingError:
             if finished:
                 raise  # else the error that ended the run is the one to show
