@@ -433,7 +433,13 @@ class Tracker(NullTracker):
             if (d["name"], d["digest"], d["context"]) not in had
         ]  # fmt: skip
         if inputs:
-            store.log_inputs(self.run_id, datasets=inputs)
+            try:
+                store.log_inputs(self.run_id, datasets=inputs)
+            except TrackingError:
+                # Two runs of one experiment logging the same new dataset at once (two machines
+                # on a team server): the store keeps one row per name and digest and refuses the
+                # second insert; once the first is in, logging again finds and links it.
+                store.log_inputs(self.run_id, datasets=inputs)
 
     def watch_system(self, resumed: bool = False) -> None:
         """This machine's CPU, memory, disk, network and GPU figures (NVIDIA's through
