@@ -471,3 +471,24 @@ def test_seeds_names_and_sizes_out_of_range_are_one_line_before_anything_is_made
     assert out.stderr.splitlines() == [line]
     assert store_contents(mlflow_uri) == before_store  # no experiment, no run
     assert sorted(tmp_path.rglob("*")) == before_files  # no results folder, no artifacts
+
+
+def test_a_sweep_at_the_largest_seed_draws_its_next_trial_with_a_seed_that_wraps_around():
+    """A trial's sampler seed is the sweep's seed plus the trials before it: after a sweep at
+    the largest seed a config allows (2**32 - 1), the next trial draws with seed 0."""
+    import optuna
+
+    from src.sweep.space import SweepSpace, make_sampler
+
+    space = SweepSpace(
+        {"x": {"type": "float", "low": 0.0, "high": 1.0}}, sampler={"name": "random"}
+    )
+
+    def first_draw(sampler) -> float:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return optuna.create_study(sampler=sampler).ask().suggest_float("x", 0.0, 1.0)
+
+    assert first_draw(make_sampler(space, 2**32 - 1, offset=1)) == first_draw(
+        make_sampler(space, 0)
+    )
+    assert first_draw(make_sampler(space, 2**32 - 1)) != first_draw(make_sampler(space, 0))

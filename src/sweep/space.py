@@ -248,11 +248,11 @@ def suggest(trial: Any, space: SweepSpace) -> dict[str, Any]:
 
 def make_sampler(space: SweepSpace, seed: int, offset: int = 0) -> Any:
     """The Optuna sampler the space names; its other keys are the sampler's arguments. Its
-    seed: the space's `seed`, else `seed`, plus `offset`."""
+    seed: the space's `seed`, else `seed`, plus `offset`, modulo 2**32 (numpy's seed range)."""
     import optuna
 
     name, args = space.sampler["name"], {k: v for k, v in space.sampler.items() if k != "name"}
-    args["seed"] = args.get("seed", seed) + offset
+    args["seed"] = (args.get("seed", seed) + offset) % 2**32
     if name == "grid":
         return optuna.samplers.GridSampler(space.params, **args)
     cls = {
