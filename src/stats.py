@@ -1,4 +1,5 @@
-"""How sure a run's AUROC and AP are, and whether run B is really better than run A.
+"""How sure a run's AUROC and AP are: 95% intervals. Whether run B is really better than run A
+is src/tools/compare_stats.py's, from the same parts.
 
 All functions take plain NumPy arrays: `labels` [N, K] of 0/1 and `scores` [N, K] (a run's
 probabilities), one row per image, one column per class; two runs compared hold their scores
@@ -12,11 +13,6 @@ from `np.random.default_rng(seed)`, so the same inputs give the same figures.
   mean AUROC over classes has the variance of the mean of the columns.
 - AP: a bootstrap over images (the same resampled images for every class, and for both runs of
   a comparison), percentile intervals.
-- Two runs on the same images: DeLong's paired test per class and for the mean AUROC, a paired
-  bootstrap for AP (or any metric written as a function of per-image weights), Holm's
-  correction across classes (`holm`).
-- Two groups of seeds: the difference of their means with a bootstrap over seeds, and the
-  probability that a seed of B beats a seed of A (`compare_groups`).
 """
 
 from __future__ import annotations
@@ -35,9 +31,8 @@ SEED = 0
 # Resamples of the AP bootstrap of every run: 500 put the ends of the 95% interval within
 # about +-0.004 of AP of where endless resampling would (their sd between seeds at PASCAL's
 # size), in 0.3 s of one core for its 1,449 images x 20 classes (benchmarks/stats_coverage.py
-# prints both figures). A comparison of two runs affords more.
+# prints both figures).
 RUN_RESAMPLES = 500
-COMPARE_RESAMPLES = 2000
 # Resamples at a time: 50 x 1,449 weights stay in the processor's cache (500 resamples of
 # PASCAL's size take 0.29 s so, against 0.75 s all at once).
 CHUNK = 50
@@ -58,7 +53,7 @@ class Interval:
     p: np.ndarray | float | None = None
 
 
-def _matrices(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def as_matrices(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     labels = labels[:, None] if labels.ndim == 1 else labels  # one class
     scores = scores[:, None] if scores.ndim == 1 else scores
@@ -109,7 +104,7 @@ def delong(labels: np.ndarray, scores: np.ndarray) -> DeLong:
     DeLong's covariance exactly; columns with different labels (the classes of a multi-label
     run) get the per-image covariance of their components.
     """
-    labels, scores = _matrices(labels, scores)
+    labels, scores = as_matrices(labels, scores)
     positive = labels > 0.5
     m = positive.sum(axis=0).astype(np.float64)
     n = len(labels) - m
@@ -157,7 +152,7 @@ def auroc_intervals(labels: np.ndarray, scores: np.ndarray) -> tuple[Interval, I
     (the same for an AUROC of 0, mirrored). If every class is perfect, the mean's interval is
     the mean of theirs.
     """
-    labels, scores = _matrices(labels, scores)
+    labels, scores = as_matrices(labels, scores)
     d = delong(labels, scores)
     defined = ~np.isnan(d.auroc)
     pairs = labels.sum(axis=0) * (len(labels) - labels.sum(axis=0))
@@ -199,7 +194,7 @@ def weighted_average_precision(
 
     Vectorized over the resamples: scikit-learn, called once per resample and class, takes
     ~1 ms a call, 4 s for 200 resamples of PASCAL's 20 classes."""
-    labels, scores = _matrices(labels, scores)
+    labels, scores = as_matrices(labels, scores)
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     out = np.full((len(weights), labels.shape[1]), np.nan)
     for k in range(labels.shape[1]):
@@ -220,20 +215,20 @@ def weighted_average_precision(
 
 def weighted_accuracy(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """[B, K]: each class's accuracy at the threshold 0.5 under the weights [B, N]."""
-    labels, scores = _matrices(labels, scores)
+    labels, scores = as_matrices(labels, scores)
     right = ((scores >= 0.5) == (labels >= 0.5)).astype(np.float64)
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     return (weights @ right) / weights.sum(axis=1, keepdims=True)
 
 
-def _mean_over(values: np.ndarray, defined: np.ndarray) -> np.ndarray:
+def mean_over(values: np.ndarray, defined: np.ndarray) -> np.ndarray:
     """[B]: the mean over the `defined` classes of each row (NaN of a resample skipped)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a row without any value: NaN
         return np.nanmean(values[:, defined], axis=1)
 
 
-def _percentiles(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def percentiles(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tail = (1 - LEVEL) / 2 * 100
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a class without any value: NaN
@@ -250,139 +245,14 @@ def bootstrap_intervals(
 ) -> tuple[Interval, Interval]:
     """Each class's `metric` and the mean over the classes that have a positive and a
     negative, with 95% percentile intervals of a bootstrap over images."""
-    labels, scores = _matrices(labels, scores)
+    labels, scores = as_matrices(labels, scores)
     defined = defined_classes(labels)
     value = metric(labels, scores, np.ones((1, len(labels))))[0]
     value = np.where(defined, value, np.nan)
     draws = metric(labels, scores, resample_weights(len(labels), n_resamples, seed))
-    low, high = _percentiles(draws)
+    low, high = percentiles(draws)
     per_class = Interval(value, np.where(defined, low, np.nan), np.where(defined, high, np.nan))
     if not defined.any():
         return per_class, Interval(np.nan, np.nan, np.nan)
-    mean_low, mean_high = _percentiles(_mean_over(draws, defined))
+    mean_low, mean_high = percentiles(mean_over(draws, defined))
     return per_class, Interval(float(value[defined].mean()), float(mean_low), float(mean_high))
-
-
-# ------------------------------------------------------------------ two runs, the same images
-
-
-def paired_delong(
-    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray
-) -> tuple[Interval, Interval]:
-    """DeLong's paired test of B - A, per class and for the mean AUROC over the classes that
-    have one: the difference, its 95% Wald interval and the two-sided p-value.
-
-    var(A_B - A_A) = sum over images of (component_B - component_A)^2, DeLong's
-    var_A + var_B - 2 cov. Where both are 0 (the same ranking: a run against itself) the
-    difference is 0 and p = 1; a difference with variance 0 has p = 0.
-    """
-    labels, scores_a = _matrices(labels, scores_a)
-    _, scores_b = _matrices(labels, scores_b)
-    a, b = delong(labels, scores_a), delong(labels, scores_b)
-    defined = ~np.isnan(a.auroc)
-    diff = b.auroc - a.auroc
-    spread = b.components - a.components
-    per_class = _wald(diff, (spread**2).sum(axis=0))
-    if not defined.any():
-        return per_class, Interval(np.nan, np.nan, np.nan, np.nan)
-    mean_diff = float(diff[defined].mean())
-    mean_var = float((spread[:, defined].mean(axis=1) ** 2).sum())
-    mean = _wald(np.array([mean_diff]), np.array([mean_var]))
-    return per_class, Interval(*(float(x[0]) for x in (mean.value, mean.low, mean.high, mean.p)))
-
-
-def _wald(diff: np.ndarray, variance: np.ndarray) -> Interval:
-    sd = np.sqrt(variance)
-    same = (diff == 0) & (variance == 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = 2 * sps.norm.sf(np.abs(diff) / sd)
-    p = np.where(same, 1.0, p)
-    return Interval(diff, diff - Z * sd, diff + Z * sd, np.where(np.isnan(diff), np.nan, p))
-
-
-def paired_bootstrap(
-    labels: np.ndarray,
-    scores_a: np.ndarray,
-    scores_b: np.ndarray,
-    metric: WeightedMetric = weighted_average_precision,
-    n_resamples: int = COMPARE_RESAMPLES,
-    seed: int = SEED,
-) -> tuple[Interval, Interval]:
-    """B - A of `metric`, per class and for the mean over the classes with a positive and a
-    negative, both runs scored on the same resampled images: the difference, its 95%
-    percentile interval and the two-sided p-value of the percentile bootstrap (twice the
-    share of resamples on the other side of 0, counting the observed one; 1 at most)."""
-    labels, scores_a = _matrices(labels, scores_a)
-    _, scores_b = _matrices(labels, scores_b)
-    defined = defined_classes(labels)
-    ones = np.ones((1, len(labels)))
-    diff = (metric(labels, scores_b, ones) - metric(labels, scores_a, ones))[0]
-    diff = np.where(defined, diff, np.nan)
-    weights = resample_weights(len(labels), n_resamples, seed)
-    draws_a, draws_b = metric(labels, scores_a, weights), metric(labels, scores_b, weights)
-    draws = draws_b - draws_a
-    per_class = Interval(diff, *_percentiles(draws), _bootstrap_p(draws))
-    if not defined.any():
-        return per_class, Interval(np.nan, np.nan, np.nan, np.nan)
-    mean_draws = _mean_over(draws_b, defined) - _mean_over(draws_a, defined)
-    low, high = _percentiles(mean_draws)
-    p = _bootstrap_p(mean_draws[:, None])[0]
-    return per_class, Interval(float(diff[defined].mean()), float(low), float(high), float(p))
-
-
-def _bootstrap_p(draws: np.ndarray) -> np.ndarray:
-    """[K]: two-sided p-values of 'no difference' from the resampled differences [B, K]."""
-    valid = ~np.isnan(draws)
-    count = valid.sum(axis=0)
-    below = ((draws <= 0) & valid).sum(axis=0)
-    above = ((draws >= 0) & valid).sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = 2 * np.minimum(below + 1, above + 1) / (count + 1)
-    return np.where(count > 0, np.minimum(p, 1.0), np.nan)
-
-
-def holm(p_values) -> np.ndarray:
-    """Holm's step-down adjustment of p-values for testing them all (NaN stays NaN and does
-    not count): the i-th smallest of m is multiplied by m - i + 1, kept from decreasing, and
-    capped at 1."""
-    p = np.asarray(p_values, dtype=np.float64)
-    out = np.full(p.shape, np.nan)
-    tested = ~np.isnan(p)
-    order = np.argsort(p[tested], kind="stable")
-    ranked = p[tested][order] * (tested.sum() - np.arange(tested.sum()))
-    adjusted = np.empty_like(ranked)
-    adjusted[order] = np.minimum(np.maximum.accumulate(ranked), 1.0)
-    out[tested] = adjusted
-    return out
-
-
-# ------------------------------------------------------------------ two groups of seeds
-
-
-@dataclass(frozen=True)
-class GroupComparison:
-    """B - A over seeds: the difference of the means with its 95% bootstrap interval, and the
-    probability that a seed of B scores above a seed of A (a tie counts half)."""
-
-    difference: Interval
-    prob_b_beats_a: float
-    n_a: int
-    n_b: int
-
-
-def compare_groups(
-    values_a, values_b, n_resamples: int = 10_000, seed: int = SEED
-) -> GroupComparison:
-    """B's seeds against A's: each group's seeds drawn with replacement on its own (the seeds
-    of two groups are not paired); the percentile interval of the difference of the means."""
-    a, b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
-    if not len(a) or not len(b):
-        raise ValueError("each group needs at least one value")
-    rng = np.random.default_rng(seed)
-    draws = b[rng.integers(0, len(b), (n_resamples, len(b)))].mean(axis=1) - a[
-        rng.integers(0, len(a), (n_resamples, len(a)))
-    ].mean(axis=1)
-    low, high = _percentiles(draws)
-    beats = (b[:, None] > a[None, :]).mean() + 0.5 * (b[:, None] == a[None, :]).mean()
-    diff = Interval(float(b.mean() - a.mean()), float(low), float(high))
-    return GroupComparison(diff, float(beats), len(a), len(b))

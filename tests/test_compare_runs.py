@@ -16,6 +16,7 @@ from matplotlib.colors import to_hex
 from mlflow.tracking import MlflowClient
 
 import src.stats as stats
+import src.tools.compare_stats as compare_stats
 import src.tracking as tracking
 from src.cli import report
 from src.evaluate import pyplot
@@ -438,7 +439,7 @@ def test_two_sets_of_seeds(mlflow_uri, tmp_path, capsys):
     b = logged_seed_set(mlflow_uri, "b-seeds", [0.83, 0.81, 0.85])
     assert main(["--seed-sets", a, b, "--out", str(tmp_path / "seeds")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    expected = stats.compare_groups([0.80, 0.82], [0.83, 0.81, 0.85])
+    expected = compare_stats.compare_groups([0.80, 0.82], [0.83, 0.81, 0.85])
     low, high = expected.difference.low, expected.difference.high
     assert lines[-4:] == [
         f"A: a-seeds ({a}): 2 seeds, best_val_auroc_mean 0.810 +- 0.014 (sd)",

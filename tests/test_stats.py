@@ -13,6 +13,7 @@ from scipy import stats as sps
 
 from benchmarks import stats_coverage
 from src import stats
+from src.tools import compare_stats
 
 
 def pairwise_delong(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -97,7 +98,7 @@ def test_delong_variance_and_paired_p_agree_with_a_bootstrap_to_two_decimals():
     sd_boot = boot.std(axis=0, ddof=1)
     assert np.sqrt(d.variance) == pytest.approx(sd_boot, rel=0.03)
     assert np.round(np.sqrt(d.variance), 2) == pytest.approx(np.round(sd_boot, 2))
-    diff, _ = stats.paired_delong(y, a, b)
+    diff, _ = compare_stats.paired_delong(y, a, b)
     z = (d.auroc[1] - d.auroc[0]) / (boot[:, 1] - boot[:, 0]).std(ddof=1)
     p_boot = 2 * sps.norm.sf(abs(z))
     assert 0.02 < p_boot < 0.5  # a p-value that says something, for the check to mean something
@@ -221,8 +222,8 @@ def test_a_run_against_itself_differs_by_0_with_p_1():
     labels = (rng.random((80, 3)) < 0.4).astype(float)
     probs = tied_scores(rng, labels, 1.0)
     for per_class, mean in (
-        stats.paired_delong(labels, probs, probs),
-        stats.paired_bootstrap(labels, probs, probs, n_resamples=200),
+        compare_stats.paired_delong(labels, probs, probs),
+        compare_stats.paired_bootstrap(labels, probs, probs, n_resamples=200),
     ):
         assert list(per_class.value) == [0, 0, 0] and list(per_class.p) == [1, 1, 1]
         assert (mean.value, mean.low, mean.high, mean.p) == (0, 0, 0, 1)
@@ -233,10 +234,10 @@ def test_a_run_against_shuffled_predictions_differs_with_a_small_p():
     labels = (rng.random((100, 3)) < 0.4).astype(float)
     good = 1 / (1 + np.exp(-(rng.standard_normal((100, 3)) + 2.5 * labels)))
     shuffled = good[rng.permutation(100)]  # each image gets another image's probabilities
-    per_class, mean = stats.paired_delong(labels, good, shuffled)
+    per_class, mean = compare_stats.paired_delong(labels, good, shuffled)
     assert (per_class.value < -0.2).all() and (per_class.high < 0).all()
     assert (per_class.p < 1e-4).all() and mean.p < 1e-6
-    ap, ap_mean = stats.paired_bootstrap(labels, good, shuffled, n_resamples=500)
+    ap, ap_mean = compare_stats.paired_bootstrap(labels, good, shuffled, n_resamples=500)
     assert (ap.value < 0).all() and ap_mean.high < 0
     assert ap_mean.p == pytest.approx(2 / 501)  # no resample at or above 0: the smallest p
 
@@ -244,18 +245,18 @@ def test_a_run_against_shuffled_predictions_differs_with_a_small_p():
 def test_holm_by_hand():
     # Sorted 0.005, 0.01, 0.03, 0.04 (NaN not tested): x4, x3, x2, x1 = 0.02, 0.03, 0.06,
     # 0.04 -> kept from decreasing: 0.06.
-    adjusted = stats.holm([0.01, 0.04, 0.03, math.nan, 0.005])
+    adjusted = compare_stats.holm([0.01, 0.04, 0.03, math.nan, 0.005])
     assert adjusted[[0, 1, 2, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert math.isnan(adjusted[3])
-    assert list(stats.holm([0.6, 0.5])) == [1.0, 1.0]  # capped at 1
+    assert list(compare_stats.holm([0.6, 0.5])) == [1.0, 1.0]  # capped at 1
 
 
 def test_two_groups_of_seeds():
-    result = stats.compare_groups([0.80, 0.82], [0.83, 0.81, 0.85], n_resamples=2000)
+    result = compare_stats.compare_groups([0.80, 0.82], [0.83, 0.81, 0.85], n_resamples=2000)
     assert result.difference.value == pytest.approx(0.83 - 0.81)
     # B's 0.83 and 0.85 beat both of A's seeds, 0.81 beats one: 5 of 6 pairs.
     assert result.prob_b_beats_a == pytest.approx(5 / 6) and (result.n_a, result.n_b) == (2, 3)
     low, high = result.difference.low, result.difference.high
     assert -0.01 < low < 0.02 < high < 0.045  # extremes: 0.81 - 0.82 and 0.85 - 0.80
-    assert stats.compare_groups([0.8, 0.8], [0.8]).prob_b_beats_a == 0.5  # ties count half
-    assert stats.compare_groups([0.8, 0.82], [0.83, 0.81, 0.85], n_resamples=2000) == result
+    assert compare_stats.compare_groups([0.8, 0.8], [0.8]).prob_b_beats_a == 0.5  # ties count half
+    assert compare_stats.compare_groups([0.8, 0.82], [0.83, 0.81, 0.85], n_resamples=2000) == result

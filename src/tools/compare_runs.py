@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import src.stats as stats
+import src.tools.compare_stats as compare_stats
 import src.tools.seed_sets as seed_sets
 import src.tools.significance as significance
 import src.tracking as tracking
@@ -415,7 +415,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resamples",
         type=int,
-        default=stats.COMPARE_RESAMPLES,
+        default=compare_stats.COMPARE_RESAMPLES,
         help="--paired: resamples of the AP bootstrap (default %(default)s)",
     )
     parser.add_argument(

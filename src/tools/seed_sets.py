@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 import src.stats as stats
+import src.tools.compare_stats as compare_stats
 import src.tracking as tracking
 from src.errors import TrackingError
 from src.tools.significance import comparison_folder, forest_plot, log_comparison, read_table
@@ -34,7 +35,7 @@ SEEDS_METRIC = "best_val_auroc_mean"
 class SeedsComparison:
     table: pd.DataFrame  # one row per child run: set (A or B), run name and id, seed, value
     per_class: pd.DataFrame  # one row per class, then "mean": B - A of the means over seeds
-    result: stats.GroupComparison
+    result: compare_stats.GroupComparison
     metric: str
 
     def lines(self, names: tuple[str, str]) -> list[str]:
@@ -118,7 +119,7 @@ def compare_seed_sets(
     ]
     table = pd.DataFrame(rows)
     values = [table.loc[table["set"] == g, metric].to_numpy() for g in "AB"]
-    result = stats.compare_groups(*values)
+    result = compare_stats.compare_groups(*values)
     return SeedsComparison(table, _per_class_over_seeds(uri, groups, split), result, metric)
 
 
@@ -138,12 +139,12 @@ def _per_class_over_seeds(uri: str, groups: dict[str, list[Any]], split: str) ->
         a = np.array([t[name].to_numpy(dtype=np.float64) for t in tables["A"]])  # [seeds, K]
         b = np.array([t[name].to_numpy(dtype=np.float64) for t in tables["B"]])
         found = [
-            stats.compare_groups(a[:, k], b[:, k]).difference
+            compare_stats.compare_groups(a[:, k], b[:, k]).difference
             if not (np.isnan(a[:, k]).any() or np.isnan(b[:, k]).any())
             else stats.Interval(math.nan, math.nan, math.nan)
             for k in range(len(labels))
         ]
-        mean = stats.compare_groups(np.nanmean(a, axis=1), np.nanmean(b, axis=1)).difference
+        mean = compare_stats.compare_groups(np.nanmean(a, axis=1), np.nanmean(b, axis=1)).difference
         rows[f"{name}_diff"] = [*(f.value for f in found), mean.value]
         rows[f"{name}_diff_ci_low"] = [*(f.low for f in found), mean.low]
         rows[f"{name}_diff_ci_high"] = [*(f.high for f in found), mean.high]

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 import src.stats as stats
+import src.tools.compare_stats as compare_stats
 import src.tracking as tracking
 from src.config import REPO_ROOT
 from src.errors import TrackingError
@@ -154,13 +155,13 @@ def compare_predictions(
     probs_a: np.ndarray,
     probs_b: np.ndarray,
     meanings: list[str],
-    n_resamples: int = stats.COMPARE_RESAMPLES,
+    n_resamples: int = compare_stats.COMPARE_RESAMPLES,
     seed: int = stats.SEED,
 ) -> PairedComparison:
     """B - A per class and for the mean: AUROC by DeLong's paired test, AP by a paired
     bootstrap; per-class p-values Holm-corrected (each metric on its own)."""
-    auroc, auroc_mean = stats.paired_delong(labels, probs_a, probs_b)
-    ap, ap_mean = stats.paired_bootstrap(
+    auroc, auroc_mean = compare_stats.paired_delong(labels, probs_a, probs_b)
+    ap, ap_mean = compare_stats.paired_bootstrap(
         labels, probs_a, probs_b, n_resamples=n_resamples, seed=seed
     )
     rows: dict[str, list] = {"label": [*meanings, "mean"]}
@@ -174,7 +175,7 @@ def compare_predictions(
         rows[f"{name}_diff_ci_high"] = [*per_class.high, mean.high]
         rows[f"{name}_p"] = [*per_class.p, mean.p]
         # The mean is one test: its p needs no correction.
-        rows[f"{name}_p_holm"] = [*stats.holm(per_class.p), mean.p]
+        rows[f"{name}_p_holm"] = [*compare_stats.holm(per_class.p), mean.p]
     table = pd.DataFrame(rows)
     classes = table.iloc[:-1]
     significant = classes["auroc_p_holm"] < ALPHA
@@ -226,7 +227,11 @@ def _p(value: float) -> str:
 
 
 def compare_pair(
-    uri: str, run_a: str, run_b: str, split: str = "val", n_resamples: int = stats.COMPARE_RESAMPLES
+    uri: str,
+    run_a: str,
+    run_b: str,
+    split: str = "val",
+    n_resamples: int = compare_stats.COMPARE_RESAMPLES,
 ) -> tuple[PairedComparison, tuple[Any, Any]]:
     """The paired comparison of the runs `run_a` and `run_b` on their `split` predictions."""
     runs = tracking.get_run(uri, run_a), tracking.get_run(uri, run_b)
@@ -304,7 +309,7 @@ def comparison_folder(out: Path | None, kind: str, a: str, b: str) -> Path:
 
 def show_paired(
     uri: str, run_a: str, run_b: str, split: str = "val",
-    n_resamples: int = stats.COMPARE_RESAMPLES, out: Path | None = None,
+    n_resamples: int = compare_stats.COMPARE_RESAMPLES, out: Path | None = None,
 ) -> int:  # fmt: skip
     """`--paired`: print the comparison, write paired.csv and forest.png to `out` and log
     them as a comparison run; the verdict is the last line."""
