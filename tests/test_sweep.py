@@ -145,12 +145,20 @@ def test_one_line_per_trial_and_the_epoch_lines_with_epoch_lines(mlflow_uri, tmp
     assert len([line for line in logged if line.startswith("epoch ")]) == 4
     assert len([line for line in logged if line.startswith("Device: ")]) == 2
 
-    assert main([*args, "--epoch-lines"]) == 0  # a new study (the last one finished)
+    # The same command after a finished sweep (--epoch-lines only changes what is printed): a
+    # new study and parent (the code or the data may have changed), not "2 of 2 trials
+    # counted" and the old results again.
+    assert main([*args, "--epoch-lines"]) == 0
     lines = capsys.readouterr().out.splitlines()
     # Each trial's two epoch lines, then its own line.
     shown = [line.split()[:2] for line in lines if line.startswith(("epoch ", "trial "))]
     assert [words[1] for words in shown] == ["1/2", "2/2", "0", "1/2", "2/2", "1"]
     assert not any("one at a time" in line for line in lines)
+    parents, children = split_runs(mlflow_uri)
+    assert len(parents) == 2 and len(children) == 4
+    (again,) = [p for p in parents if p.info.run_id != parent.info.run_id]
+    assert again.data.tags["sweep.study"] == parent.data.tags["sweep.study"] + "-2"
+    assert again.info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -345,12 +353,3 @@ def test_a_pruner_stops_trials_after_an_epoch_and_tags_their_runs(mlflow_uri, tm
     # No trial completed: no best config, no importance plot; the history still shows them.
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
     assert names == {"sweep/trials.csv", "sweep/history.png"}
-
-    # The same command after a finished sweep: a new study and parent (the code or the data
-    # may have changed), not "2 of 2 trials counted" and the old results again.
-    assert main(args) == 0
-    parents, children = split_runs(mlflow_uri)
-    assert len(parents) == 2 and len(children) == 4
-    (again,) = [p for p in parents if p.info.run_id != parent.info.run_id]
-    assert again.data.tags["sweep.study"] == parent.data.tags["sweep.study"] + "-2"
-    assert again.info.status == "FINISHED"
