@@ -31,6 +31,7 @@ from load_dataset.utils import open_rgb
 from src import config as cfg
 from src import evaluate
 from src.distributed import DistInfo
+from src.tracking import tracking_uri_set
 from src.train.build import build_dataset, build_loader, build_model
 from src.train.loop import BatchPrep, BatchSettings, make_loss, predict
 from tests.trained_runs import LABELS, REPO, save_tiny_model, train_tiny
@@ -53,11 +54,11 @@ def loop_probabilities(config: cfg.ExperimentConfig, best_pt: Path) -> tuple[np.
 
 
 @pytest.mark.slow
-def test_logged_model_thresholds_and_serving(tiny, tmp_path, monkeypatch):
+def test_logged_model_thresholds_and_serving(tiny, served_run_model, monkeypatch):
     """One test for the one trained run: under xdist each worker would train its own."""
     check_logged_model(tiny, monkeypatch)
     check_thresholds(tiny)
-    check_serving(tiny, tmp_path)
+    check_serving(tiny, served_run_model)
 
 
 def check_logged_model(tiny, monkeypatch) -> None:
@@ -197,11 +198,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def check_serving(tiny, tmp_path) -> None:
+def check_serving(tiny, url: str) -> None:
     """A real `mlflow models serve` of runs:/<id>/model answers a request with an image."""
     image = np.asarray(open_rgb(REPO / "load_dataset" / "tiny_data" / "val" / "val_003.png"))
-    with served(f"runs:/{tiny.run_id}/model", tmp_path, MLFLOW_TRACKING_URI=tiny.uri) as url:
-        status, body = post(url, {"inputs": image[None].tolist()})
+    status, body = post(url, {"inputs": image[None].tolist()})
     assert status == 200
     (answer,) = body["predictions"]
     expected = model_package.load(f"runs:/{tiny.run_id}/model").probabilities(image[None])[0]
@@ -278,22 +278,32 @@ def test_inputs_through_the_python_api(name, saved_model, image_probabilities):
 
 
 @pytest.fixture(scope="module")
-def served_model(saved_model, tmp_path_factory) -> Iterator[str]:
-    # The saved model carries no code/ folder: the server imports src/ from the repository.
+def served_run_model(tiny, tmp_path_factory) -> Iterator[str]:
+    """One real `mlflow models serve` of the trained run's runs:/<id>/model (found through its
+    store) for the module: each server start costs 5-10 s of imports."""
     cwd = tmp_path_factory.mktemp("serve")
-    with served(str(saved_model), cwd, PYTHONPATH=str(REPO)) as url:
+    with served(f"runs:/{tiny.run_id}/model", cwd, MLFLOW_TRACKING_URI=tiny.uri) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def served_image_probabilities(tiny) -> list[float]:
+    """The probabilities of IMAGE by the served model through the Python API."""
+    with tracking_uri_set(tiny.uri):
+        model = mlflow.pyfunc.load_model(f"runs:/{tiny.run_id}/model")
+    return model.predict(IMAGE).to_numpy()[0].tolist()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", INPUTS)
-def test_inputs_through_the_server(name, served_model, image_probabilities):
+def test_inputs_through_the_server(name, served_run_model, served_image_probabilities):
     """The same inputs as JSON to `mlflow models serve`: the probabilities of IMAGE, or HTTP 400
     and the one line, not the whole array in front of it."""
     images, error = INPUTS[name]
-    status, body = post(served_model, {"inputs": images.tolist()})
+    status, body = post(served_run_model, {"inputs": images.tolist()})
     if error is None:
         assert status == 200
-        assert [body["predictions"][0][k] for k in LABELS] == pytest.approx(image_probabilities)
+        expected = served_image_probabilities
+        assert [body["predictions"][0][k] for k in LABELS] == pytest.approx(expected)
     else:
         assert (status, body["message"]) == (400, error)
