@@ -40,7 +40,9 @@ from tests.trained_runs import LABELS, REPO, save_tiny_model, train_tiny
 @pytest.fixture(scope="module")
 def tiny(_store_template, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-model")
-    return train_tiny(folder, _store_template, **{"run.register_model": "tiny-model"})
+    # No gallery of heatmaps: the model is what these tests are about.
+    settings = {"run.register_model": "tiny-model", "explain.gallery": False}
+    return train_tiny(folder, _store_template, **settings)
 
 
 def loop_probabilities(config: cfg.ExperimentConfig, best_pt: Path) -> tuple[np.ndarray, object]:
@@ -54,11 +56,14 @@ def loop_probabilities(config: cfg.ExperimentConfig, best_pt: Path) -> tuple[np.
 
 
 @pytest.mark.slow
-def test_logged_model_thresholds_and_serving(tiny, served_run_model, monkeypatch):
-    """One test for the one trained run: under xdist each worker would train its own."""
+def test_logged_model_thresholds_and_serving(tiny, tmp_path, monkeypatch):
+    """One test for the one trained run and its one server (5-10 s of imports and start-up):
+    under xdist each worker would train and serve its own."""
     check_logged_model(tiny, monkeypatch)
     check_thresholds(tiny)
-    check_serving(tiny, served_run_model)
+    with served(f"runs:/{tiny.run_id}/model", tmp_path, MLFLOW_TRACKING_URI=tiny.uri) as url:
+        check_serving(tiny, url)
+        check_inputs_through_the_server(tiny, url)
 
 
 def check_logged_model(tiny, monkeypatch) -> None:
@@ -133,6 +138,8 @@ def test_random_vgg16_at_96_px_on_pascal(_store_template, tmp_path, monkeypatch)
             "train.epochs": 1,
             "run.device": "cpu",
             "run.results_dir": str(tmp_path / "results"),
+            # The gallery's heatmaps took 3.4 s of the run's 9.6 s; the model is the point here.
+            "explain.gallery": False,
         },
     )
     result = run(config)
@@ -277,33 +284,17 @@ def test_inputs_through_the_python_api(name, saved_model, image_probabilities):
         assert refused.value.message == error
 
 
-@pytest.fixture(scope="module")
-def served_run_model(tiny, tmp_path_factory) -> Iterator[str]:
-    """One real `mlflow models serve` of the trained run's runs:/<id>/model (found through its
-    store) for the module: each server start costs 5-10 s of imports."""
-    cwd = tmp_path_factory.mktemp("serve")
-    with served(f"runs:/{tiny.run_id}/model", cwd, MLFLOW_TRACKING_URI=tiny.uri) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def served_image_probabilities(tiny) -> list[float]:
-    """The probabilities of IMAGE by the served model through the Python API."""
+def check_inputs_through_the_server(tiny, url: str) -> None:
+    """The inputs of test_inputs_through_the_python_api as JSON to `mlflow models serve`: the
+    probabilities of IMAGE, or HTTP 400 and the one line, not the whole array in front of it."""
     with tracking_uri_set(tiny.uri):
         model = mlflow.pyfunc.load_model(f"runs:/{tiny.run_id}/model")
-    return model.predict(IMAGE).to_numpy()[0].tolist()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", INPUTS)
-def test_inputs_through_the_server(name, served_run_model, served_image_probabilities):
-    """The same inputs as JSON to `mlflow models serve`: the probabilities of IMAGE, or HTTP 400
-    and the one line, not the whole array in front of it."""
-    images, error = INPUTS[name]
-    status, body = post(served_run_model, {"inputs": images.tolist()})
-    if error is None:
-        assert status == 200
-        expected = served_image_probabilities
-        assert [body["predictions"][0][k] for k in LABELS] == pytest.approx(expected)
-    else:
-        assert (status, body["message"]) == (400, error)
+    expected = model.predict(IMAGE).to_numpy()[0].tolist()
+    for name, (images, error) in INPUTS.items():
+        status, body = post(url, {"inputs": images.tolist()})
+        if error is None:
+            assert status == 200, name
+            got = [body["predictions"][0][k] for k in LABELS]
+            assert got == pytest.approx(expected), name
+        else:
+            assert (status, body["message"]) == (400, error), name
