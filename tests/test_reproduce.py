@@ -51,13 +51,30 @@ def flip_first_train_label(data_dir: Path) -> str:
     return name
 
 
-def test_a_run_records_what_reproduces_it(mlflow_uri, tmp_path):
+def test_one_changed_label_changes_the_fingerprint(tmp_path):
     from load_dataset.custom_tiny import TinyData
 
-    config = tiny_config(tmp_path, **{"train.epochs": 1})
-    result = run(config)
+    data_dir = copy_tiny_data(tmp_path)
+    before = {s: data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")}
+    # The same images and labels in another folder: the same fingerprint.
+    assert before["train"] == data_fingerprint(TinyData("train"))
+    flip_first_train_label(data_dir)
+    after = {s: data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")}
+    assert after["train"]["fingerprint"] != before["train"]["fingerprint"]
+    assert after["train"]["count"] == before["train"]["count"]
+    assert after["val"] == before["val"]
+
+
+def test_a_run_records_what_reproduces_it_and_its_reproduction_is_identical_on_the_cpu(
+    mlflow_uri, tmp_path, capsys
+):
+    """One run (3 epochs) for both: what it records, then its reproduction."""
+    from load_dataset.custom_tiny import TinyData
+
+    config = tiny_config(tmp_path)
+    original = run(config)
     client = MlflowClient(mlflow_uri)
-    recorded = client.get_run(result.run_id)
+    recorded = client.get_run(original.run_id)
     tags = recorded.data.tags
     git = tracking.git_state()
     assert tags["git.commit"] == git["commit"] and tags["git.dirty"] == git["dirty"]
@@ -75,32 +92,15 @@ def test_a_run_records_what_reproduces_it(mlflow_uri, tmp_path):
         assert tags[f"data.{split}.count"] == count == str(expected["count"])
     assert "data.test.fingerprint" not in tags  # the test split stays out unless asked for
     assert recorded.data.params == {k: str(v) for k, v in config.flat().items()}
-    stored = client.download_artifacts(result.run_id, "config/config.toml", str(tmp_path))
+    stored = client.download_artifacts(original.run_id, "config/config.toml", str(tmp_path))
     assert cfg.load(stored) == config
     freeze = Path(
-        client.download_artifacts(result.run_id, "environment/pip_freeze.txt", str(tmp_path))
+        client.download_artifacts(original.run_id, "environment/pip_freeze.txt", str(tmp_path))
     ).read_text()
     assert f"torch=={importlib.metadata.version('torch')}" in freeze.splitlines()
-    env = {a.path for a in client.list_artifacts(result.run_id, "environment")}
+    env = {a.path for a in client.list_artifacts(original.run_id, "environment")}
     assert ("environment/git_diff.patch" in env) == (git["dirty"] == "true")
 
-
-def test_one_changed_label_changes_the_fingerprint(tmp_path):
-    from load_dataset.custom_tiny import TinyData
-
-    data_dir = copy_tiny_data(tmp_path)
-    before = {s: data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")}
-    # The same images and labels in another folder: the same fingerprint.
-    assert before["train"] == data_fingerprint(TinyData("train"))
-    flip_first_train_label(data_dir)
-    after = {s: data_fingerprint(TinyData(s, data_dir=str(data_dir))) for s in ("train", "val")}
-    assert after["train"]["fingerprint"] != before["train"]["fingerprint"]
-    assert after["train"]["count"] == before["train"]["count"]
-    assert after["val"] == before["val"]
-
-
-def test_reproduction_is_identical_on_the_cpu(mlflow_uri, tmp_path, capsys):
-    original = run(tiny_config(tmp_path))
     result = reproduce(original.run_id)
     assert result.identical and result.ok and result.exit_code == 0
     assert result.max_abs_diff == 0.0 and not result.missing
@@ -110,7 +110,6 @@ def test_reproduction_is_identical_on_the_cpu(mlflow_uri, tmp_path, capsys):
     assert not keys & {"train_images_per_s", "data_wait_fraction"}
     assert sorted(d.step for d in result.diffs if d.key == "val_loss") == [1, 2, 3]
 
-    client = MlflowClient(mlflow_uri)
     new, old = client.get_run(result.new_run_id), client.get_run(original.run_id)
     assert new.info.run_id != old.info.run_id
     assert new.info.experiment_id == old.info.experiment_id
@@ -122,16 +121,34 @@ def test_reproduction_is_identical_on_the_cpu(mlflow_uri, tmp_path, capsys):
     assert "IDENTICAL" in text and "Largest absolute difference: 0" in text
 
 
-def test_changed_config_code_and_data_fail_loudly(mlflow_uri, tmp_path, capsys):
+def test_changed_data_is_named_before_the_reproduction_trains_then_all_changes_fail_loudly(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    """One original run (2 epochs) for both: a reproduction stopped as it would start training,
+    then one that trains."""
+    import src.run_experiment
+
     data_dir = copy_tiny_data(tmp_path)
     config = tiny_config(tmp_path, **{"data.args.data_dir": str(data_dir), "train.epochs": 2})
     original = run(config)
     client = MlflowClient(mlflow_uri)
+    flip_first_train_label(data_dir)
+
+    # The changed data is named before the reproduction trains (here it is stopped there).
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as stopped:
+        stopped.setattr(src.run_experiment, "run", interrupted)
+        capsys.readouterr()
+        assert main([original.run_id]) == 130
+    err = capsys.readouterr().err
+    assert "warning: the train data differ from the original run's" in err
+    assert "the val data differ" not in err
+
     # Since the original: a commit (simulated by its tag), one flipped training label, and a
     # deliberately changed learning rate. Each is named; the metrics differ: exit code 1.
     client.set_tag(original.run_id, "git.commit", "0" * 40)
-    flip_first_train_label(data_dir)
-    capsys.readouterr()
     assert main([original.run_id, "--set", "optimizer.lr=0.01"]) == 1
     out, err = capsys.readouterr()
     assert "DIFFERENT" in out and "IDENTICAL" not in out
@@ -146,27 +163,6 @@ def test_changed_config_code_and_data_fail_loudly(mlflow_uri, tmp_path, capsys):
     assert reproduction.data.params["optimizer.lr"] == "0.01"
     val_fingerprint = client.get_run(original.run_id).data.tags["data.val.fingerprint"]
     assert reproduction.data.tags["data.val.fingerprint"] == val_fingerprint
-
-
-def test_changed_data_is_named_before_the_reproduction_trains(
-    mlflow_uri, tmp_path, capsys, monkeypatch
-):
-    import src.run_experiment
-
-    data_dir = copy_tiny_data(tmp_path)
-    config = tiny_config(tmp_path, **{"data.args.data_dir": str(data_dir), "train.epochs": 1})
-    original = run(config)
-    flip_first_train_label(data_dir)
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(src.run_experiment, "run", interrupted)
-    capsys.readouterr()
-    assert main([original.run_id]) == 130
-    err = capsys.readouterr().err
-    assert "warning: the train data differ from the original run's" in err
-    assert "the val data differ" not in err
 
 
 def test_tolerance_decides_the_exit_code():
