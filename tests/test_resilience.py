@@ -79,13 +79,16 @@ def wait_for_epoch(results: Path, epoch: int, proc: subprocess.Popen, limit_s: f
 
 
 def test_resumed_run_equals_uninterrupted_run(mlflow_uri, tmp_path):
+    """Stopped after epoch 2 and trained longer, a run logs what the uninterrupted run logged;
+    the learning-rate schedule (halved after every epoch) goes on where it stopped."""
     client = MlflowClient(mlflow_uri)
-    full = run(tiny_config(tmp_path, **{"train.epochs": 4, "run.run_name": "full"}))
+    step = {"optimizer.scheduler": "step", "optimizer.step_size": 1, "optimizer.gamma": 0.5}
+    full = run(tiny_config(tmp_path, **{**step, "train.epochs": 4, "run.run_name": "full"}))
     # Two epochs, then "train longer": resume the same run up to epoch 4.
-    part = run(tiny_config(tmp_path, **{"train.epochs": 2, "run.run_name": "part"}))
+    part = run(tiny_config(tmp_path, **{**step, "train.epochs": 2, "run.run_name": "part"}))
     assert torch.load(part.results_dir / "last.pt", weights_only=True)["epoch"] == 2
     resumed = run(
-        tiny_config(tmp_path, **{"train.epochs": 4, "run.run_name": "part"}),
+        tiny_config(tmp_path, **{**step, "train.epochs": 4, "run.run_name": "part"}),
         resume=part.results_dir,
     )
     assert resumed.run_id == part.run_id
@@ -103,6 +106,8 @@ def test_resumed_run_equals_uninterrupted_run(mlflow_uri, tmp_path):
             assert resumed_series[key] == series, key
     assert [s for s, _ in all_series(client, resumed.run_id)["val_loss"]] == [1, 2, 3, 4]
     assert client.get_run(part.run_id).data.tags["resumed.train.epochs"] == "4"
+    lr = [(m.step, m.value) for m in client.get_metric_history(part.run_id, "lr")]
+    assert lr == [(1, 1e-3), (2, 5e-4), (3, 2.5e-4), (4, 1.25e-4)]
 
 
 def test_resume_restores_the_random_state_of_augmentation(mlflow_uri, tmp_path):
@@ -122,26 +127,9 @@ def test_resume_restores_the_random_state_of_augmentation(mlflow_uri, tmp_path):
     for key in ("train_loss", "val_loss", "val_auroc_mean"):
         assert [s for s, _ in b[key]] == [1, 2, 3], key
         assert b[key] == a[key], key  # bit for bit
-    # The noise is there: without it the same seed trains to other figures.
-    plain = run(tiny_config(tmp_path, **{"train.epochs": 3, "run.run_name": "plain"}))
-    assert all_series(client, plain.run_id)["train_loss"] != a["train_loss"]
-
-
-def test_learning_rate_schedule_resumes_where_it_stopped(mlflow_uri, tmp_path):
-    client = MlflowClient(mlflow_uri)
-    step = {"optimizer.scheduler": "step", "optimizer.step_size": 1, "optimizer.gamma": 0.5}
-    full = run(tiny_config(tmp_path, **{**step, "train.epochs": 3, "run.run_name": "full"}))
-    part = run(tiny_config(tmp_path, **{**step, "train.epochs": 1, "run.run_name": "part"}))
-    run(
-        tiny_config(tmp_path, **{**step, "train.epochs": 3, "run.run_name": "part"}),
-        resume=part.results_dir,
-    )
-    lr = [(m.step, m.value) for m in client.get_metric_history(part.run_id, "lr")]
-    assert lr == [(1, 1e-3), (2, 5e-4), (3, 2.5e-4)]  # halved after every epoch
-    assert (
-        all_series(client, part.run_id)["train_loss"]
-        == all_series(client, full.run_id)["train_loss"]
-    )
+    # The noise is there: without it the same seed trains to other figures (epoch 1 tells).
+    plain = run(tiny_config(tmp_path, **{"train.epochs": 1, "run.run_name": "plain"}))
+    assert all_series(client, plain.run_id)["train_loss"] != a["train_loss"][:1]
 
 
 @pytest.mark.slow
