@@ -27,6 +27,7 @@ from tests.command_line import run_here
 from tests.faulty_data import CTRL_C_IN_FINALIZER_AT
 from tests.pausing import PAUSE_AT, wait_until_paused
 from tests.test_run_experiment import DEMO2, QUICK_END, REPO, all_series, tiny_config
+from tests.test_tracking_in_process import STORE_FAULTS, _as_a_user, _demo2
 
 DEMO = str(REPO / "Demo-2-TinyConv-TinyData.py")
 TINY = REPO / "load_dataset" / "tiny_data"
@@ -134,7 +135,7 @@ def test_resume_restores_the_random_state_of_augmentation(mlflow_uri, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path, capsys):
-    args = ["--epochs", "3", "--experiment-name", "kill", *PAUSING]
+    args = ["--epochs", "2", "--experiment-name", "kill", *PAUSING]
     # Killed at step 4 of epoch 2 (9 steps an epoch), once epoch 1's last.pt is written.
     proc = start_demo(args, tmp_path, env={**os.environ, PAUSE_AT: "13"})
     wait_until_paused(proc)
@@ -151,7 +152,7 @@ def test_sigkill_mid_epoch_then_resume(mlflow_uri, tmp_path, capsys):
         m.step
         for m in MlflowClient(mlflow_uri).get_metric_history(run_after.info.run_id, "val_loss")
     ]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2]
 
 
 def _first_checkpoint(results: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
@@ -348,7 +349,7 @@ BAD_INPUT = {
 def demo_in_process(args: list[str], tmp_path: Path, capsys) -> tuple[int, str, str]:
     """Demo-2's command line (`src.cli.main` with its config) in this process: exit code,
     stdout, stderr. The same code as `python Demo-2-TinyConv-TinyData.py ARGS` without paying
-    for a new interpreter; `test_bad_input_in_a_real_process` runs two cases as a subprocess."""
+    for a new interpreter; `test_bad_input_in_a_real_process` runs two cases in a process."""
     from src.cli import main
 
     capsys.readouterr()
@@ -470,25 +471,50 @@ def run_in_sequence(
 
 
 @pytest.mark.slow
-def test_bad_input_in_a_real_process(mlflow_uri, tmp_path):
-    """An error found before the run starts (device gpu) and one found while it trains (a
-    corrupt png): one `error:` line and exit code 2 from the Demo's own command line in a
-    process of its own; the second is the process's real exit, interpreter shutdown included."""
-    cases = ["device gpu", "corrupt png"]
-    commands = []
-    for case in cases:
+def test_bad_input_in_a_real_process(mlflow_uri, tmp_path, _store_template):
+    """Bad input from the command line of a process of its own, as a user (not root): stores
+    that cannot be used (not a database, in a read-only folder, a read-only file, a folder
+    named mlflow.db, a path under a file), an error found before the run starts (device gpu)
+    and one found while it trains (a corrupt png). Each: one `error:` line (naming the store,
+    for a store) and exit code 2, no traceback; what is at a store's path is left as it was
+    (a file that is not a database keeps its text; no database is made in a read-only folder).
+    The command lines run one after another in one interpreter (`run_in_sequence`: one start,
+    about 7 s of imports, for all); the last, the corrupt png, is the process's real exit,
+    interpreter shutdown included."""
+
+    def what_is_there(db: Path) -> object:
+        if db.is_dir():
+            return sorted(os.listdir(db))
+        return db.is_file() and db.read_bytes()
+
+    checks, commands = [], []
+    for fault, make in STORE_FAULTS.items():
+        folder = tmp_path / fault.replace(" ", "-")
+        (folder / "store").mkdir(parents=True)
+        db = make(folder / "store", _store_template)
+        checks.append((fault, f"sqlite:///{db}", db, what_is_there(db)))
+        commands.append(_demo2(f"sqlite:///{db}", folder))
+    for case in ["device gpu", "corrupt png"]:
         folder = tmp_path / case.replace(" ", "-")
         folder.mkdir()
-        make_args, _ = BAD_INPUT[case]
+        make_args, needle = BAD_INPUT[case]
         args = ["--epochs", "2", "--experiment-name", "bad", *make_args(folder)]
         argv = [DEMO, *QUICK_END, "--results-dir", str(folder / "results"), *args]
-        commands.append((argv, {}, folder))
-    for case, out in zip(cases, run_in_sequence(commands, tmp_path / "sequence")):
-        _, needle = BAD_INPUT[case]
-        assert out.returncode == 2, (case, out.stdout + out.stderr)
+        checks.append((case, needle, None, None))
+        commands.append((argv, {"MLFLOW_TRACKING_URI": mlflow_uri, "HOME": str(folder)}, folder))
+    done = run_in_sequence(commands, tmp_path / "sequence", preexec_fn=_as_a_user)
+    for (case, needle, db, before), out in zip(checks, done, strict=True):
+        shown = f"{case}: exit code {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        assert out.returncode == 2, shown
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (case, out.stderr)
-        assert needle in lines[0], (case, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), shown
+        assert needle in lines[0] and "Traceback" not in out.stderr, shown
+        if db is not None:
+            assert what_is_there(db) == before, shown
+    (_, _, db, _) = checks[list(STORE_FAULTS).index("not a database")]
+    assert db.read_text().startswith("these are my notes")
+    (_, _, db, _) = checks[list(STORE_FAULTS).index("in a read-only folder")]
+    assert not db.exists()
 
 
 @pytest.mark.slow
