@@ -21,7 +21,7 @@ from tests.test_run_experiment import tiny_config
 RECORDING = "tests.recording_data:RecordingTinyData"
 
 
-def recorded_run(tmp_path: Path, name: str, resume: Path | None = None, **overrides):
+def recorded_run(tmp_path: Path, name: str, resume: Path | None = None, on_epoch=None, **overrides):
     """A run of TinyConv on a RecordingTinyData (the shipped TinyData unless `data.args.data_dir`
     is given) writing its batches to tmp_path/<name>.batches; (the run's result, that file)."""
     batches = tmp_path / f"{name}.batches"
@@ -32,7 +32,7 @@ def recorded_run(tmp_path: Path, name: str, resume: Path | None = None, **overri
         "run.run_name": name,
         **overrides,
     }
-    return run(tiny_config(tmp_path, **settings), resume=resume), batches
+    return run(tiny_config(tmp_path, **settings), resume=resume, on_epoch=on_epoch), batches
 
 
 def by_epoch(batches: list[list[int]], per_epoch: int) -> list[list[list[int]]]:
@@ -145,17 +145,36 @@ def test_twenty_images_train_one_full_batch_and_four_wait(mlflow_uri, tmp_path):
     assert len({frozenset(b) for b in drawn}) > 1  # other images wait in another epoch
 
 
-def test_max_batches_caps_the_batches_of_each_epoch(mlflow_uri, tmp_path):
-    """README flags: "--max-batches N (at most N batches per epoch: a smoke run)"."""
+def test_max_batches_caps_the_batches_of_each_epoch(mlflow_uri, tmp_path, monkeypatch):
+    """README flags: "--max-batches N (at most N batches per epoch: a smoke run)". The same
+    run checks two more promises (one run for three): "--deterministic turns on
+    torch.use_deterministic_algorithms" for the run, and the default scheduler "none" keeps
+    the tutorial's constant rate, logged each epoch as lr (the other schedules:
+    test_the_learning_rate_of_each_epoch_is_the_schedules)."""
+    import torch
     from mlflow.tracking import MlflowClient
 
     from tests.test_run_experiment import metric_series
 
-    result, batches = recorded_run(tmp_path, "smoke", **{"train.max_batches": 2})
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # what the run sets goes after
+    seen = []
+
+    def look(epoch, metrics) -> bool:
+        seen.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+        )
+        return False
+
+    try:
+        result, batches = recorded_run(
+            tmp_path, "smoke", on_epoch=look, **{"train.max_batches": 2, "run.deterministic": True}
+        )
+    finally:  # as every other test expects the process
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
     assert [len(b) for b in read_batches(batches)] == [16] * 6  # 2 per epoch, 3 epochs
     assert result.epochs_run == 3
-    # The default scheduler "none" keeps the tutorial's constant rate, logged each epoch as lr
-    # (the other schedules: test_the_learning_rate_of_each_epoch_is_the_schedules).
+    assert seen == [(True, True)] * 3
     lr = metric_series(MlflowClient(mlflow_uri), result.run_id, "lr")
     assert [s for s, _ in lr] == [1, 2, 3]
     assert [v for _, v in lr] == pytest.approx([1e-3] * 3, rel=1e-9)
@@ -349,7 +368,7 @@ def test_keep_last_pt_false_keeps_last_pt_of_a_stopped_run_to_resume(mlflow_uri,
 # README: "[optimizer] scheduler = "cosine" (over train.epochs) or "step" (times gamma every
 # step_size epochs); the default "none" keeps the tutorial's constant rate. The rate of each
 # epoch is logged as lr." "--deterministic turns on torch.use_deterministic_algorithms".
-# (The constant rate of "none" is checked on the run of test_max_batches_caps_the_batches_...)
+# (Both "none" and --deterministic are checked on the run of test_max_batches_caps_the_...)
 
 COS = math.cos
 
@@ -377,29 +396,6 @@ def test_the_learning_rate_of_each_epoch_is_the_schedules(mlflow_uri, tmp_path, 
     lr = metric_series(MlflowClient(mlflow_uri), result.run_id, "lr")
     assert [s for s, _ in lr] == [1, 2, 3, 4]
     assert [v for _, v in lr] == pytest.approx([1e-3 * f for f in factors], rel=1e-9)
-
-
-def test_deterministic_turns_on_deterministic_algorithms_for_the_run(
-    mlflow_uri, tmp_path, monkeypatch
-):
-    import torch
-
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # what the run sets goes after
-
-    seen = []
-
-    def look(epoch, metrics) -> bool:
-        seen.append(
-            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
-        )
-        return False
-
-    try:
-        run(tiny_config(tmp_path, **{"run.deterministic": True, "train.epochs": 1}), on_epoch=look)
-    finally:  # as every other test expects the process
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-    assert seen == [(True, True)]
 
 
 # ------------------------------------------------------------------ what the model returns
