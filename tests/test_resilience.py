@@ -509,18 +509,13 @@ def test_bad_input_in_a_real_process(mlflow_uri, tmp_path, _store_template):
 
 
 @pytest.mark.slow
-def test_resume_of_another_experiment_is_refused(mlflow_uri, tmp_path, capsys, monkeypatch):
-    first = run(tiny_config(tmp_path, **{"train.epochs": 1}))
-    before = (first.results_dir / "last.pt").read_bytes()
-    demo1 = str(REPO / "Demo-1-TinyConvWithoutSequential-TinyData.py")
-    args = ["--resume", str(first.results_dir), "--experiment-name", "tiny-test"]
-    out = run_here([demo1, *args], tmp_path, capsys, monkeypatch)
-    assert out.returncode == 2
-    assert "does not fit this experiment" in out.stderr and "model.model" in out.stderr
-    assert (first.results_dir / "last.pt").read_bytes() == before
-
-
-def test_resume_with_other_model_args_is_refused_and_keeps_the_checkpoint(mlflow_uri, tmp_path):
+def test_a_resume_that_does_not_fit_is_refused_and_keeps_the_checkpoint(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    """The checkpoint of one run: resumed with other model args, the resume is refused with the
+    key and both values; resumed by another experiment's Demo (Demo-1's model), it is exit
+    code 2 and one message naming model.model. Either way last.pt stays as it was and the
+    run FINISHED."""
     first = run(tiny_config(tmp_path, **{"train.epochs": 1}))
     before = (first.results_dir / "last.pt").read_bytes()
     with pytest.raises(CheckpointError, match=r"model\.args\.n_outputs = 3, the config says 4"):
@@ -528,6 +523,12 @@ def test_resume_with_other_model_args_is_refused_and_keeps_the_checkpoint(mlflow
             tiny_config(tmp_path, **{"train.epochs": 2, "model.args.n_outputs": 4}),
             resume=first.results_dir,
         )
+    assert (first.results_dir / "last.pt").read_bytes() == before
+    demo1 = str(REPO / "Demo-1-TinyConvWithoutSequential-TinyData.py")
+    args = ["--resume", str(first.results_dir), "--experiment-name", "tiny-test"]
+    out = run_here([demo1, *args], tmp_path, capsys, monkeypatch)
+    assert out.returncode == 2
+    assert "does not fit this experiment" in out.stderr and "model.model" in out.stderr
     assert (first.results_dir / "last.pt").read_bytes() == before
     assert MlflowClient(mlflow_uri).get_run(first.run_id).info.status == "FINISHED"
 
