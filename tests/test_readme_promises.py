@@ -21,7 +21,7 @@ from tests.test_run_experiment import tiny_config
 RECORDING = "tests.recording_data:RecordingTinyData"
 
 
-def recorded_run(tmp_path: Path, name: str, resume: Path | None = None, **overrides):
+def recorded_run(tmp_path: Path, name: str, resume: Path | None = None, on_epoch=None, **overrides):
     """A run of TinyConv on a RecordingTinyData (the shipped TinyData unless `data.args.data_dir`
     is given) writing its batches to tmp_path/<name>.batches; (the run's result, that file)."""
     batches = tmp_path / f"{name}.batches"
@@ -32,7 +32,7 @@ def recorded_run(tmp_path: Path, name: str, resume: Path | None = None, **overri
         "run.run_name": name,
         **overrides,
     }
-    return run(tiny_config(tmp_path, **settings), resume=resume), batches
+    return run(tiny_config(tmp_path, **settings), resume=resume, on_epoch=on_epoch), batches
 
 
 def by_epoch(batches: list[list[int]], per_epoch: int) -> list[list[list[int]]]:
@@ -88,32 +88,28 @@ def test_validation_and_test_use_every_image_in_order(seed0_batches):
     assert read_batches(seed0_batches, "test") == in_order
 
 
-def test_the_same_seed_draws_the_same_batches_and_another_seed_others(
+def test_the_same_seed_draws_the_same_batches_also_resumed_and_another_seed_others(
     seed0_batches, mlflow_uri, tmp_path
 ):
-    _, again = recorded_run(tmp_path, "again")
-    assert read_batches(again) == read_batches(seed0_batches)  # another process state, too
+    """A run with the seed-0 run's seed, in another process state, draws its batches; stopped
+    after epoch 1 and resumed (README "Checkpoints and resuming": a resumed run gives the same
+    metrics as an uninterrupted one), its epochs 2 and 3 draw the batches of epochs 2 and 3 of
+    the run that never stopped (not the order of epoch 1 again, not another seed's). Another
+    seed draws other batches."""
+    import torch
+
+    part, batches = recorded_run(tmp_path, "part", **{"train.epochs": 1})
+    assert read_batches(batches) == read_batches(seed0_batches)[:9]  # another process state
     # README: "The test split is used only with use_test_set = true" (the seed-0 run sets it).
-    assert read_batches(again, "test") == [] and read_batches(seed0_batches, "test")
+    assert read_batches(batches, "test") == [] and read_batches(seed0_batches, "test")
+    torch.manual_seed(12345)  # whatever this process did since must not matter
+    recorded_run(tmp_path, "part", resume=part.results_dir, **{"train.epochs": 3})
+    assert read_batches(batches) == read_batches(seed0_batches)
     _, other = recorded_run(tmp_path, "seed1", **{"run.seed": 1, "train.epochs": 1})
     first = by_epoch(read_batches(seed0_batches), 9)[0]
     (drawn,) = by_epoch(read_batches(other), 9)
     assert sorted(map(len, drawn)) == [16] * 9
     assert [i for b in drawn for i in b] != [i for b in first for i in b]
-
-
-def test_a_resumed_run_draws_the_batches_the_uninterrupted_run_drew(
-    seed0_batches, mlflow_uri, tmp_path
-):
-    """README "Checkpoints and resuming": a resumed run gives the same metrics as an
-    uninterrupted one; its epochs 2 and 3 must draw the same batches as epochs 2 and 3 of one
-    that never stopped (not the order of epoch 1 again, not another seed's)."""
-    import torch
-
-    part, batches = recorded_run(tmp_path, "part", **{"train.epochs": 1})
-    torch.manual_seed(12345)  # whatever this process did since must not matter
-    recorded_run(tmp_path, "part", resume=part.results_dir, **{"train.epochs": 3})
-    assert read_batches(batches) == read_batches(seed0_batches)
 
 
 def test_a_split_smaller_than_a_batch_trains_as_one_batch_of_all_its_images(
@@ -149,11 +145,39 @@ def test_twenty_images_train_one_full_batch_and_four_wait(mlflow_uri, tmp_path):
     assert len({frozenset(b) for b in drawn}) > 1  # other images wait in another epoch
 
 
-def test_max_batches_caps_the_batches_of_each_epoch(mlflow_uri, tmp_path):
-    """README flags: "--max-batches N (at most N batches per epoch: a smoke run)"."""
-    result, batches = recorded_run(tmp_path, "smoke", **{"train.max_batches": 2})
+def test_max_batches_caps_the_batches_of_each_epoch(mlflow_uri, tmp_path, monkeypatch):
+    """README flags: "--max-batches N (at most N batches per epoch: a smoke run)". The same
+    run checks two more promises (one run for three): "--deterministic turns on
+    torch.use_deterministic_algorithms" for the run, and the default scheduler "none" keeps
+    the tutorial's constant rate, logged each epoch as lr (the other schedules:
+    test_the_learning_rate_of_each_epoch_is_the_schedules)."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_run_experiment import metric_series
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # what the run sets goes after
+    seen = []
+
+    def look(epoch, metrics) -> bool:
+        seen.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+        )
+        return False
+
+    try:
+        result, batches = recorded_run(
+            tmp_path, "smoke", on_epoch=look, **{"train.max_batches": 2, "run.deterministic": True}
+        )
+    finally:  # as every other test expects the process
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
     assert [len(b) for b in read_batches(batches)] == [16] * 6  # 2 per epoch, 3 epochs
     assert result.epochs_run == 3
+    assert seen == [(True, True)] * 3
+    lr = metric_series(MlflowClient(mlflow_uri), result.run_id, "lr")
+    assert [s for s, _ in lr] == [1, 2, 3]
+    assert [v for _, v in lr] == pytest.approx([1e-3] * 3, rel=1e-9)
 
 
 def test_each_torchrun_process_reads_its_own_equal_shard_of_the_shuffled_split():
@@ -344,6 +368,7 @@ def test_keep_last_pt_false_keeps_last_pt_of_a_stopped_run_to_resume(mlflow_uri,
 # README: "[optimizer] scheduler = "cosine" (over train.epochs) or "step" (times gamma every
 # step_size epochs); the default "none" keeps the tutorial's constant rate. The rate of each
 # epoch is logged as lr." "--deterministic turns on torch.use_deterministic_algorithms".
+# (Both "none" and --deterministic are checked on the run of test_max_batches_caps_the_...)
 
 COS = math.cos
 
@@ -351,7 +376,6 @@ COS = math.cos
 @pytest.mark.parametrize(
     "settings, factors",
     [
-        ({}, [1, 1, 1, 1]),
         (
             {"optimizer.scheduler": "cosine"},
             [1, (1 + COS(math.pi / 4)) / 2, 1 / 2, (1 + COS(3 * math.pi / 4)) / 2],
@@ -361,7 +385,7 @@ COS = math.cos
             [1, 1, 0.1, 0.1],
         ),
     ],
-    ids=["none", "cosine", "step"],
+    ids=["cosine", "step"],
 )
 def test_the_learning_rate_of_each_epoch_is_the_schedules(mlflow_uri, tmp_path, settings, factors):
     from mlflow.tracking import MlflowClient
@@ -372,29 +396,6 @@ def test_the_learning_rate_of_each_epoch_is_the_schedules(mlflow_uri, tmp_path, 
     lr = metric_series(MlflowClient(mlflow_uri), result.run_id, "lr")
     assert [s for s, _ in lr] == [1, 2, 3, 4]
     assert [v for _, v in lr] == pytest.approx([1e-3 * f for f in factors], rel=1e-9)
-
-
-def test_deterministic_turns_on_deterministic_algorithms_for_the_run(
-    mlflow_uri, tmp_path, monkeypatch
-):
-    import torch
-
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # what the run sets goes after
-
-    seen = []
-
-    def look(epoch, metrics) -> bool:
-        seen.append(
-            (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
-        )
-        return False
-
-    try:
-        run(tiny_config(tmp_path, **{"run.deterministic": True, "train.epochs": 1}), on_epoch=look)
-    finally:  # as every other test expects the process
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-    assert seen == [(True, True)]
 
 
 # ------------------------------------------------------------------ what the model returns

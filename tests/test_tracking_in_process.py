@@ -6,8 +6,6 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,48 +47,13 @@ def test_a_run_through_tracking_logs_everything_and_always_ends_with_a_status(ml
     assert not tracker.holds_signals
 
 
-def _demo2(uri: str, results: Path, **popen: object) -> subprocess.CompletedProcess:
-    """Demo-2's command line for one quick epoch, with the store `uri`, in a process."""
-    args = ["-m", "src.run_experiment", str(DEMO2), "--epochs", "1", "--max-batches", "1"]
-    args += ["--results-dir", str(results), "--set", "run.log_model=false"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONDONTWRITEBYTECODE": "1"}
-    env["HOME"] = str(results.parent)
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-        **popen,
-    )  # fmt: skip
-
-
-def _one_error_line(done: subprocess.CompletedProcess, store: str) -> None:
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
-    assert store in lines[0] and "Traceback" not in done.stderr
-
-
-@pytest.mark.slow
-def test_a_store_path_that_is_not_a_database_is_one_line(tmp_path):
-    """A file that is not a database: one `error:` line naming the store, exit 2."""
-    db = tmp_path / "notes.db"
-    db.write_text("these are my notes, not a database\n" * 100)
-    done = _demo2(f"sqlite:///{db}", tmp_path / "results")
-    _one_error_line(done, f"sqlite:///{db}")
-    assert db.read_text().startswith("these are my notes")  # left as it was
-
-
-@pytest.mark.slow
-def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
-    """A new store in a folder the user cannot write to: one `error:` line naming the store,
-    exit 2, no database made. (root writes to any folder of mode 555: it gets /proc, where
-    the kernel makes no file for anyone.)"""
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    read_only.chmod(0o555)
-    if os.geteuid() == 0:
-        read_only = Path("/proc/self")
-    store = f"sqlite:///{read_only / 'mlflow.db'}"
-    _one_error_line(_demo2(store, tmp_path / "results"), store)
-    assert not (read_only / "mlflow.db").exists()
+def _demo2(uri: str, folder: Path) -> tuple[list[str], dict[str, str], Path]:
+    """Demo-2's command line for one quick epoch with the store `uri` and results in `folder`:
+    (argv, environment, working folder) for `run_in_sequence`."""
+    argv = ["-m", "src.run_experiment", str(DEMO2), "--epochs", "1", "--max-batches", "1"]
+    argv += ["--results-dir", str(folder / "results"), "--set", "run.log_model=false"]
+    env = {"MLFLOW_TRACKING_URI": uri, "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(folder)}
+    return argv, env, REPO
 
 
 def _as_a_user() -> None:
@@ -101,42 +64,49 @@ def _as_a_user() -> None:
         assert prctl(24, 1, 0, 0, 0) == 0  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
 
 
-def _read_only_file(tmp_path: Path, template: Path) -> Path:
-    db = tmp_path / "mlflow.db"
+def _not_a_database(folder: Path, template: Path) -> Path:
+    db = folder / "notes.db"
+    db.write_text("these are my notes, not a database\n" * 100)
+    return db
+
+
+def _in_a_read_only_folder(folder: Path, template: Path) -> Path:
+    """A new store in a folder the user cannot write to; no database may be made there. (root
+    writes to any folder of mode 555: it gets /proc, where the kernel makes no file for
+    anyone.)"""
+    read_only = folder / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:
+        read_only = Path("/proc/self")
+    return read_only / "mlflow.db"
+
+
+def _read_only_file(folder: Path, template: Path) -> Path:
+    db = folder / "mlflow.db"
     shutil.copy(template, db)
     db.chmod(0o444)
     return db
 
 
-def _folder_named_like_a_store(tmp_path: Path, template: Path) -> Path:
-    (tmp_path / "mlflow.db").mkdir()
-    return tmp_path / "mlflow.db"
+def _folder_named_like_a_store(folder: Path, template: Path) -> Path:
+    (folder / "mlflow.db").mkdir()
+    return folder / "mlflow.db"
 
 
-def _under_a_file(tmp_path: Path, template: Path) -> Path:
-    (tmp_path / "notes").write_text("my notes")
-    return tmp_path / "notes" / "mlflow.db"
+def _under_a_file(folder: Path, template: Path) -> Path:
+    (folder / "notes").write_text("my notes")
+    return folder / "notes" / "mlflow.db"
 
 
-# A store that cannot be used -> its path, made in a folder that can be written to.
+# A store that cannot be used -> its path, made in a folder that can be written to. Demo-2's
+# command line on each (`_demo2`) is one `error:` line naming the store, exit code 2, and
+# leaves what is at the store's path as it was: test_bad_input_in_a_real_process
+# (test_resilience.py) runs them in a process of its own, with the Demo's other bad input.
 STORE_FAULTS = {
+    "not a database": _not_a_database,
+    "in a read-only folder": _in_a_read_only_folder,
     "read-only file": _read_only_file,
     "a folder named mlflow.db": _folder_named_like_a_store,
     "under a file": _under_a_file,
 }
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", sorted(STORE_FAULTS))
-def test_other_stores_that_cannot_be_used_are_one_line(tmp_path, _store_template, fault):
-    """One `error:` line naming the store, exit 2; what is at the store's path left as it was."""
-    (tmp_path / "store").mkdir()
-    db = STORE_FAULTS[fault](tmp_path / "store", _store_template)
-
-    def what_is_there() -> object:
-        return sorted(os.listdir(db)) if db.is_dir() else db.is_file() and db.read_bytes()
-
-    before = what_is_there()
-    store = f"sqlite:///{db}"
-    _one_error_line(_demo2(store, tmp_path / "results", preexec_fn=_as_a_user), store)
-    assert what_is_there() == before
