@@ -97,7 +97,12 @@ def stop_of(e: BaseException | None = None) -> KeyboardInterrupt | None:
 
 @contextmanager
 def mlflow_call(interruptible: bool = True) -> Iterator[None]:
-    """A signal waits for the call; `interruptible`: raise one received before or during it."""
+    """A signal waits for the call; `interruptible`: raise one received before or during it.
+    Only the main thread's calls count: a signal's exception is raised there, so a call of
+    another thread (a background thread's) is never cut, and must not hold the signal back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     if interruptible and (stop := stop_of()) is not None:
         raise stop
     _State.in_mlflow_call += 1
