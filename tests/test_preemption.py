@@ -20,9 +20,9 @@ from tests.test_run_experiment import DEMO2, QUICK_END, REPO
 
 pytestmark = pytest.mark.slow  # real processes and real signals
 
-# A model that holds still where the test says (PAUSE_AT): the signal or the second resume
-# comes while the run is at a known step, not after a guess with a clock.
-PAUSING_TINY = [*QUICK_END, *PAUSING]
+SLOW_TINY = ["--set", 'data.dataset="tests.faulty_data:SlowTinyData"']
+SLOW_TINY += ["--set", "data.args.delay_s=0.004"]  # an epoch takes ~0.8 s
+SLOW_TINY += [*QUICK_END, *PAUSING]  # a model that holds still where the test says (PAUSE_AT)
 
 
 def in_process(args: list[str], capsys) -> tuple[int, str, str]:
@@ -51,7 +51,7 @@ def test_seeds_stopped_by_sigterm_go_on_with_the_same_command(mlflow_uri, tmp_pa
     stopped one resumes from its last.pt, the same parent closes (no new runs)."""
     results = tmp_path / "results"
     args = ["--seeds", "0", "1", "--epochs", "2", "--experiment-name", "seeds-stop"]
-    args += [*PAUSING_TINY, "--results-dir", str(results)]
+    args += [*SLOW_TINY, "--results-dir", str(results)]
     proc = subprocess.Popen(
         [sys.executable, DEMO, *args],
         stdout=subprocess.PIPE,
@@ -94,7 +94,7 @@ def test_the_same_run_resumed_twice_at_once_is_refused_the_second_time(
     mlflow_uri, tmp_path, capsys
 ):
     results = tmp_path / "results"
-    base = ["--experiment-name", "twice", *PAUSING_TINY, "--results-dir", str(results)]
+    base = ["--experiment-name", "twice", *SLOW_TINY, "--results-dir", str(results)]
     code, _, err = in_process([*base, "--epochs", "1"], capsys)
     assert code == 0, err
     (folder,) = {p.parent for p in results.glob("*/*/last.pt")}
