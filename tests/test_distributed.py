@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 import src.distributed as ddp
 import src.interrupts as interrupts
 from tests.command_line import run_here
-from tests.test_resilience import _first_checkpoint, runs_of
+from tests.test_resilience import runs_of
 from tests.test_run_experiment import QUICK_END, REPO, all_series
 
 pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
@@ -72,6 +72,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(home: Path, name: str, command: list[str], env: dict | None = None) -> Node:
+    with open(home / f"{name}.out", "w") as out, open(home / f"{name}.err", "w") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=home, env=env)
+    return Node(proc, home, name)
+
+
+def launch_one_node(tmp_path: Path, args: list[str], name: str) -> Node:
+    """`torchrun --standalone --nproc-per-node 2`: two processes on one machine."""
+    home = tmp_path / "one-node"
+    home.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return _launch(home, name, [*command, "--nproc-per-node", "2", DEMO, *args])
+
+
 def launch_two_nodes(tmp_path: Path, args: list[str], name: str) -> list[Node]:
     """`torchrun --nnodes 2 --nproc-per-node 1` with a c10d rendezvous, started twice, as on
     two machines. The machine whose address is the endpoint hosts the rendezvous; here both
@@ -85,15 +99,8 @@ def launch_two_nodes(tmp_path: Path, args: list[str], name: str) -> list[Node]:
         command += ["--nproc-per-node", "1", "--rdzv-backend", "c10d"]
         command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", name]
         command += ["--rdzv-conf", f"is_host={int(node == 0)}", DEMO, *args]
-        with open(home / f"{name}.out", "w") as out, open(home / f"{name}.err", "w") as err:
-            proc = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=err,
-                cwd=home,
-                env={**os.environ, "TMPDIR": str(home / "tmp"), "OMP_NUM_THREADS": "1"},
-            )
-        nodes.append(Node(proc, home, name))
+        env = {**os.environ, "TMPDIR": str(home / "tmp"), "OMP_NUM_THREADS": "1"}
+        nodes.append(_launch(home, name, command, env))
     return nodes
 
 
@@ -110,7 +117,7 @@ def _failed(nodes: list[Node], why: str) -> AssertionError:
 
 
 def wait_for_exit(nodes: list[Node], limit_s: float) -> list[int]:
-    """Both launchers' exit codes, within `limit_s` seconds."""
+    """The launchers' exit codes, within `limit_s` seconds."""
     deadline = time.monotonic() + limit_s
     try:
         return [node.proc.wait(timeout=max(1.0, deadline - time.monotonic())) for node in nodes]
@@ -118,144 +125,87 @@ def wait_for_exit(nodes: list[Node], limit_s: float) -> list[int]:
         raise _failed(nodes, f"torchrun still running after {limit_s} s") from None
 
 
-def wait_for_first_checkpoint(results: Path, nodes: list[Node], limit_s: float = 300) -> None:
+def wait_for_checkpoint(
+    results: Path, nodes: list[Node], after_epoch: int = 0, limit_s: float = 300
+) -> Path:
+    """The run's last.pt once it holds an epoch after `after_epoch` (the epoch it resumed
+    from): the launch is then training, and has something to resume from."""
     deadline = time.monotonic() + limit_s
-    while not any(results.glob("*/*/last.pt")):
+    while True:
+        for last in results.glob("*/*/last.pt"):
+            try:
+                if torch.load(last, weights_only=True)["epoch"] > after_epoch:
+                    return last
+            except Exception:  # being replaced right now
+                pass
         if any(n.proc.poll() is not None for n in nodes) or time.monotonic() > deadline:
-            raise _failed(nodes, f"no last.pt within {limit_s} s, or a launcher ended")
+            raise _failed(nodes, f"no last.pt after epoch {after_epoch} within {limit_s} s")
         time.sleep(0.05)
 
 
-def test_torchrun_two_processes_equal_one_process_of_the_same_global_batch(
-    mlflow_uri, tmp_path, capsys, monkeypatch
-):
-    common = ["--epochs", "2", "--device", "cpu", "--results-dir", str(tmp_path / "r")]
-    common += QUICK_END
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            DEMO,
-            *common,
-            "--batch-size",
-            "8",
-            "--experiment-name",
-            "ddp",
-            "--run-name",
-            "two",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one_args = [*common, "--batch-size", "16", "--experiment-name", "single", "--run-name", "one"]
-    one = run_here([DEMO, *one_args], tmp_path, capsys, monkeypatch)  # one process: this one
-    assert one.returncode == 0, one.stderr[-3000:]
-    client = MlflowClient(mlflow_uri)
-    (ddp_run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
-    (single,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
-    assert ddp_run.data.tags["world_size"] == "2" and single.data.tags["world_size"] == "1"
-    assert_same_series(client, ddp_run.info.run_id, single.info.run_id)
-    # only rank 0 saved checkpoints: one run folder
-    assert len(list((tmp_path / "r").glob("ddp/*/last.pt"))) == 1
-
-
-def test_sigterm_to_torchrun_ends_every_rank_and_marks_the_run_killed(mlflow_uri, tmp_path):
-    """What a scheduler does to a multi-GPU job: SIGTERM to the launcher. torchrun passes it
-    to each rank; each stops at a safe point and the run ends KILLED (it stayed RUNNING)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        + [DEMO, "--epochs", "30", "--device", "cpu", "--results-dir", str(tmp_path / "r")]
-        + [
-            "--experiment-name",
-            "ddp-term",
-            "--set",
-            'data.dataset="tests.faulty_data:SlowTinyData"',
-        ]
-        + ["--set", "data.args.delay_s=0.004", *QUICK_END],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    _first_checkpoint(tmp_path / "r", proc)
-    ranks = psutil.Process(proc.pid).children()
-    assert len(ranks) == 2
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0, err[-3000:]
-    (last,) = (tmp_path / "r").glob("*/*/last.pt")
+def sigterm_stops_every_rank(
+    mlflow_uri: str, results: Path, nodes: list[Node], signalled: Node, rank_0: Node
+) -> int:
+    """SIGTERM to the launcher `signalled`, as a scheduler sends it (to the one launcher of a
+    machine, or to one machine's of two): every launcher ends with a non-zero code and every
+    rank ends with it; the run is KILLED (not FAILED: it stayed RUNNING), and rank 0's
+    output says so and gives the resume line. Returns the epoch last.pt holds."""
+    workers = [w for node in nodes for w in node.workers()]
+    assert len(workers) == 2
+    signalled.proc.send_signal(signal.SIGTERM)
+    codes = wait_for_exit(nodes, 120)
+    err = rank_0.output("err")
+    assert all(code != 0 for code in codes), err[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=60 if len(nodes) == 1 else 5)
+    assert not alive
+    (run,) = runs_of(mlflow_uri, "ddp")
+    assert run.info.status == "KILLED", err[-3000:]
+    (last,) = results.glob("*/*/last.pt")
     assert "Stopped by SIGTERM; last.pt holds the last complete epoch." in err, err[-3000:]
     assert f"--resume {last.parent}" in err
-    (run,) = runs_of(mlflow_uri, "ddp-term")
-    assert run.info.status == "KILLED", err[-3000:]
-    _, alive = psutil.wait_procs(ranks, timeout=60)
-    assert not alive
+    return torch.load(last, weights_only=True)["epoch"]
 
 
-def sigterm_to_one_of_two_launchers(mlflow_uri: str, tmp_path: Path, rank: int) -> list[str]:
-    """SIGTERM to the launcher of `rank`, as a scheduler that pre-empts one machine of two
-    does: its rank stops, and the other machine's rank, whose next collective call fails,
-    stops the same way. Checks that both nodes end and the run is KILLED (not FAILED), with
-    the resume line; returns the command's flags. The results folder is one both nodes see,
-    as on a shared file system."""
+def test_a_torchrun_run_stopped_by_sigterm_on_one_node_and_on_each_of_two_resumes_to_the_end(
+    mlflow_uri, tmp_path, capsys, monkeypatch
+):
+    """One run, stopped three times, the ways a scheduler stops a job: SIGTERM to torchrun on
+    one node (two processes), then, resumed as on two machines (two launchers of one process
+    each), SIGTERM to the launcher of rank 0, and after another resume to the launcher of
+    rank 1 (rank 0 was not signalled: it learns of the stop from its peer, ends the run KILLED
+    and prints the resume line). Each resume is the same command plus `--resume`; the last
+    one, to one epoch more than was saved, finishes the run, which then equals one process
+    with the same global batch (8 x 2 = 16): the epochs trained on one node and those on two.
+    Only rank 0 tracked the run and wrote checkpoints. The results folder is one every node
+    sees, as on a shared file system."""
     shared = tmp_path / "shared"
     args = ["--epochs", "30", "--device", "cpu", "--results-dir", str(shared), *SLOW, *QUICK_END]
-    args += ["--batch-size", "8", "--experiment-name", "two-term"]
-    nodes = launch_two_nodes(tmp_path, args, "stopped")
-    wait_for_first_checkpoint(shared, nodes)
-    ranks = {node.rank(): node for node in nodes}
-    workers = [w for node in nodes for w in node.workers()]
-    assert sorted(ranks) == [0, 1]
-    ranks[rank].proc.send_signal(signal.SIGTERM)
-    codes = wait_for_exit(nodes, 120)
-    err = ranks[0].output("err")
-    assert all(code != 0 for code in codes), err[-3000:]
-    _, alive = psutil.wait_procs(workers, timeout=5)
-    assert not alive
-    (run,) = runs_of(mlflow_uri, "two-term")
-    assert run.info.status == "KILLED", err[-3000:]
-    (last,) = shared.glob("*/*/last.pt")
-    assert "Stopped by SIGTERM; last.pt holds the last complete epoch." in err, err[-3000:]
-    assert f"--resume {last.parent}" in err
-    return args
+    args += ["--batch-size", "8", "--experiment-name", "ddp"]
+    one_node = launch_one_node(tmp_path, args, "started")
+    last = wait_for_checkpoint(shared, [one_node])
+    epoch = sigterm_stops_every_rank(mlflow_uri, shared, [one_node], one_node, one_node)
+    resume = [*args, "--resume", str(last.parent)]
+    for signalled in (0, 1):
+        nodes = launch_two_nodes(tmp_path, resume, f"resumed-{signalled}")
+        wait_for_checkpoint(shared, nodes, after_epoch=epoch)
+        ranks = {node.rank(): node for node in nodes}
+        assert sorted(ranks) == [0, 1]
+        epoch = sigterm_stops_every_rank(mlflow_uri, shared, nodes, ranks[signalled], ranks[0])
 
-
-def test_sigterm_to_the_launcher_of_rank_0_of_two_stops_both_nodes(mlflow_uri, tmp_path):
-    sigterm_to_one_of_two_launchers(mlflow_uri, tmp_path, 0)
-
-
-def test_sigterm_to_the_launcher_of_rank_1_of_two_stops_both_nodes_and_the_run_resumes(
-    mlflow_uri, tmp_path, capsys, monkeypatch
-):
-    """Rank 0 was not signalled: it learns of the stop from its peer, ends the run KILLED and
-    prints the resume line. Both launchers again with `--resume` finish the run, which then
-    equals one process with the same global batch (8 x 2 = 16), and only rank 0 tracked it
-    and wrote checkpoints."""
-    args = sigterm_to_one_of_two_launchers(mlflow_uri, tmp_path, 1)
-    (last,) = (tmp_path / "shared").glob("*/*/last.pt")
-    # The same command on both machines plus --resume, to one epoch more than was saved.
-    epochs = ["--epochs", str(torch.load(last, weights_only=True)["epoch"] + 1)]
-    resume = [*args, "--resume", str(last.parent), *epochs]
-    resumed = launch_two_nodes(tmp_path, resume, "resumed")
-    assert wait_for_exit(resumed, 300) == [0, 0], [n.output("err")[-3000:] for n in resumed]
+    epochs = ["--epochs", str(epoch + 1)]
+    finished = launch_two_nodes(tmp_path, [*resume, *epochs], "finished")
+    assert wait_for_exit(finished, 300) == [0, 0], [n.output("err")[-3000:] for n in finished]
     one = [*args, *epochs, "--batch-size", "16", "--results-dir", str(tmp_path / "single")]
     one = run_here([DEMO, *one, "--experiment-name", "single"], tmp_path, capsys, monkeypatch)
     assert one.returncode == 0, one.stderr[-3000:]
-    (run,) = runs_of(mlflow_uri, "two-term")
+    (run,) = runs_of(mlflow_uri, "ddp")
     (single,) = runs_of(mlflow_uri, "single")
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and single.data.tags["world_size"] == "1"
     assert_same_series(MlflowClient(mlflow_uri), run.info.run_id, single.info.run_id)
     # The shared folder and each node's working folder hold the run's checkpoints, once.
-    written = sorted(p for d in ("shared", "node0", "node1") for p in (tmp_path / d).rglob("*.pt"))
+    homes = ("shared", "one-node", "node0", "node1")
+    written = sorted(p for d in homes for p in (tmp_path / d).rglob("*.pt"))
     assert written == [last.parent / "best.pt", last]
 
 

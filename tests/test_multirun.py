@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from src.sweep.multirun import run_children, run_seeds
-from tests.test_run_experiment import tiny_config
+from tests.test_run_experiment import QUICK_END, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,17 +26,55 @@ def children_of(client: MlflowClient, parent) -> list:
     return list(runs)
 
 
-def test_seeds_parent_holds_mean_and_std_of_the_children(mlflow_uri, tmp_path):
-    config = tiny_config(tmp_path, **{"train.epochs": 1, "run.run_name": "tiny"})
-    parent_id, results = run_seeds(config, [0, 1])
+def test_demo_cli_with_seeds_makes_a_parent_with_mean_and_std_of_the_children(
+    mlflow_uri, tmp_path, monkeypatch, capsys
+):
+    """`--seeds 0 1` on a Demo's command line: a parent run and one child run per seed, in
+    order, the parent holding their mean and std and a table of the children; the command
+    prints the parent's id and the link to its page. `run_seeds` itself runs as the command
+    calls it; what it returns is kept to check against the store."""
+    import src.cli
+
+    returned = []
+
+    def keeping_what_it_returns(config, seeds):
+        returned.append(run_seeds(config, seeds))
+        return returned[-1]
+
+    monkeypatch.setattr(src.cli, "run_seeds", keeping_what_it_returns)
+    argv = [
+        "Demo-2-TinyConv-TinyData.py",
+        "--seeds", "0", "1",
+        "--epochs", "1",
+        "--results-dir", str(tmp_path / "r"),
+        "--experiment-name", "seeds-cli",
+        *QUICK_END,
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "Demo-2-TinyConv-TinyData.py"), run_name="__main__")
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "best_val_auroc_mean.std" in out
     client = MlflowClient(mlflow_uri)
-    parent = client.get_run(parent_id)
+    runs = client.search_runs([client.get_experiment_by_name("seeds-cli").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(runs) == 3 and len(parents) == 1
+    # The parent's id and the link to its page: the group's summary is there.
+    parent = parents[0]
+    pid, eid = parent.info.run_id, parent.info.experiment_id
+    assert f"Parent run of the 2 seeds: {pid}" in out
+    link = f"http://127.0.0.1:5000/#/experiments/{eid}/runs/{pid}/model-metrics"
+    assert f"This run: {link}?workflowType=machine_learning\n" in out
+
+    ((parent_id, results),) = returned
+    assert parent_id == pid
     children = children_of(client, parent)
     assert [c.info.run_id for c in children] == [r.run_id for r in results]
-    assert [c.info.run_name for c in children] == ["tiny-seed0", "tiny-seed1"]
+    assert [c.info.run_name for c in children] == ["tinyconv-seed0", "tinyconv-seed1"]
     assert [c.data.params["run.seed"] for c in children] == ["0", "1"]
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
-    assert parent.info.run_name == "tiny-seeds" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "tinyconv-seeds" and parent.info.status == "FINISHED"
     assert parent.data.tags["seeds"] == "0 1"
 
     values = [c.data.metrics["best_val_auroc_mean"] for c in children]
@@ -52,34 +90,6 @@ def test_seeds_parent_holds_mean_and_std_of_the_children(mlflow_uri, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["run_id"] for r in rows] == [r.run_id for r in results]
     assert [float(r["best_val_auroc_mean"]) for r in rows] == pytest.approx(values)
-
-
-def test_demo_cli_with_seeds(mlflow_uri, tmp_path, monkeypatch, capsys):
-    argv = [
-        "Demo-2-TinyConv-TinyData.py",
-        "--seeds", "0", "1",
-        "--epochs", "1",
-        "--results-dir", str(tmp_path / "r"),
-        "--experiment-name", "seeds-cli",
-    ]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as stop:
-        runpy.run_path(str(REPO / "Demo-2-TinyConv-TinyData.py"), run_name="__main__")
-    assert stop.value.code == 0
-    out = capsys.readouterr().out
-    assert "best_val_auroc_mean.std" in out
-    client = MlflowClient(mlflow_uri)
-    runs = client.search_runs([client.get_experiment_by_name("seeds-cli").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(runs) == 3 and len(parents) == 1
-    # The parent's id and the link to its page: the group's summary is there.
-    pid, eid = parents[0].info.run_id, parents[0].info.experiment_id
-    assert f"Parent run of the 2 seeds: {pid}" in out
-    link = f"http://127.0.0.1:5000/#/experiments/{eid}/runs/{pid}/model-metrics"
-    assert f"This run: {link}?workflowType=machine_learning\n" in out
-    children = children_of(client, parents[0])
-    assert sorted(c.data.params["run.seed"] for c in children) == ["0", "1"]
-    assert set(parents[0].data.metrics) >= {"best_val_auroc_mean.mean", "best_val_auroc_mean.std"}
 
 
 def test_seeds_and_resume_cannot_be_combined(mlflow_uri, tmp_path, capsys):

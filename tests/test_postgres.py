@@ -25,7 +25,8 @@ from benchmarks.postgres_server import PostgresServer, free_port
 from load_dataset.custom_tiny import TinyData
 from load_dataset.errors import DataError
 from tests.command_line import run_here
-from tests.test_resilience import DEMO, runs_of, wait_for_epoch
+from tests.pausing import PAUSE_AT, wait_until_paused
+from tests.test_resilience import DEMO, PAUSING, runs_of, wait_for_epoch
 from tests.test_run_experiment import QUICK_END, REPO
 
 pytestmark = pytest.mark.slow  # a PostgreSQL server, an MLflow server, training processes
@@ -170,27 +171,30 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     team: TeamServer, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """Machines A (this process) and B (a process of its own) train at the same time, logging
-    to the team server; B is killed (SIGKILL: a machine that died) after its first epoch, which
-    leaves its run RUNNING, and `--resume` on B's results folder ends that same run FINISHED
-    with every epoch logged once. The artifacts of both are in the server's folder."""
+    to the team server; B is killed (SIGKILL: a machine that died) in its second epoch, once
+    its first is saved, which leaves its run RUNNING, and `--resume` on B's results folder ends
+    that same run FINISHED with every epoch logged once. The artifacts of both are in the
+    server's folder."""
     a, b = tmp_path / "machine-a", tmp_path / "machine-b"
     a.mkdir(parents=True)
     b.mkdir()
-    args = [*QUICK_END, "--experiment-name", "team", *gated(tmp_path / "gate", delay_s=0.004)]
+    args = [*QUICK_END, "--experiment-name", "team", *gated(tmp_path / "gate"), *PAUSING]
     client = MlflowClient(team.uri)
-    b_args = [DEMO, *args, "--run-name", "b", "--epochs", "3", "--results-dir", str(b / "results")]
+    b_args = [DEMO, *args, "--run-name", "b", "--epochs", "2", "--results-dir", str(b / "results")]
     proc_b = subprocess.Popen(
         [sys.executable, *b_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=b,
-        env={**os.environ, "MLFLOW_TRACKING_URI": team.uri},
+        # B holds still at the first step of its second epoch (9 steps an epoch) until killed.
+        env={**os.environ, "MLFLOW_TRACKING_URI": team.uri, PAUSE_AT: "10"},
     )
     stopped: dict = {}
 
     def kill_b_after_its_first_epoch() -> None:
         try:
+            wait_until_paused(proc_b, limit_s=GATE_TIMEOUT_S)
             stopped["run"] = wait_for_epoch(b / "results", 1, proc_b, limit_s=GATE_TIMEOUT_S)
         finally:
             proc_b.kill()
@@ -199,7 +203,7 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     killer.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.uri)
     try:
-        a_args = [DEMO, *args, "--run-name", "a", "--epochs", "2"]
+        a_args = [DEMO, *args, "--run-name", "a", "--epochs", "1"]
         result_a = run_here([*a_args, "--results-dir", str(a / "results")], a, capsys, monkeypatch)
     finally:
         killer.join()
@@ -213,7 +217,7 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     runs = {r.info.run_name: r for r in runs_of(team.uri, "team")}
     assert sorted(runs) == ["a", "b"]  # the resumed run is B's, not a new one
     assert runs["b"].info.run_id == run_b.name
-    for name, epochs in (("a", 2), ("b", 3)):
+    for name, epochs in (("a", 1), ("b", 2)):
         run_id = runs[name].info.run_id
         assert runs[name].info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
@@ -231,11 +235,12 @@ def check_one_sweep_on_two_machines_in_one_postgresql_study(
     and another), one `--storage postgresql+psycopg://...` and `--study-name`. Each trial
     number runs once, as one child run of one parent run; both machines take trials; the
     study ends with --trials trials, or one more: each machine's lock is its own, so both may
-    count 2 of 3 and start one at the same moment (at most one extra per other machine)."""
+    count 1 of 2 and start one at the same moment (at most one extra per other machine). Each
+    machine's first trial waits for the other's (the gate): both take one."""
     storage = postgres.create_database("optuna")
-    trials = 3
+    trials = 2
     args = ["-m", "src.sweep", str(DEMO2_TOML), "--space", str(LR_WD), "--trials", str(trials)]
-    args += ["--epochs", "2", *QUICK_END, *gated(tmp_path / "gate")]
+    args += ["--epochs", "1", *QUICK_END, *gated(tmp_path / "gate")]
     args += ["--tracking-uri", team.uri, "--storage", storage, "--study-name", "two-machines"]
     args += ["--experiment-name", "team-sweep"]
     a, b = tmp_path / "machine-a", tmp_path / "machine-b"

@@ -135,11 +135,13 @@ def test_early_stopping_stops_after_patience(mlflow_uri, tmp_path):
 
 def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
     client = MlflowClient(mlflow_uri)
-    first = run(tiny_config(tmp_path, **{"run.run_name": "a"}))
-    second = run(tiny_config(tmp_path, **{"run.run_name": "b", "data.num_workers": 2}))
+    # Two epochs: the second one draws a new order of the training set.
+    first = run(tiny_config(tmp_path, **{"run.run_name": "a", "train.epochs": 2}))
+    two = {"run.run_name": "b", "data.num_workers": 2, "train.epochs": 2}
+    second = run(tiny_config(tmp_path, **two))
     a, b = all_series(client, first.run_id), all_series(client, second.run_id)
-    assert a == b  # bit for bit
-    other = run(tiny_config(tmp_path, **{"run.run_name": "c", "run.seed": 1}))
+    assert len(a["train_loss"]) == 2 and a == b  # bit for bit
+    other = run(tiny_config(tmp_path, **{"run.run_name": "c", "run.seed": 1, "train.epochs": 2}))
     assert all_series(client, other.run_id)["train_loss"] != a["train_loss"]
 
 
@@ -147,7 +149,7 @@ def test_same_seed_same_metrics_with_0_and_2_workers(mlflow_uri, tmp_path):
 # Demo-2 runs as a process in test_resilience.py too; here the script runs in-process.
 @pytest.mark.parametrize("demo", ["Demo-1-TinyConvWithoutSequential-TinyData.py"])
 def test_demo_scripts_run(mlflow_uri, tmp_path, demo, capsys, monkeypatch):
-    args = ["--epochs", "2", "--results-dir", str(tmp_path / "r"), "--experiment-name", "demo-test"]
+    args = ["--epochs", "1", "--results-dir", str(tmp_path / "r"), "--experiment-name", "demo-test"]
     out = run_here([str(REPO / demo), *args], tmp_path, capsys, monkeypatch)
     assert out.returncode == 0, out.stderr
     assert "val_auroc_mean" in out.stdout and "ui --backend-store-uri" in out.stdout
@@ -386,8 +388,9 @@ def test_resuming_an_early_stopped_run_needs_a_larger_patience(mlflow_uri, tmp_p
     with pytest.raises(ConfigError, match="stopped early by patience 1: there is nothing"):
         run(tiny_config(tmp_path, **settings), resume=first.results_dir)
     assert MlflowClient(mlflow_uri).get_run(first.run_id).info.status == "FINISHED"
-    more = run(tiny_config(tmp_path, **{**settings, "train.patience": 0}), resume=first.results_dir)
-    assert more.run_id == first.run_id and more.epochs_run == 10
+    more = {**settings, "train.patience": 0, "train.epochs": 5}
+    more = run(tiny_config(tmp_path, **more), resume=first.results_dir)
+    assert more.run_id == first.run_id and more.epochs_run == 5
 
 
 def gapped_tiny_folder(root: Path, val: dict[str, tuple[int, int, int]]) -> Path:
