@@ -16,7 +16,8 @@ only the study's storage differs. Each case gets new folders, a new MLflow store
 study (a new database in the one PostgreSQL server).
 Prints one line per case: the storage, the workers, the trials in the study at the end, the
 wall time of the whole command (imports included) and trials per minute.
-On a 2-core machine: FIGURES. See README.md, "From one machine to a lab".
+On a quiet 2-core machine, 15.0-15.8 trials/min in SQLite and 14.9-16.2 in PostgreSQL with one
+worker, 13.1-14.5 and 13.3-14.5 with two. See README.md, "From one machine to a lab".
 """
 
 from __future__ import annotations

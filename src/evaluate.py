@@ -154,15 +154,16 @@ def plot_roc_pr(
     paths = []
     for kind, display in (("roc", skm.RocCurveDisplay), ("pr", skm.PrecisionRecallDisplay)):
         fig, ax = plt.subplots(figsize=(7, 6))
-        for k, meaning in enumerate(label_meanings):
-            if _defined(labels[:, k]):
-                display.from_predictions(labels[:, k], probs[:, k], ax=ax, name=meaning)
+        drawn = [k for k in range(len(label_meanings)) if _defined(labels[:, k])]
+        for k in drawn:
+            display.from_predictions(labels[:, k], probs[:, k], ax=ax, name=label_meanings[k])
         if kind == "roc":
             ax.plot([0, 1], [0, 1], "k--", lw=0.5)
             ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{title}: ROC")
         else:
             ax.set(xlabel="recall", ylabel="precision", title=f"{title}: precision-recall")
-        ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "lower left")
+        if drawn:  # a split where no class has both a positive and a negative: no curves
+            ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "lower left")
         margins = {"left": 0.1, "right": 0.97, "bottom": 0.09, "top": 0.94}
         paths.append(save_figure(fig, Path(out_dir) / f"{kind}.png", margins))
     return paths
