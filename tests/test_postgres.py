@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,10 +20,11 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from benchmarks.postgres_server import PostgresServer, free_port
+from benchmarks.postgres_server import PostgresServer
 from load_dataset.custom_tiny import TinyData
 from load_dataset.errors import DataError
 from tests.command_line import run_here
+from tests.mlflow_server import MlflowServer
 from tests.pausing import PAUSE_AT, wait_until_paused
 from tests.test_resilience import DEMO, PAUSING, runs_of, wait_for_epoch
 from tests.test_run_experiment import QUICK_END, REPO
@@ -69,52 +69,6 @@ def gated(gate: Path, delay_s: float = 0.0) -> list[str]:
     return flags + ["--num-workers", "0"]
 
 
-class TeamServer:
-    """The README's team server: `mlflow server` on a PostgreSQL database, artifacts in a
-    folder it serves (the clients never write them), on 127.0.0.1 and a free port."""
-
-    def __init__(self, backend_uri: str, folder: Path) -> None:
-        self.folder = folder
-        self.artifacts = folder / "artifacts"
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        mlflow = Path(sys.executable).parent / "mlflow"
-        self.command = [str(mlflow), "server", "--workers", "1"]
-        self.command += ["--backend-store-uri", backend_uri]
-        self.command += ["--artifacts-destination", str(self.artifacts)]
-        self.command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        # The names the machines call it by (the README's mlflow-host): MLflow refuses a
-        # request whose Host header is not localhost, a private IP or one of these.
-        self.command += ["--allowed-hosts", "mlflow-host:*,localhost:*,127.0.0.1:*"]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.folder / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # uvicorn's processes in a group of their own
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            )
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((self.folder / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        """The whole group at once: its store and artifacts are thrown away."""
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-
 @pytest.fixture(scope="module")
 def postgres():
     server = PostgresServer()
@@ -127,7 +81,9 @@ def postgres():
 
 @pytest.fixture
 def team(postgres: PostgresServer, tmp_path: Path):
-    server = TeamServer(postgres.create_database("mlflow"), tmp_path)
+    # The names the machines call it by: the README's mlflow-host.
+    hosts = "mlflow-host:*,localhost:*,127.0.0.1:*"
+    server = MlflowServer(postgres.create_database("mlflow"), tmp_path, hosts)
     try:
         server.start()
         yield server
@@ -149,7 +105,7 @@ def test_the_server_is_postgresql_run_by_an_account_that_is_not_root(postgres):
 
 
 def test_a_team_server_on_postgresql_for_two_machines_training_and_one_sweep(
-    team: TeamServer, postgres: PostgresServer, tmp_path: Path, capsys, monkeypatch
+    team: MlflowServer, postgres: PostgresServer, tmp_path: Path, capsys, monkeypatch
 ):
     """Two checks on one server (starting one takes 10-25 s of CPU). The server answers a
     machine that calls it by its name (the README's `--allowed-hosts`)."""
@@ -168,7 +124,7 @@ def test_a_team_server_on_postgresql_for_two_machines_training_and_one_sweep(
 
 
 def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
-    team: TeamServer, tmp_path: Path, capsys, monkeypatch
+    team: MlflowServer, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """Machines A (this process) and B (a process of its own) train at the same time, logging
     to the team server; B is killed (SIGKILL: a machine that died) in its second epoch, once
@@ -229,7 +185,7 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
 
 
 def check_one_sweep_on_two_machines_in_one_postgresql_study(
-    team: TeamServer, postgres: PostgresServer, tmp_path: Path, capsys, monkeypatch
+    team: MlflowServer, postgres: PostgresServer, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """The README's sweep across machines: the same command on two machines (this process
     and another), one `--storage postgresql+psycopg://...` and `--study-name`. Each trial

@@ -2,83 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from benchmarks.postgres_server import free_port
 from src.run_experiment import run
+from tests.mlflow_server import MlflowServer
 from tests.test_run_experiment import tiny_config
 
 pytestmark = pytest.mark.slow  # Demos, torchrun or an MLflow server in their own processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `mlflow server` on 127.0.0.1 over a copy of the session's empty store."""
-
-    def __init__(self, template: Path, folder: Path) -> None:
-        self.folder = folder
-        self.db = folder / "server.db"
-        shutil.copy(template, self.db)
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        mlflow = Path(sys.executable).parent / "mlflow"
-        with open(self.folder / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-                + ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.db}"]
-                + ["--artifacts-destination", str(self.folder / "artifacts")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group
-                # No job runner (a process and seven huey consumers, ~25 s of CPU to start,
-                # for GenAI jobs these tests do not send).
-                env={
-                    **os.environ,
-                    "MLFLOW_DISABLE_TELEMETRY": "true",
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                },
-            )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = (self.folder / "server.log").read_text()[-3000:]
-                    raise AssertionError(log) from None
-                time.sleep(0.3)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """The whole process group: uvicorn workers, job runner, huey consumer too."""
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
 
 
 class Link:
@@ -88,7 +25,7 @@ class Link:
 
     def __init__(self, target_port: int) -> None:
         self.target = target_port
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.open = threading.Event()
         self.lock = threading.Lock()
@@ -154,12 +91,14 @@ def _close(s: socket.socket) -> None:
 
 @pytest.fixture
 def server(_store_template: Path, tmp_path: Path):
-    s = Server(_store_template, tmp_path)
+    """A real `mlflow server` over a copy of the session's empty store."""
+    shutil.copy(_store_template, tmp_path / "server.db")
+    s = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
     s.start()
     try:
         yield s
     finally:
-        s.stop(signal.SIGKILL)  # its store is thrown away: no need to wait for a clean stop
+        s.stop()  # its store is thrown away: no need to wait for a clean stop
 
 
 def test_run_logs_to_a_server_reads_back_and_survives_its_outage(
@@ -183,7 +122,7 @@ def test_run_logs_to_a_server_reads_back_and_survives_its_outage(
 
 
 def check_a_dead_server_does_not_stop_training(
-    server: Server, tmp_path: Path, capsys, monkeypatch
+    server: MlflowServer, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """The server goes out of reach after epoch 2 (every connection dropped, new ones refused:
     what the client sees of a server killed with SIGKILL, without 10-25 s of starting another)
