@@ -5,9 +5,12 @@ errors (also for `benchmarks.train --whole-run`)."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+from src.config import REPO_ROOT
 from src.errors import UserError, print_user_error
 
 
@@ -40,3 +43,15 @@ def run_in_temporary_folder(run_fn, args: argparse.Namespace, prefix: str) -> in
             return run_fn(args, Path(tmp))
     except (UserError, OSError) as e:  # OSError: a folder or file that cannot be read
         return print_user_error(e)
+
+
+def timed_command(cmd: list[str], env: dict[str, str], name: str) -> float:
+    """Wall seconds of `cmd` run in the repository root with `env`; a command that fails
+    ends the benchmark with the last lines of its output, under `name`."""
+    started = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    seconds = time.monotonic() - started
+    if out.returncode != 0:
+        tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
+        raise SystemExit(f"{name} failed:\n{tail}")
+    return seconds

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.common import timed_command
 from load_dataset.generators.pascal_tree import make_pascal_tree
 from src.config import REPO_ROOT
 from src.tools.smoke import SMALL
@@ -37,13 +36,7 @@ def time_grid(workers: int, voc: Path, sbd: Path, folder: Path) -> float:
     cmd = [sys.executable, str(REPO_ROOT / "Demo-4-VGG16Customizable-PASCAL.py")]
     cmd += ["--voc-dir", str(voc), "--sbd-dir", str(sbd), "--results-dir", str(folder / "r")]
     cmd += [*SMALL, "--workers", str(workers)]
-    started = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    seconds = time.monotonic() - started
-    if out.returncode != 0:
-        tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
-        raise SystemExit(f"Demo-4 with --workers {workers} failed:\n{tail}")
-    return seconds
+    return timed_command(cmd, env, f"Demo-4 with --workers {workers}")
 
 
 def main(argv: list[str] | None = None) -> int:

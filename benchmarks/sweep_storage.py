@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.common import timed_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "experiments" / "demo2_tinyconv_tinydata.toml"
@@ -95,13 +95,7 @@ def time_sweep(cmd: list[str], folder: Path) -> float:
     (folder / "tmp").mkdir(parents=True)
     env = {**os.environ, "MPLBACKEND": "Agg", "TMPDIR": str(folder / "tmp")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    started = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    seconds = time.monotonic() - started
-    if out.returncode != 0:
-        tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
-        raise SystemExit(f"{' '.join(cmd[1:])} failed:\n{tail}")
-    return seconds
+    return timed_command(cmd, env, " ".join(cmd[1:]))
 
 
 def main(argv: list[str] | None = None) -> int:
