@@ -209,6 +209,17 @@ def test_a_torchrun_run_stopped_by_sigterm_on_one_node_and_on_each_of_two_resume
     assert written == [last.parent / "best.pt", last]
 
 
+def test_torchrun_on_one_node_runs_to_the_end(mlflow_uri, tmp_path):
+    """The README's `torchrun --nproc_per_node=N Demo...` left to finish: both ranks and the
+    launcher exit 0, one FINISHED run of world size 2, checkpoints written once (rank 0)."""
+    args = ["--epochs", "1", "--device", "cpu", "--results-dir", str(tmp_path / "r"), *QUICK_END]
+    node = launch_one_node(tmp_path, [*args, "--experiment-name", "ddp-end"], "finished")
+    assert wait_for_exit([node], 300) == [0], node.output("err")[-3000:]
+    (run,) = runs_of(mlflow_uri, "ddp-end")
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert len(list((tmp_path / "r").glob("ddp-end/*/last.pt"))) == 1
+
+
 def test_a_rank_stops_as_its_peer_was_stopped_and_fails_as_it_failed():
     """`stopping_together` in a real process group of one rank (gloo, an in-memory store): the
     error of a rank whose peer was stopped by a signal becomes that signal's interrupt; an error
