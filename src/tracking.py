@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -671,6 +672,7 @@ def start(
     tags = {"git.commit": git["commit"], "git.dirty": git["dirty"], **holder(), **tags}
     tags_str = {k: str(v) for k, v in tags.items()}
     run = store.create_run(experiment_id, run_name=run_name or None, tags=tags_str)
+    _say_if_store_moved(uri, run.info.artifact_uri)
     tracker = Tracker(store, experiment_id, run.info.run_id)
     if texts and git["diff"]:
         texts = {**texts, "environment/git_diff.patch": git["diff"]}
@@ -680,6 +682,25 @@ def start(
         for name, text in (texts or {}).items():
             tracker.log_text(text, name)
     return tracker
+
+
+def _say_if_store_moved(uri: str, artifact_uri: str) -> None:
+    """One warning when a SQLite store was moved (a moved clone): MLflow keeps the artifacts
+    folder an experiment was given beside the store (`mlruns/<experiment>`) as an absolute
+    path, and writes the run's artifacts there, at the old place."""
+    folder = _sqlite_dir(uri)
+    if folder is None or not artifact_uri.startswith("file://"):
+        return
+    artifacts = Path(urllib.parse.unquote(urllib.parse.urlparse(artifact_uri).path))
+    made_beside = artifacts.parents[3]  # <store folder>/mlruns/<experiment>/<run id>/artifacts
+    if artifacts.parents[2].name == "mlruns" and made_beside.resolve() != folder.resolve():
+        print(
+            f"warning: the MLflow store {uri} was moved from {made_beside}: this run's artifacts "
+            f"go to {artifacts}, where its experiment was made. A new --experiment-name keeps "
+            "them beside the store.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def reopen(uri: str, run_id: str) -> Tracker:
@@ -692,6 +713,7 @@ def reopen(uri: str, run_id: str) -> Tracker:
     if "status.reason" in run.data.tags:  # why it was marked FAILED: no longer its status
         store.delete_tag(run_id, "status.reason")
     end_orphans(store, run.info.experiment_id)
+    _say_if_store_moved(uri, run.info.artifact_uri)
     return Tracker(store, run.info.experiment_id, run_id)
 
 

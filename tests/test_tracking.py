@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,3 +274,39 @@ def test_a_run_whose_process_is_gone_is_marked_failed_by_the_next_command(mlflow
     tracking.start(mlflow_uri, "orphans", "next", {}).end()
     assert capsys.readouterr().err == ""
     assert client.get_run(ids["alive"]).info.status == "RUNNING"
+
+
+def test_a_moved_store_says_where_the_artifacts_of_its_experiments_go(
+    _store_template, tmp_path, capsys
+):
+    """A SQLite store made in one folder, then moved with it (a moved clone): its experiment
+    still names the old folder's mlruns/, where MLflow writes. A new run and a reopened run
+    say so in one warning; a new experiment's artifacts lie beside the store, unsaid."""
+    (tmp_path / "old").mkdir()
+    shutil.copy(_store_template, tmp_path / "old" / "mlflow.db")
+    first = tracking.start(f"sqlite:///{tmp_path / 'old' / 'mlflow.db'}", "moved", "a", {})
+    first.end()
+    assert "warning" not in capsys.readouterr().err
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+
+    second = tracking.start(uri, "moved", "b", {})
+    second.end()
+    reopened = tracking.reopen(uri, first.run_id)
+    reopened.end()
+    lines = capsys.readouterr().err.splitlines()
+    old = tmp_path / "old" / "mlruns" / "moved"
+    assert lines == [
+        f"warning: the MLflow store {uri} was moved from {tmp_path / 'old'}: this run's "
+        f"artifacts go to {old / run / 'artifacts'}, where its experiment was made. A new "
+        "--experiment-name keeps them beside the store."
+        for run in (second.run_id, first.run_id)
+    ]
+    third = tracking.start(uri, "new-name", "c", {})
+    third.end()
+    assert capsys.readouterr().err == ""
+    assert (
+        MlflowClient(uri)
+        .get_run(third.run_id)
+        .info.artifact_uri.startswith((tmp_path / "new" / "mlruns").as_uri())
+    )
