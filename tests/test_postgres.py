@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from load_dataset.custom_tiny import TinyData
 from load_dataset.errors import DataError
 from tests.command_line import run_here
 from tests.mlflow_server import MlflowServer
-from tests.pausing import PAUSE_AT, wait_until_paused
+from tests.pausing import PAUSE_AT, RELEASE, wait_until_paused
 from tests.test_resilience import DEMO, PAUSING, runs_of, wait_for_epoch
 from tests.test_run_experiment import QUICK_END, REPO
 
@@ -129,8 +130,8 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     """Machines A (this process) and B (a process of its own) train at the same time, logging
     to the team server; B is killed (SIGKILL: a machine that died) in its second epoch, once
     its first is saved, which leaves its run RUNNING, and `--resume` on B's results folder ends
-    that same run FINISHED with every epoch logged once. The artifacts of both are in the
-    server's folder."""
+    that same run FINISHED with every epoch logged once, through a restart of the server in
+    the middle of it. The artifacts of both are in the server's folder."""
     a, b = tmp_path / "machine-a", tmp_path / "machine-b"
     a.mkdir(parents=True)
     b.mkdir()
@@ -168,8 +169,7 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     run_b = stopped["run"]
     assert client.get_run(run_b.name).info.status == "RUNNING"  # what a SIGKILL leaves
 
-    resumed = run_here([*b_args, "--resume", str(run_b)], b, capsys, monkeypatch)
-    assert resumed.returncode == 0, resumed.stderr
+    resume_b_through_a_server_restart(team, [*b_args, "--resume", str(run_b)], b)
     runs = {r.info.run_name: r for r in runs_of(team.uri, "team")}
     assert sorted(runs) == ["a", "b"]  # the resumed run is B's, not a new one
     assert runs["b"].info.run_id == run_b.name
@@ -182,6 +182,37 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
         stored = list(team.artifacts.rglob(f"{run_id}/artifacts/config/config.toml"))
         assert len(stored) == 1, list(team.artifacts.rglob("*"))
     assert not list(a.rglob("mlruns")) and not list(b.rglob("mlruns"))
+
+
+def resume_b_through_a_server_restart(team: MlflowServer, argv: list[str], b: Path) -> None:
+    """B goes on (`--resume`) while the server restarts, as the outage test of a SQLite-backed
+    server has it: B holds still at its first step until the server is down, then trains its
+    epoch, whose metrics the server cannot take, and the server comes back (the same command,
+    the same database) while B goes on; B ends with exit code 0."""
+    release = b / "release"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": team.uri, PAUSE_AT: "1", RELEASE: str(release)}
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=b,
+        env=env,
+    )
+    try:
+        wait_until_paused(proc, limit_s=GATE_TIMEOUT_S)
+        team.stop(signal.SIGTERM)
+        release.touch()
+        lines = []
+        for line in proc.stdout:  # the epoch's line: its metrics went to the server, down
+            lines.append(line)
+            if line.startswith("epoch   2/2"):
+                break
+        team.start()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out + err[-3000:]
 
 
 def check_one_sweep_on_two_machines_in_one_postgresql_study(
