@@ -692,8 +692,11 @@ def _say_if_store_moved(uri: str, artifact_uri: str) -> None:
     if folder is None or not artifact_uri.startswith("file://"):
         return
     artifacts = Path(urllib.parse.unquote(urllib.parse.urlparse(artifact_uri).path))
-    made_beside = artifacts.parents[3]  # <store folder>/mlruns/<experiment>/<run id>/artifacts
-    if artifacts.parents[2].name == "mlruns" and made_beside.resolve() != folder.resolve():
+    above = artifacts.parents  # <store folder>/mlruns/<experiment>/<run id>/artifacts
+    if len(above) < 4 or above[2].name != "mlruns":
+        return  # a location the experiment was given otherwise (not made beside a store)
+    made_beside = above[3]
+    if made_beside.resolve() != folder.resolve():
         print(
             f"warning: the MLflow store {uri} was moved from {made_beside}: this run's artifacts "
             f"go to {artifacts}, where its experiment was made. A new --experiment-name keeps "

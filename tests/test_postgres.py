@@ -124,6 +124,18 @@ def test_a_team_server_on_postgresql_for_two_machines_training_and_one_sweep(
     )
 
 
+def start_machine_b(argv: list[str], b: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`python ARGV` as machine B: in its folder `b`, with `env` added, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=b,
+        env={**os.environ, **env},
+    )
+
+
 def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     team: MlflowServer, tmp_path: Path, capsys, monkeypatch
 ) -> None:
@@ -138,15 +150,8 @@ def check_two_machines_train_at_once_and_one_resumes_after_sigkill(
     args = [*QUICK_END, "--experiment-name", "team", *gated(tmp_path / "gate"), *PAUSING]
     client = MlflowClient(team.uri)
     b_args = [DEMO, *args, "--run-name", "b", "--epochs", "2", "--results-dir", str(b / "results")]
-    proc_b = subprocess.Popen(
-        [sys.executable, *b_args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=b,
-        # B holds still at the first step of its second epoch (9 steps an epoch) until killed.
-        env={**os.environ, "MLFLOW_TRACKING_URI": team.uri, PAUSE_AT: "10"},
-    )
+    # B holds still at the first step of its second epoch (9 steps an epoch) until killed.
+    proc_b = start_machine_b(b_args, b, {"MLFLOW_TRACKING_URI": team.uri, PAUSE_AT: "10"})
     stopped: dict = {}
 
     def kill_b_after_its_first_epoch() -> None:
@@ -190,15 +195,8 @@ def resume_b_through_a_server_restart(team: MlflowServer, argv: list[str], b: Pa
     epoch, whose metrics the server cannot take, and the server comes back (the same command,
     the same database) while B goes on; B ends with exit code 0."""
     release = b / "release"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": team.uri, PAUSE_AT: "1", RELEASE: str(release)}
-    proc = subprocess.Popen(
-        [sys.executable, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=b,
-        env=env,
-    )
+    env = {"MLFLOW_TRACKING_URI": team.uri, PAUSE_AT: "1", RELEASE: str(release)}
+    proc = start_machine_b(argv, b, env)
     try:
         wait_until_paused(proc, limit_s=GATE_TIMEOUT_S)
         team.stop(signal.SIGTERM)

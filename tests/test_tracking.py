@@ -302,6 +302,9 @@ def test_a_moved_store_says_where_the_artifacts_of_its_experiments_go(
         "--experiment-name keeps them beside the store."
         for run in (second.run_id, first.run_id)
     ]
+    # Artifact locations an experiment was given otherwise are not a store's: nothing said.
+    for elsewhere in ("file:///artifacts", "file:///big/disk/runs/1/artifacts"):
+        tracking._say_if_store_moved(uri, elsewhere)
     third = tracking.start(uri, "new-name", "c", {})
     third.end()
     assert capsys.readouterr().err == ""
