@@ -5,6 +5,7 @@ errors (also for `benchmarks.train --whole-run`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import tempfile
 import time
@@ -55,3 +56,8 @@ def timed_command(cmd: list[str], env: dict[str, str], name: str) -> float:
         tail = "\n".join((out.stdout + out.stderr).splitlines()[-15:])
         raise SystemExit(f"{name} failed:\n{tail}")
     return seconds
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

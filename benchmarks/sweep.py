@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import timed_command
+from benchmarks.common import cores, timed_command
 from load_dataset.generators.pascal_tree import make_pascal_tree
 from src.config import REPO_ROOT
 from src.tools.smoke import SMALL
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="benchmark-sweep-"))
     try:
         tree = make_pascal_tree(root / "data")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"Demo-4 grid, 3 cells (random init), smoke size, CPU ({cores} cores):", flush=True)
+        print(f"Demo-4 grid, 3 cells (random init), smoke size, CPU ({cores()} cores):", flush=True)
         for workers in args.workers:
             seconds = time_grid(workers, tree.voc_dir, tree.sbd_dir, root / f"w{workers}")
             print(f"  --workers {workers}: {seconds:.1f} s", flush=True)

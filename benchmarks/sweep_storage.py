@@ -29,9 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import timed_command
+from benchmarks.common import cores, timed_command
+from src.config import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = REPO_ROOT / "experiments" / "demo2_tinyconv_tinydata.toml"
 SPACE = REPO_ROOT / "experiments" / "demo2_lr_wd.sweep.toml"
 EPOCHS = 2
@@ -108,10 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
             server = PostgresServer()
             server.start()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(
             f"Demo-2 sweep, {args.trials} trials of {EPOCHS} epochs, MLflow store a SQLite file,"
-            f" CPU ({cores} cores):",
+            f" CPU ({cores()} cores):",
             flush=True,
         )
         print(f"  {'storage':<10} {'workers':>7} {'trials':>6} {'wall s':>7} {'trials/min':>10}")
